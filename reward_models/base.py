@@ -1,0 +1,66 @@
+"""The one scorer interface: a batch of (prompt, reasoning so far, step) in, calibrated p_unsafe out."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StepItem(BaseModel):
+    """One reasoning step to judge, in the context the paper scores it in."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str = Field(description="The user's request (last user turn, or the rendered conversation).")
+    reasoning: str = Field(default="", description="Reasoning released before this step.")
+    step: str = Field(description="The completed step under judgement.")
+
+
+class StepScore(BaseModel):
+    p_unsafe: float = Field(ge=0.0, le=1.0)
+    category: str | None = None
+
+
+class ScorerError(RuntimeError):
+    """A scorer could not produce scores (model failure, remote error, timeout)."""
+
+
+class Scorer(ABC):
+    """A safety scorer. Subclasses implement the blocking `score_batch`; the async API runs it on a
+    private single-thread executor so a forward pass never blocks the event loop and two forwards of
+    one model never run at once."""
+
+    name: str = "scorer"
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    @abstractmethod
+    def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
+        """Score a batch in one forward pass where the model allows it."""
+
+    async def ascore_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
+        if not items:
+            return []
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{self.name}")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.score_batch, list(items))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+def tail(text: str, max_chars: int) -> str:
+    """The last `max_chars` characters of `text`, cut at a word boundary when one is near."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[-max_chars:]
+    space = cut.find(" ")
+    return cut[space + 1 :] if 0 <= space < 40 else cut

@@ -1,0 +1,118 @@
+"""Micro-batching: merge steps from concurrent callers into one scorer forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from reward_models.base import Scorer, StepItem, StepScore
+
+BatchObserver = Callable[[int, float, BaseException | None], None]
+"""Called after each forward with (batch size, seconds, error or None); metrics hook in here."""
+
+
+@dataclass
+class _Pending:
+    items: list[StepItem]
+    future: asyncio.Future[list[StepScore]]
+
+
+class MicroBatcher:
+    """Collects requests for up to `max_wait_ms` (or until `max_batch_size` items are waiting),
+    then scores them in one `ascore_batch` call and hands each caller its own slice back.
+
+    While a forward runs, new requests queue up and form the next batch, so under load batches fill
+    without waiting. A caller's request is never split across two forwards.
+    """
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.scorer = scorer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
+        self.observer = observer
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def score(self, items: Sequence[StepItem]) -> list[StepScore]:
+        if not items:
+            return []
+        self._ensure_worker()
+        assert self._queue is not None
+        future: asyncio.Future[list[StepScore]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(list(items), future))
+        return await future
+
+    async def score_one(self, item: StepItem) -> StepScore:
+        return (await self.score([item]))[0]
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run(), name="scorer-micro-batcher")
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        carry: _Pending | None = None
+        while True:
+            first = carry or await queue.get()
+            carry = None
+            batch = [first]
+            size = len(first.items)
+            deadline = time.monotonic() + self.max_wait_s
+            while size < self.max_batch_size:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if size + len(nxt.items) > self.max_batch_size:
+                    carry = nxt
+                    break
+                batch.append(nxt)
+                size += len(nxt.items)
+            await self._forward(batch)
+
+    async def _forward(self, batch: list[_Pending]) -> None:
+        live = [p for p in batch if not p.future.done()]  # cancelled callers are dropped
+        if not live:
+            return
+        flat = [item for p in live for item in p.items]
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            scores = await self.scorer.ascore_batch(flat)
+            if len(scores) != len(flat):
+                raise RuntimeError(f"scorer returned {len(scores)} scores for {len(flat)} items")
+        except Exception as exc:  # every caller of this batch gets the failure
+            error = exc
+        if self.observer is not None:
+            self.observer(len(flat), time.perf_counter() - started, error)
+        offset = 0
+        for p in live:
+            if p.future.done():
+                offset += len(p.items)
+                continue
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(scores[offset : offset + len(p.items)])
+            offset += len(p.items)
+
+    async def aclose(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None

@@ -1,0 +1,18 @@
+"""Device and dtype choice shared by the torch scorers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """bf16 on a GPU, fp32 on the CPU unless asked otherwise."""
+    if requested and requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

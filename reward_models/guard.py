@@ -1,0 +1,74 @@
+"""`guard`: generative guard models (Llama Guard 3, ShieldGemma, Granite Guardian, Qwen3Guard-Gen).
+
+The guard's own chat template renders the conversation (user prompt, assistant reasoning so far +
+step); p_unsafe is read from the first generated token: P(unsafe) / (P(unsafe) + P(safe)) over the
+configured token strings. One forward per batch, no sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reward_models.base import Scorer, StepItem, StepScore, tail
+from reward_models.device import pick_device, pick_dtype
+
+
+def first_token_id(tokenizer, text: str) -> int:  # type: ignore[no-untyped-def]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"{text!r} encodes to no tokens")
+    return int(ids[0])
+
+
+class GuardScorer(Scorer):
+    name = "guard"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str | None = None,
+        dtype: str | None = None,
+        unsafe_token: str = "unsafe",
+        safe_token: str = "safe",
+        max_length: int = 4096,
+        reasoning_chars: int = 6000,
+    ) -> None:
+        super().__init__()
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{model_path} has no chat template; a guard model renders its own moderation prompt")
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=pick_dtype(self.device, dtype)).to(self.device).eval()
+        self.unsafe_id = first_token_id(self.tokenizer, unsafe_token)
+        self.safe_id = first_token_id(self.tokenizer, safe_token)
+        if self.unsafe_id == self.safe_id:
+            raise ValueError(f"{unsafe_token!r} and {safe_token!r} start with the same token; give distinct token strings")
+        self.max_length = max_length
+        self.reasoning_chars = reasoning_chars
+
+    def render(self, item: StepItem) -> str:
+        reasoning = tail(item.reasoning.strip(), self.reasoning_chars)
+        response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
+        conversation = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
+        if not items:
+            return []
+        texts = [self.render(i) for i in items]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             add_special_tokens=False, return_tensors="pt").to(self.device)
+        # Left padding puts every row's last token at -1; positions must skip the padding.
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
+        pair = torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).softmax(-1)
+        return [StepScore(p_unsafe=float(p)) for p in pair[:, 0]]

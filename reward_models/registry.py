@@ -1,0 +1,55 @@
+"""Build a scorer from one pydantic config (shared by the server, `safethink score` and the bench)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from reward_models.base import Scorer
+
+ScorerKind = Literal["probe", "classifier", "guard", "remote"]
+
+
+class ScorerConfig(BaseModel):
+    kind: ScorerKind = "probe"
+    model_path: Path | None = Field(default=None, description="classifier/guard: local model folder")
+    head_path: Path | None = Field(default=None, description="probe: head weights (default: the shipped head)")
+    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    unsafe_labels: list[str] | None = Field(default=None, description="classifier: labels (names or indices) that mean unsafe")
+    unsafe_token: str = "unsafe"
+    safe_token: str = "safe"
+    url: str | None = Field(default=None, description="remote: base URL of the vLLM server, e.g. http://host:8000")
+    remote_model: str | None = None
+    api_key: str | None = None
+    unsafe_indices: list[int] = [1]
+    timeout_s: float = 10.0
+    retries: int = 2
+
+
+def build_scorer(config: ScorerConfig) -> Scorer:
+    device = None if config.device == "auto" else config.device
+    dtype = None if config.dtype == "auto" else config.dtype
+    if config.kind == "probe":
+        from reward_models.probe import ProbeScorer
+
+        return ProbeScorer(head_path=config.head_path, device=device)
+    if config.kind in ("classifier", "guard") and config.model_path is None:
+        raise ValueError(f"the {config.kind} scorer needs a model path")
+    if config.kind == "classifier":
+        from reward_models.classifier import ClassifierScorer
+
+        return ClassifierScorer(config.model_path, device=device, dtype=dtype, unsafe_labels=config.unsafe_labels)  # type: ignore[arg-type]
+    if config.kind == "guard":
+        from reward_models.guard import GuardScorer
+
+        return GuardScorer(config.model_path, device=device, dtype=dtype,  # type: ignore[arg-type]
+                           unsafe_token=config.unsafe_token, safe_token=config.safe_token)
+    if config.url is None:
+        raise ValueError("the remote scorer needs a URL")
+    from reward_models.remote import RemoteScorer
+
+    return RemoteScorer(config.url, model=config.remote_model, api_key=config.api_key,
+                        unsafe_indices=config.unsafe_indices, timeout_s=config.timeout_s, retries=config.retries)

@@ -1,0 +1,37 @@
+"""How an item is rendered into text for models that read one sequence (classifiers, remote)."""
+
+from __future__ import annotations
+
+from reward_models.base import StepItem, tail
+
+DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
+
+
+def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000) -> str:
+    reasoning = tail(item.reasoning.strip(), reasoning_chars)
+    return template.format(prompt=item.prompt.strip(), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
+
+
+def unsafe_label_indices(id2label: dict[int, str], unsafe_labels: list[str] | None) -> list[int]:
+    """Which output classes count towards p_unsafe.
+
+    Explicit names or indices win; otherwise labels whose name says unsafe/toxic/harmful/jailbreak,
+    and for an unnamed two-class head, class 1 (the usual "positive = flagged" convention)."""
+    if unsafe_labels:
+        out = []
+        for label in unsafe_labels:
+            if label.isdigit():
+                out.append(int(label))
+                continue
+            matches = [i for i, name in id2label.items() if name.lower() == label.lower()]
+            if not matches:
+                raise ValueError(f"label {label!r} is not among the model's labels {sorted(id2label.values())}")
+            out.extend(matches)
+        return sorted(set(out))
+    keywords = ("unsafe", "toxic", "harm", "jailbreak", "injection", "flagged")
+    named = [i for i, name in id2label.items() if any(k in name.lower() for k in keywords) and "not" not in name.lower()]
+    if named:
+        return sorted(named)
+    if len(id2label) == 2:
+        return [1]
+    raise ValueError(f"cannot tell which of the labels {sorted(id2label.values())} mean unsafe; pass --unsafe-labels")

@@ -1,0 +1,3 @@
+"""safethink-server: inference-time safety steering for reasoning models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,286 @@
+"""The FastAPI application: OpenAI-compatible routes over the steering loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reward_models.base import Scorer, StepItem, StepScore
+from reward_models.batcher import MicroBatcher
+from safethink_server.api.errors import APIError, install_error_handlers
+from safethink_server.api.protocol import (
+    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
+    CompletionTokensDetails, DeltaMessage, ErrorResponse, ModelCard, ModelList, SteeringInfo, StreamChoice, Usage,
+    completion_id,
+)
+from safethink_server.config import ServerSettings
+from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams
+from safethink_server.metrics import Metrics
+from safethink_server.steering.session import Delta, SteeringSession
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: Engine
+    scorer: Scorer
+    batcher: MicroBatcher
+    metrics: Metrics
+
+    @property
+    def max_model_len(self) -> int:
+        if self.settings.max_model_len:
+            return self.settings.max_model_len
+        return int(getattr(self.engine, "max_model_len", None) or self.engine.tokenizer.model_max_length)
+
+
+class BodySizeLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes").response()
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
+    metrics = Metrics()
+    batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done)
+    state = ServerState(settings, engine, scorer, batcher, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await batcher.aclose()
+        await engine.close()
+        scorer.close()
+
+    app = FastAPI(title="safethink-server", lifespan=lifespan)
+    app.state.safethink = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    async def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> dict[str, object]:
+        return {"status": "ok", "engine": engine.name, "model": engine.model_name, **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=engine.model_name)])
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        arrived = time.perf_counter()
+        session = build_session(state, body)
+        if body.stream:
+            try:
+                await session.start()  # a full queue answers 503 before the stream begins
+            except Exception as exc:
+                error, status = _failure(exc)
+                state.metrics.requests.labels(engine=engine.name, status=status).inc()
+                return error.response()
+            return StreamingResponse(stream(state, body, session, arrived), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await complete(state, body, session, arrived, request)
+
+    return app
+
+
+def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSession:
+    s, engine = state.settings, state.engine
+    if body.model != engine.model_name:
+        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{engine.model_name}'",
+                       param="model", code="model_not_found")
+    if body.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    policy = s.policy()
+    if body.safethink is not None:
+        if not s.allow_client_overrides:
+            raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
+        policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from exc
+    reasoning = s.reasoning()
+    if reasoning.prefill_start:
+        prompt += reasoning.start_marker + "\n"
+    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
+    limit = state.max_model_len
+    if len(prompt_ids) + max_tokens > limit:
+        raise APIError(400, f"this model's maximum context length is {limit} tokens; the messages take {len(prompt_ids)} "
+                       f"and max_tokens asks for {max_tokens}", param="messages", code="context_length_exceeded")
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
+    user_turns = [m.text() for m in body.messages if m.role == "user"]
+
+    async def score(item: StepItem) -> StepScore:
+        return await state.batcher.score_one(item)
+
+    return SteeringSession(engine, prompt_ids, user_turns[-1] if user_turns else messages[-1]["content"], sampling,
+                           policy, reasoning, s.detector(), score, stop=body.stop_list(), observer=state.metrics)
+
+
+def _usage(session: SteeringSession) -> Usage:
+    return Usage(prompt_tokens=session.prompt_tokens, completion_tokens=session.output_tokens,
+                 total_tokens=session.prompt_tokens + session.output_tokens,
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=session.reasoning_tokens))
+
+
+def _steering_info(session: SteeringSession) -> SteeringInfo:
+    r = session.report
+    return SteeringInfo(steps=r.steps, interventions=r.interventions, injected_tokens=r.injected_tokens, discarded_tokens=r.discarded_tokens)
+
+
+class _Tracker:
+    """Counts one request in the metrics: active gauge, outcome, time to first token, tokens."""
+
+    def __init__(self, state: ServerState, arrived: float) -> None:
+        self.metrics = state.metrics
+        self.engine = state.engine.name
+        self.arrived = arrived
+        self.first = False
+        self.status = "aborted"
+
+    def __enter__(self) -> _Tracker:
+        self.metrics.active.inc()
+        return self
+
+    def saw(self, delta: Delta) -> None:
+        if not self.first and delta.text:
+            self.first = True
+            self.metrics.ttft.observe(time.perf_counter() - self.arrived)
+
+    def __exit__(self, *exc: object) -> None:
+        self.metrics.active.dec()
+        self.metrics.requests.labels(engine=self.engine, status=self.status).inc()
+
+    def finished(self, session: SteeringSession) -> None:
+        self.status = "success"
+        self.metrics.generated.inc(session.output_tokens)
+        self.metrics.discarded.inc(session.report.discarded_tokens)
+
+
+def _failure(exc: Exception) -> tuple[APIError, str]:
+    if isinstance(exc, EngineOverloaded):
+        return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
+    if isinstance(exc, EngineError):
+        return APIError(500, f"generation failed: {exc}", type_="server_error"), "error"
+    return APIError(500, "internal server error", type_="server_error"), "error"
+
+
+async def complete(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, arrived: float, request: Request) -> JSONResponse:
+    with _Tracker(state, arrived) as tracker:
+        parts = {"reasoning": [], "answer": []}
+
+        async def collect() -> None:
+            async for delta in session.run():
+                tracker.saw(delta)
+                parts[delta.section].append(delta.text)
+
+        task = asyncio.create_task(collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()  # frees the engine slot through the session's finally
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return JSONResponse({}, status_code=499)
+            task.result()
+        except Exception as exc:
+            error, tracker.status = _failure(exc)
+            return error.response()
+        tracker.finished(session)
+        reasoning = "".join(parts["reasoning"]) or None
+        response = ChatCompletionResponse(
+            model=state.engine.model_name,
+            choices=[Choice(message=AssistantMessage(content="".join(parts["answer"]), reasoning_content=reasoning, reasoning=reasoning),
+                            finish_reason=session.finish_reason)],
+            usage=_usage(session),
+            safethink=_steering_info(session),
+        )
+        return JSONResponse(response.model_dump(exclude_none=True))
+
+
+def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def stream(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, arrived: float) -> AsyncIterator[str]:
+    chunk_id, created, model = completion_id(), int(time.time()), state.engine.model_name
+
+    def chunk(delta: DeltaMessage, finish: str | None = None, **extra: object) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=chunk_id, created=created, model=model,
+                                   choices=[StreamChoice(delta=delta, finish_reason=finish)], **extra)
+
+    with _Tracker(state, arrived) as tracker:
+        try:
+            yield _sse(chunk(DeltaMessage(role="assistant", content="")))
+            async for delta in session.run():
+                tracker.saw(delta)
+                if delta.section == "reasoning":
+                    yield _sse(chunk(DeltaMessage(reasoning_content=delta.text, reasoning=delta.text)))
+                else:
+                    yield _sse(chunk(DeltaMessage(content=delta.text)))
+        except Exception as exc:
+            error, tracker.status = _failure(exc)
+            yield _sse(error.body())
+            yield "data: [DONE]\n\n"
+            return
+        tracker.finished(session)
+        yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=_steering_info(session)))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=_usage(session)))
+        yield "data: [DONE]\n\n"
+

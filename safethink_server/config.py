@@ -1,0 +1,99 @@
+"""Server settings: defaults < YAML file (--config / SAFETHINK_CONFIG) < SAFETHINK_* env < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from reward_models.registry import ScorerConfig, ScorerKind
+from safethink_server.steering.policy import DEFAULT_PREFIX, PolicyConfig
+from safethink_server.steering.session import ReasoningConfig
+from safethink_server.steering.steps import StepBoundaryDetector
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFETHINK_", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    engine: Literal["hf"] = Field(default="hf", description="generation engine")
+    model: Path | None = Field(default=None, description="local HF causal-LM folder (default: the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(default=None, description="model name clients use (default: the folder name)")
+    dtype: Literal["bfloat16", "float32", "float16"] = Field(default="bfloat16", description="engine weights dtype")
+    max_model_len: int | None = Field(default=None, ge=16, description="context limit (default: the model's)")
+    default_max_tokens: int = Field(default=512, ge=1, description="max_tokens when the request gives none")
+    max_concurrent_sequences: int = Field(default=1, ge=1, description="hf: sequences decoded at once (interleaved)")
+    max_queued_requests: int = Field(default=64, ge=0, description="requests waiting for a slot before 503")
+
+    scorer: ScorerKind = Field(default="probe", description="safety scorer: probe, classifier, guard, remote")
+    scorer_model: Path | None = Field(default=None, description="classifier/guard model folder, or probe head file")
+    scorer_url: str | None = Field(default=None, description="remote scorer: base URL of a vLLM classify server")
+    scorer_device: str = Field(default="auto", description="scorer device: auto, cpu, cuda, cuda:N")
+    scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
+    scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
+
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="τ: p_unsafe at or above this breaches")
+    early_steps: int = Field(default=3, ge=0, description="m: reasoning steps watched; 0 = steering off")
+    max_interventions: int = Field(default=2, ge=0, description="injections per request at most")
+    mode: Literal["replace", "append"] = Field(default="replace", description="replace the unsafe step, or append after it")
+    prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, description="corrective text injected on a breach")
+    on_scorer_error: Literal["fail_closed", "fail_open"] = Field(default="fail_closed", description="a step the scorer could not judge counts as unsafe (closed) or safe (open)")
+    scorer_timeout_s: float = Field(default=10.0, gt=0, description="a step unscored after this is a scorer failure")
+
+    step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
+    step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")
+    max_step_tokens: int = Field(default=256, ge=1, description="a step ends after this many tokens regardless")
+    reasoning_start: str = Field(default="<think>", min_length=1, description="marker opening the reasoning section")
+    reasoning_end: str = Field(default="</think>", min_length=1, description="marker closing the reasoning section")
+    prefill_reasoning: bool = Field(default=True, description="open the reasoning section in the assistant turn")
+    reasoning_budget: int | None = Field(default=1024, ge=1, description="reasoning tokens before the server closes the section")
+
+    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on /v1")
+    allow_client_overrides: bool = Field(default=False, description="let requests change steering via a 'safethink' object")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body accepted (413 above)")
+    log_level: str = Field(default="info", description="uvicorn log level")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = os.environ.get("SAFETHINK_CONFIG")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    def policy(self) -> PolicyConfig:
+        return PolicyConfig(
+            threshold=self.threshold, early_steps=self.early_steps, max_interventions=self.max_interventions,
+            mode=self.mode, prefix=self.prefix, on_scorer_error=self.on_scorer_error, scorer_timeout_s=self.scorer_timeout_s,
+        )
+
+    def reasoning(self) -> ReasoningConfig:
+        return ReasoningConfig(start_marker=self.reasoning_start, end_marker=self.reasoning_end,
+                               prefill_start=self.prefill_reasoning, budget_tokens=self.reasoning_budget)
+
+    def detector(self) -> StepBoundaryDetector:
+        return StepBoundaryDetector(self.step_delimiters, self.step_regex, self.max_step_tokens)
+
+    def scorer_config(self) -> ScorerConfig:
+        return ScorerConfig(
+            kind=self.scorer, device=self.scorer_device, url=self.scorer_url,
+            head_path=self.scorer_model if self.scorer == "probe" else None,
+            model_path=self.scorer_model if self.scorer in ("classifier", "guard") else None,
+        )
+
+
+def load_settings(overrides: dict[str, object] | None = None, config_file: Path | None = None) -> ServerSettings:
+    if config_file is not None:
+        os.environ["SAFETHINK_CONFIG"] = str(config_file)
+    return ServerSettings(**(overrides or {}))

@@ -1,0 +1,164 @@
+"""`hf`: the embedded transformers engine. One model, forwards run on one worker thread.
+
+KV-cache steering: `rollback(n)` crops the DynamicCache, `inject(ids)` runs one forward over only
+the new tokens. The last sampled token is not in the cache yet (it is `pending`), so an injection
+forward covers `[pending] + ids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    if sampling.temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class HFGeneration(Generation):
+    def __init__(self, engine: HFEngine, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.cache = DynamicCache()
+        self.cached_ids: list[int] = []
+        self.pending: int | None = None
+        self.prompt_ids = prompt_ids
+        self.generator = torch.Generator()
+        self.generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed()) & (2**63 - 1))
+        self._prefilled = 0
+        self._closed = False
+        self._unreturned = False  # an injection forward sampled `pending`; the caller has not seen it yet
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self._prefilled
+
+    def _forward_and_sample(self, ids: list[int]) -> int:
+        model = self.engine.model
+        with torch.inference_mode():
+            out = model(
+                input_ids=torch.tensor([ids], device=model.device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.cached_ids.extend(ids)
+        self._prefilled += len(ids)
+        return sample_token(out.logits[0, -1].float(), self.sampling, self.generator)
+
+    def _advance(self) -> int:
+        if self._unreturned and self.pending is not None:
+            self._unreturned = False
+            return self.pending
+        if self.pending is not None:
+            feed = [self.pending]
+        elif not self.cached_ids:
+            feed = list(self.prompt_ids)
+        else:
+            # After a bare rollback there are no logits for the last cached token: recompute it.
+            feed = [self.cached_ids.pop()]
+            self.cache.crop(len(self.cached_ids))
+        self.pending = self._forward_and_sample(feed)
+        return self.pending
+
+    def _rollback(self, n: int) -> None:
+        if n <= 0:
+            return
+        if self.pending is not None:
+            self.pending = None
+            self._unreturned = False
+            n -= 1
+        if n > len(self.cached_ids) - len(self.prompt_ids):
+            raise ValueError("cannot roll back into the prompt")
+        if n:
+            del self.cached_ids[-n:]
+            self.cache.crop(-n)
+
+    def _inject(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        feed = ([self.pending] if self.pending is not None else []) + list(ids)
+        if not self.cached_ids:
+            feed = list(self.prompt_ids) + feed
+        self.pending = self._forward_and_sample(feed)
+        self._unreturned = True
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        if self._closed:
+            raise EngineError("generation was aborted")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+        except (ValueError, EngineError):
+            raise
+        except Exception as exc:
+            raise EngineError(f"model forward failed: {exc}") from exc
+
+    async def next_tokens(self) -> list[int]:
+        return [await self._run(self._advance)]
+
+    async def rollback(self, n_tokens: int) -> None:
+        await self._run(self._rollback, n_tokens)
+
+    async def inject(self, token_ids: list[int]) -> None:
+        await self._run(self._inject, token_ids)
+
+    async def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.cache = DynamicCache()
+            self.engine.release_slot()
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, model_path: Path, model_name: str, dtype: str = "bfloat16",
+                 max_concurrent_sequences: int = 1, max_queued_requests: int = 64, device: str = "cpu") -> None:
+        self.model_name = model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(device).eval()
+        # All forwards on one thread: torch already uses every core inside a forward.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self.max_concurrent = max_concurrent_sequences
+        self.max_queued = max_queued_requests
+        self._slots = asyncio.Semaphore(max_concurrent_sequences)
+        self._waiting = 0
+        self._running = 0
+
+    async def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
+        if self._slots.locked() and self._waiting >= self.max_queued:
+            raise EngineOverloaded(f"{self._waiting} requests are already waiting for the engine")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._running += 1
+        return HFGeneration(self, prompt_ids, sampling)
+
+    def release_slot(self) -> None:
+        self._running -= 1
+        self._slots.release()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self._running, "waiting": self._waiting}
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

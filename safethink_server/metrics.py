@@ -1,0 +1,49 @@
+"""Prometheus metrics. Names are fixed: dashboards and alert rules rely on them.
+
+Intervention rate: rate(safethink_interventions_total[5m]) / rate(safethink_requests_total[5m])
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from safethink_server.steering.session import SteeringObserver
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_P_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+class Metrics(SteeringObserver):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("safethink_requests", "Chat completion requests by outcome.", ["engine", "status"], registry=r)
+        self.steps_scored = Counter("safethink_steps_scored", "Reasoning steps judged by the scorer.", registry=r)
+        self.interventions = Counter("safethink_interventions", "Corrective prefixes injected, by step index (1..m).", ["step"], registry=r)
+        self.p_unsafe = Histogram("safethink_step_p_unsafe", "p_unsafe of scored steps.", buckets=_P_BUCKETS, registry=r)
+        self.scorer_latency = Histogram("safethink_scorer_latency_seconds", "Time of one scorer forward (a micro-batch).", buckets=_LATENCY_BUCKETS, registry=r)
+        self.scorer_batch = Histogram("safethink_scorer_batch_size", "Steps per scorer forward.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.scorer_errors = Counter("safethink_scorer_errors", "Steps the scorer failed on or timed out on (handled by on_scorer_error).", registry=r)
+        self.ttft = Histogram("safethink_time_to_first_token_seconds", "Request arrival to first released token.", buckets=_TTFT_BUCKETS, registry=r)
+        self.generated = Counter("safethink_generated_tokens", "Completion tokens returned to clients (injected ones included).", registry=r)
+        self.injected_total = Counter("safethink_injected_tokens", "Tokens injected by the server (prefixes, reasoning end markers).", registry=r)
+        self.discarded = Counter("safethink_discarded_tokens", "Sampled tokens rolled back (replaced unsafe steps).", registry=r)
+        self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r)
+
+    # SteeringObserver hooks
+    def step_scored(self, p_unsafe: float, error: bool) -> None:
+        self.steps_scored.inc()
+        self.p_unsafe.observe(p_unsafe)
+        if error:
+            self.scorer_errors.inc()
+
+    def intervention(self, step_index: int) -> None:
+        self.interventions.labels(step=str(step_index)).inc()
+
+    def injected(self, n_tokens: int) -> None:
+        self.injected_total.inc(n_tokens)
+
+    def scorer_batch_done(self, size: int, seconds: float, error: BaseException | None) -> None:
+        self.scorer_latency.observe(seconds)
+        self.scorer_batch.observe(size)

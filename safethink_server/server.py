@@ -1,0 +1,31 @@
+"""Assemble the app from settings: engine, scorer, routes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from reward_models.registry import build_scorer
+from safethink_server.api.app import create_app
+from safethink_server.config import ServerSettings
+from safethink_server.engines.base import Engine
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(settings: ServerSettings) -> Engine:
+    from safethink_server.engines.hf import HFEngine
+    from safethink_server.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir
+
+    path = settings.model or embedded_model_dir()
+    name = settings.served_model_name or (EMBEDDED_MODEL_NAME if settings.model is None else path.name)
+    return HFEngine(path, name, dtype=settings.dtype, max_concurrent_sequences=settings.max_concurrent_sequences,
+                    max_queued_requests=settings.max_queued_requests)
+
+
+def build_app(settings: ServerSettings) -> FastAPI:
+    engine = build_engine(settings)
+    scorer = build_scorer(settings.scorer_config())
+    logger.info("serving %s with engine %s and scorer %s", engine.model_name, engine.name, scorer.name)
+    return create_app(settings, engine, scorer)

@@ -1,0 +1,126 @@
+"""Token ids to text, and text to sections (reasoning / answer), both incremental and both able to
+return to a checkpoint, so a rolled-back step leaves no trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Section = Literal["pre", "reasoning", "answer"]
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing id list without re-decoding it all (vLLM's prefix/read offsets), holding
+    back bytes that do not form a whole character yet."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        return len(self.ids), self.prefix_offset, self.read_offset
+
+    def restore(self, state: tuple[int, int, int]) -> None:
+        n, self.prefix_offset, self.read_offset = state
+        del self.ids[n:]
+
+
+@dataclass
+class Segment:
+    section: Section
+    text: str
+
+
+class SectionSplitter:
+    """Splits streamed text at the reasoning markers (which are dropped from the output, as vLLM's
+    reasoning parsers do). A text tail that could be the start of a marker is held back until the
+    next piece decides it."""
+
+    def __init__(self, start_marker: str, end_marker: str, section: Section) -> None:
+        self.start_marker = start_marker
+        self.end_marker = end_marker
+        self.section: Section = section
+        self.buffer = ""
+        self.answer_started = False
+
+    def feed(self, text: str, final: bool = False) -> list[Segment]:
+        self.buffer += text
+        out: list[Segment] = []
+        while self.buffer:
+            marker = {"pre": self.start_marker, "reasoning": self.end_marker, "answer": None}[self.section]
+            if marker is None:
+                text = self.buffer if self.answer_started else self.buffer.lstrip()
+                self.answer_started = self.answer_started or bool(text)
+                if text:
+                    out.append(Segment("answer", text))
+                self.buffer = ""
+                break
+            at = self.buffer.find(marker)
+            if at >= 0:
+                if at:
+                    out.append(Segment(self.section, self.buffer[:at]))
+                self.buffer = self.buffer[at + len(marker) :]
+                self.section = "reasoning" if self.section == "pre" else "answer"
+                continue
+            keep = 0 if final else _partial_suffix(self.buffer, marker)
+            if self.section == "pre" and not final and self.buffer.strip() == "":
+                keep = len(self.buffer)  # leading whitespace before a possible start marker
+            emit = self.buffer[: len(self.buffer) - keep]
+            self.buffer = self.buffer[len(emit) :]
+            if emit and self.section == "pre":
+                # Text before any start marker is the answer: the model did not reason.
+                self.section = "answer"
+                self.buffer = emit + self.buffer
+                continue
+            if emit:
+                out.append(Segment(self.section, emit))
+            break
+        return out
+
+    def checkpoint(self) -> tuple[Section, str, bool]:
+        return self.section, self.buffer, self.answer_started
+
+    def restore(self, state: tuple[Section, str, bool]) -> None:
+        self.section, self.buffer, self.answer_started = state
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class StopMatcher:
+    """Finds stop strings in streamed answer text, holding back a tail that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        """(text safe to release, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self.buffer += text
+        hits = [(self.buffer.find(s), s) for s in self.stops if s in self.buffer]
+        if hits:
+            at = min(h[0] for h in hits)
+            out, self.buffer = self.buffer[:at], ""
+            return out, True
+        keep = 0 if final else max(_partial_suffix(self.buffer, s) for s in self.stops)
+        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        return out, False

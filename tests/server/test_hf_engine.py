@@ -1,0 +1,59 @@
+"""KV-cache steering is exact: rollback + inject continues as a fresh run over the same ids."""
+
+import pytest
+
+from safethink_server.engines.base import SamplingParams
+from safethink_server.engines.hf import HFEngine
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model_dir):
+    return HFEngine(embedded_model_dir, "smol", dtype="float32")
+
+
+async def greedy(engine, prompt_ids, n):
+    gen = await engine.start(prompt_ids, SamplingParams(temperature=0.0, max_tokens=n))
+    out = []
+    for _ in range(n):
+        out += await gen.next_tokens()
+    return gen, out
+
+
+async def test_rollback_then_inject_equals_fresh_generation(engine):
+    tok = engine.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Count from one to ten."}], tokenize=False,
+                                                add_generation_prompt=True), add_special_tokens=False)
+    gen, first = await greedy(engine, prompt, 12)
+    await gen.rollback(5)
+    prefix = tok.encode(" Wait, think safely.", add_special_tokens=False)
+    await gen.inject(prefix)
+    continued = []
+    for _ in range(10):
+        continued += await gen.next_tokens()
+    prefilled = gen.prefilled_tokens
+    await gen.abort()
+
+    fresh_gen, fresh = await greedy(engine, prompt + first[:7] + prefix, 10)
+    await fresh_gen.abort()
+    assert continued == fresh
+    # Only the prompt, the kept tokens, the prefix and the decoded tokens were ever prefilled: no re-prefill.
+    assert prefilled == len(prompt) + 7 + len(prefix) + 10 - 1 + 4  # 4 tokens decoded before the rollback were discarded
+
+
+async def test_bare_rollback_recomputes_the_last_position(engine):
+    prompt = engine.tokenizer.encode("The capital of France is", add_special_tokens=False)
+    gen, first = await greedy(engine, prompt, 6)
+    await gen.rollback(3)
+    again = []
+    for _ in range(3):
+        again += await gen.next_tokens()
+    await gen.abort()
+    assert again == first[3:6]
+
+
+async def test_abort_frees_the_slot(engine):
+    gen = await engine.start([1, 2, 3], SamplingParams(max_tokens=4))
+    assert engine.stats()["running"] == 1
+    await gen.abort()
+    await gen.abort()
+    assert engine.stats()["running"] == 0

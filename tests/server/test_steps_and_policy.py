@@ -1,0 +1,65 @@
+from safethink_server.steering.policy import Action, PolicyConfig, decide, is_watching, score_on_failure
+from safethink_server.steering.steps import StepBoundaryDetector
+from safethink_server.steering.text import SectionSplitter, StopMatcher
+
+
+def feed_pieces(detector, pieces):
+    text, n = "", 0
+    for piece in pieces:
+        text += piece
+        n += 1
+        if detector.is_complete(text, n):
+            return n
+    return None
+
+
+def test_delimiter_split_across_tokens_ends_the_step_at_the_completing_token():
+    assert feed_pieces(StepBoundaryDetector(), ["First", " we add", ".\n", "\n", "Then"]) == 4
+
+
+def test_leading_blank_lines_do_not_end_an_empty_step():
+    assert feed_pieces(StepBoundaryDetector(), ["\n\n", "Hello", " world", "\n\n"]) == 4
+
+
+def test_no_delimiter_ends_at_max_step_tokens():
+    assert feed_pieces(StepBoundaryDetector(max_step_tokens=5), ["word "] * 20) == 5
+
+
+def test_delimiter_list_and_regex():
+    assert feed_pieces(StepBoundaryDetector(["Step", "\n"]), ["a", " b", "\n", "c"]) == 3
+    assert feed_pieces(StepBoundaryDetector(regex=r"\.\s"), ["One", ".", " Two"]) == 3
+
+
+def test_markers_split_across_tokens_are_removed_and_sections_split():
+    s = SectionSplitter("<think>", "</think>", "pre")
+    out = []
+    for piece in ["<", "th", "ink>", "\nreason", "ing</", "think", ">\n\nAnswer", "!"]:
+        out += s.feed(piece)
+    out += s.feed("", final=True)
+    reasoning = "".join(x.text for x in out if x.section == "reasoning")
+    answer = "".join(x.text for x in out if x.section == "answer")
+    assert reasoning == "\nreasoning" and answer == "Answer!"
+
+
+def test_text_without_a_start_marker_is_the_answer():
+    s = SectionSplitter("<think>", "</think>", "pre")
+    out = s.feed("Hello <") + s.feed("there", final=True)
+    assert [(x.section, x.text) for x in out] == [("answer", "Hello"), ("answer", " <there")]
+
+
+def test_stop_matcher_holds_back_a_partial_stop():
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == ("abc ", False)
+    assert m.feed("N") == ("", False)
+    assert m.feed("D more") == ("", True)
+
+
+def test_policy_decisions():
+    cfg = PolicyConfig()
+    assert decide(cfg, 0.49) is Action.RELEASED
+    assert decide(cfg, 0.5) is Action.REPLACED
+    assert decide(PolicyConfig(mode="append"), 0.9) is Action.APPENDED
+    assert is_watching(cfg, 3, 0) and not is_watching(cfg, 4, 0)
+    assert not is_watching(cfg, 1, 2), "the intervention budget is spent"
+    assert not is_watching(PolicyConfig(early_steps=0), 1, 0)
+    assert score_on_failure(cfg) == 1.0 and score_on_failure(PolicyConfig(on_scorer_error="fail_open")) == 0.0
