@@ -44,7 +44,7 @@ def test_markers_split_across_tokens_are_removed_and_sections_split():
 def test_text_without_a_start_marker_is_the_answer():
     s = SectionSplitter("<think>", "</think>", "pre")
     out = s.feed("Hello <") + s.feed("there", final=True)
-    assert [(x.section, x.text) for x in out] == [("answer", "Hello"), ("answer", " <there")]
+    assert [(x.section, x.text) for x in out] == [("answer", "Hello <"), ("answer", "there")]
 
 
 def test_stop_matcher_holds_back_a_partial_stop():
