@@ -1,5 +1,7 @@
 """The shipped probe head on the real MiniLM embeddings."""
 
+import pytest
+
 from reward_models.base import StepItem
 from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead
 
@@ -33,7 +35,7 @@ def test_batch_gives_the_same_scores_as_one_at_a_time(probe_scorer):
     items = HARMFUL + SAFE
     batched = [s.p_unsafe for s in probe_scorer.score_batch(items)]
     single = [probe_scorer.score_batch([i])[0].p_unsafe for i in items]
-    assert batched == __import__("pytest").approx(single, abs=1e-5)
+    assert batched == pytest.approx(single, abs=1e-5)
 
 
 def test_shipped_head_is_small_and_carries_its_held_out_metrics():
