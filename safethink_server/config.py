@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reward_models.registry import ScorerConfig, ScorerKind
+from safethink_server.engines.upstream import UpstreamConfig
 from safethink_server.steering.policy import DEFAULT_PREFIX, PolicyConfig
 from safethink_server.steering.session import ReasoningConfig
 from safethink_server.steering.steps import StepBoundaryDetector
@@ -20,7 +21,7 @@ class ServerSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
-    engine: Literal["hf", "vllm"] = Field(default="hf", description="generation engine: hf (embedded transformers) or vllm (in-process AsyncLLM)")
+    engine: Literal["hf", "vllm", "upstream"] = Field(default="hf", description="generation engine: hf (embedded transformers), vllm (in-process AsyncLLM), upstream (proxy)")
     model: Path | None = Field(default=None, description="local HF causal-LM folder (default: the embedded SmolLM2-135M-Instruct)")
     served_model_name: str | None = Field(default=None, description="model name clients use (default: the folder name)")
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(default="auto", description="engine weights dtype (auto: hf bfloat16; vllm float32 on CPU, the model's on GPU)")
@@ -38,6 +39,15 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(default=False, description="vllm: no CUDA graphs / compilation")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: any other AsyncEngineArgs, as JSON")
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(default=None, description="reasoning markers as vLLM's parser of that name reads them")
+
+    upstream_url: str | None = Field(default=None, description="upstream: base URL of an OpenAI-compatible API, ending in /v1")
+    upstream_api_key: str | None = Field(default=None, description="upstream: API key sent to the upstream")
+    upstream_model: str | None = Field(default=None, description="upstream: model name there (default: its first model)")
+    upstream_mode: Literal["auto", "token_ids", "chat"] = Field(default="auto", description="upstream: token ids via /tokenize + /v1/completions, or chat with continue_final_message; auto detects")
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="upstream: connect timeout")
+    upstream_first_byte_timeout_s: float = Field(default=60.0, gt=0, description="upstream: request to first streamed event")
+    upstream_chunk_timeout_s: float = Field(default=30.0, gt=0, description="upstream: longest silence between streamed events")
+    upstream_max_connections: int = Field(default=256, ge=1, description="upstream: connection pool size")
 
     scorer: ScorerKind = Field(default="probe", description="safety scorer: probe, classifier, guard, remote")
     scorer_model: Path | None = Field(default=None, description="classifier/guard model folder, or probe head file")
@@ -95,6 +105,14 @@ class ServerSettings(BaseSettings):
             # qwen3: reasoning only inside <think>...</think> that the model writes itself.
             start, end, prefill = "<think>", "</think>", self.reasoning_parser == "deepseek_r1"
         return ReasoningConfig(start_marker=start, end_marker=end, prefill_start=prefill, budget_tokens=self.reasoning_budget)
+
+    def upstream_config(self) -> UpstreamConfig:
+        if not self.upstream_url:
+            raise ValueError("--engine upstream needs --upstream-url")
+        return UpstreamConfig(url=self.upstream_url, api_key=self.upstream_api_key, model=self.upstream_model, mode=self.upstream_mode,
+                              prefill_reasoning=self.prefill_reasoning, reasoning_start=self.reasoning().start_marker,
+                              connect_timeout_s=self.upstream_connect_timeout_s, first_byte_timeout_s=self.upstream_first_byte_timeout_s,
+                              chunk_timeout_s=self.upstream_chunk_timeout_s, max_connections=self.upstream_max_connections)
 
     def vllm_engine_args(self) -> dict[str, Any]:
         """The vLLM AsyncEngineArgs these settings ask for; `vllm_args` overrides the named ones."""

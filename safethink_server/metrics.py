@@ -1,6 +1,6 @@
 """Prometheus metrics. Names are fixed: dashboards and alert rules rely on them.
 
-Intervention rate: rate(safethink_interventions_total[5m]) / rate(safethink_requests_total[5m])
+Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safethink_requests_total[5m]))
 """
 
 from __future__ import annotations
@@ -29,7 +29,17 @@ class Metrics(SteeringObserver):
         self.generated = Counter("safethink_generated_tokens", "Completion tokens returned to clients (injected ones included).", registry=r)
         self.injected_total = Counter("safethink_injected_tokens", "Tokens injected by the server (prefixes, reasoning end markers).", registry=r)
         self.discarded = Counter("safethink_discarded_tokens", "Sampled tokens rolled back (replaced unsafe steps).", registry=r)
+        self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
         self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r)
+
+    def initialise(self, engine: str, early_steps: int) -> None:
+        """Create the known label sets at zero, so rates and dashboards have series before the first event."""
+        for status in ("success", "aborted", "error", "overloaded", "upstream_error"):
+            self.requests.labels(engine=engine, status=status)
+        for step in range(1, early_steps + 1):
+            self.interventions.labels(step=str(step))
+        for kind in ("connect", "timeout", "closed", "protocol", "status_429", "status_5xx", "upstream_error"):
+            self.upstream_errors.labels(kind=kind)
 
     # SteeringObserver hooks
     def step_scored(self, p_unsafe: float, error: bool) -> None:

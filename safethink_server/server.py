@@ -15,6 +15,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_engine(settings: ServerSettings) -> Engine:
+    if settings.engine == "upstream":
+        from safethink_server.engines.upstream import UpstreamEngine
+
+        return UpstreamEngine(settings.upstream_config(), settings.served_model_name, max_queued_requests=settings.max_queued_requests)
     from safethink_server.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir
 
     path = settings.model or embedded_model_dir()

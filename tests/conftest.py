@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+LOG_DIR = Path(os.environ.get("PYTEST_TMPDIR", "/tmp"))
 
 
 def free_port() -> int:
@@ -25,36 +26,41 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*flags: str, env: dict[str, str] | None = None, timeout_s: float = 240.0) -> Iterator[str]:
-    """`safethink serve` as a real subprocess on a free port; yields its base URL."""
-    port = free_port()
-    log = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"safethink-serve-{port}.log"
+def running_process(command: list[str], health_url: str, log: Path, env: dict[str, str] | None = None,
+                    timeout_s: float = 240.0) -> Iterator[None]:
+    """A real server subprocess, up once `health_url` answers 200; stopped afterwards."""
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[2:4]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                if httpx.get(health_url, timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {timeout_s}s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[2:4]} did not start in {timeout_s}s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url
+        yield
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def running_server(*flags: str, env: dict[str, str] | None = None, timeout_s: float = 240.0) -> Iterator[str]:
+    """`safethink serve` as a real subprocess on a free port; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
+    with running_process(command, url + "/health", LOG_DIR / f"safethink-serve-{port}.log", env, timeout_s):
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,10 @@ from safethink_server.api.protocol import (
 )
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams
+from safethink_server.engines.upstream import UpstreamError
 from safethink_server.metrics import Metrics
-from safethink_server.steering.session import Delta, SteeringSession
+from safethink_server.steering.session import Delta, ReasoningConfig, SteeringSession
+from safethink_server.steering.text import Section
 
 
 @dataclass
@@ -81,6 +83,7 @@ class _BodyTooLarge(Exception):
 
 def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
     metrics = Metrics()
+    metrics.initialise(engine.name, settings.early_steps)
     batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done)
     state = ServerState(settings, engine, scorer, batcher, metrics)
 
@@ -115,7 +118,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=engine.model_name)])
+        return ModelList(data=[ModelCard(id=model_id) for model_id in engine.model_ids()])
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
@@ -125,7 +128,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
             try:
                 await session.start()  # a full queue answers 503 before the stream begins
             except Exception as exc:
-                error, status = _failure(exc)
+                error, status = _failure(exc, state.metrics)
                 state.metrics.requests.labels(engine=engine.name, status=status).inc()
                 return error.response()
             return StreamingResponse(stream(state, body, session, arrived), media_type="text/event-stream",
@@ -137,8 +140,8 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
 def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSession:
     s, engine = state.settings, state.engine
-    if body.model != engine.model_name:
-        raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{engine.model_name}'",
+    if not engine.accepts_model(body.model):
+        raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
                        param="model", code="model_not_found")
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
@@ -148,19 +151,25 @@ def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSe
             raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
         policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:
-        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from exc
     reasoning = s.reasoning()
-    if reasoning.prefill_start and not prompt.rstrip().endswith(reasoning.start_marker):
-        prompt += reasoning.start_marker + "\n"  # templates of DeepSeek-R1-style models open it themselves
-    prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    detector = s.detector()
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
-    limit = state.max_model_len
-    if len(prompt_ids) + max_tokens > limit:
-        raise APIError(400, f"this model's maximum context length is {limit} tokens; the messages take {len(prompt_ids)} "
-                       f"and max_tokens asks for {max_tokens}", param="messages", code="context_length_exceeded")
+    initial_section = None
+    if engine.renders_prompt:
+        prompt_ids: list[int] = []
+        reasoning = reasoning.model_copy(update={"prefill_start": engine.prefills_reasoning(reasoning.prefill_start)})
+        if not engine.counts_tokens:  # the loop counts bytes: token-denominated limits scale with them
+            from safethink_server.engines.upstream import BYTES_PER_TOKEN
+
+            budget = reasoning.budget_tokens
+            reasoning = reasoning.model_copy(update={"budget_tokens": budget * BYTES_PER_TOKEN if budget else None})
+            detector.max_step_tokens *= BYTES_PER_TOKEN
+    else:
+        prompt_ids, initial_section = _render_prompt(state, body, messages, reasoning)
+        limit = state.max_model_len
+        if len(prompt_ids) + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the messages take {len(prompt_ids)} "
+                           f"and max_tokens asks for {max_tokens}", param="messages", code="context_length_exceeded")
     sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
     user_turns = [m.text() for m in body.messages if m.role == "user"]
@@ -169,13 +178,45 @@ def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSe
         return await state.batcher.score_one(item)
 
     return SteeringSession(engine, prompt_ids, user_turns[-1] if user_turns else messages[-1]["content"], sampling,
-                           policy, reasoning, s.detector(), score, stop=body.stop_list(), observer=state.metrics)
+                           policy, reasoning, detector, score, stop=body.stop_list(), observer=state.metrics,
+                           messages=messages, model=body.model, initial_section=initial_section)
+
+
+def _render_prompt(state: ServerState, body: ChatCompletionRequest, messages: list[dict[str, str]],
+                   reasoning: ReasoningConfig) -> tuple[list[int], Section | None]:
+    """The prompt ids from the model's chat template, and where the output starts: a continued final
+    assistant message (`continue_final_message`, as in vLLM) resumes inside its section."""
+    tokenizer = state.engine.tokenizer
+    continued: str | None = None
+    if body.continue_final_message:
+        if messages[-1]["role"] != "assistant":
+            raise APIError(400, "continue_final_message needs the last message to be from the assistant", param="messages")
+        continued, messages = messages[-1]["content"], messages[:-1]
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from exc
+    section: Section | None = None
+    start, end = reasoning.start_marker, reasoning.end_marker
+    if continued is not None:
+        if reasoning.prefill_start and start not in continued and end not in continued:
+            continued = start + "\n" + continued  # with prefill every assistant turn opens with the reasoning
+        prompt += continued
+        section = "reasoning" if continued.rfind(start) > continued.rfind(end) else "answer"
+    elif reasoning.prefill_start and not prompt.rstrip().endswith(start):
+        prompt += start + "\n"  # templates of DeepSeek-R1-style models open it themselves
+    return tokenizer.encode(prompt, add_special_tokens=False), section
 
 
 def _usage(session: SteeringSession) -> Usage:
-    return Usage(prompt_tokens=session.prompt_tokens, completion_tokens=session.output_tokens,
-                 total_tokens=session.prompt_tokens + session.output_tokens,
-                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=session.reasoning_tokens))
+    counted = session.generation.token_usage() if session.generation is not None else None
+    if counted is None:
+        prompt, completion, reasoning = session.prompt_tokens, session.output_tokens, session.reasoning_tokens
+    else:  # the engine's ids are not tokens: take its counts, and split off the reasoning share
+        prompt, completion = counted
+        reasoning = round(completion * session.reasoning_tokens / session.output_tokens) if session.output_tokens else 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
 
 def _steering_info(session: SteeringSession) -> SteeringInfo:
@@ -206,13 +247,17 @@ class _Tracker:
         self.metrics.active.dec()
         self.metrics.requests.labels(engine=self.engine, status=self.status).inc()
 
-    def finished(self, session: SteeringSession) -> None:
+    def finished(self, session: SteeringSession, completion_tokens: int) -> None:
         self.status = "success"
-        self.metrics.generated.inc(session.output_tokens)
+        self.metrics.generated.inc(completion_tokens)
         self.metrics.discarded.inc(session.report.discarded_tokens)
 
 
-def _failure(exc: Exception) -> tuple[APIError, str]:
+def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
+    if isinstance(exc, UpstreamError):
+        metrics.upstream_errors.labels(kind=exc.kind).inc()
+        code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"
+        return APIError(exc.status, str(exc), code=code), "upstream_error"
     if isinstance(exc, EngineOverloaded):
         return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
     if isinstance(exc, EngineError):
@@ -240,9 +285,9 @@ async def complete(state: ServerState, body: ChatCompletionRequest, session: Ste
                     return JSONResponse({}, status_code=499)
             task.result()
         except Exception as exc:
-            error, tracker.status = _failure(exc)
+            error, tracker.status = _failure(exc, state.metrics)
             return error.response()
-        tracker.finished(session)
+        tracker.finished(session, _usage(session).completion_tokens)
         reasoning = "".join(parts["reasoning"]) or None
         response = ChatCompletionResponse(
             model=state.engine.model_name,
@@ -275,11 +320,11 @@ async def stream(state: ServerState, body: ChatCompletionRequest, session: Steer
                 else:
                     yield _sse(chunk(DeltaMessage(content=delta.text)))
         except Exception as exc:
-            error, tracker.status = _failure(exc)
+            error, tracker.status = _failure(exc, state.metrics)
             yield _sse(error.body())
             yield "data: [DONE]\n\n"
             return
-        tracker.finished(session)
+        tracker.finished(session, _usage(session).completion_tokens)
         yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=_steering_info(session)))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=_usage(session)))

@@ -58,6 +58,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     safethink: SteeringOverrides | None = None
+    continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message")
 
     @field_validator("stop")
     @classmethod

@@ -51,15 +51,35 @@ class Generation(ABC):
     def prefilled_tokens(self) -> int:
         """Tokens the engine ran a forward over for this sequence so far (prompt prefill included)."""
 
+    finished_by_length = False  # set when the engine itself stopped the sequence at its token limit
+
+    def token_usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens when the engine counts them itself (upstream); else None."""
+        return None
+
 
 class Engine(ABC):
     name: str
     model_name: str
     tokenizer: Any  # a transformers tokenizer: chat template, encode, decode
+    counts_tokens = True  # False: the steering loop's ids are not model tokens (upstream: bytes)
+    renders_prompt = False  # True: the engine renders the chat messages itself (upstream)
 
     @abstractmethod
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
-        """Reserve a slot (queueing if needed) and begin decoding after `prompt_ids`."""
+    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+                    model: str | None = None) -> Generation:
+        """Reserve a slot (queueing if needed) and begin decoding after `prompt_ids` (or `messages`,
+        for engines that render the prompt themselves)."""
+
+    def model_ids(self) -> list[str]:
+        return [self.model_name]
+
+    def accepts_model(self, name: str) -> bool:
+        return name in self.model_ids()
+
+    def prefills_reasoning(self, configured: bool) -> bool:
+        """Whether the reasoning section is open when generation starts."""
+        return configured
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -73,5 +93,5 @@ class Engine(ABC):
     async def close(self) -> None:
         return None
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         return {}

@@ -142,7 +142,8 @@ class HFEngine(Engine):
         self._waiting = 0
         self._running = 0
 
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
+    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+                    model: str | None = None) -> Generation:
         if self._slots.locked() and self._waiting >= self.max_queued:
             raise EngineOverloaded(f"{self._waiting} requests are already waiting for the engine")
         self._waiting += 1
@@ -157,7 +158,7 @@ class HFEngine(Engine):
         self._running -= 1
         self._slots.release()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         return {"running": self._running, "waiting": self._waiting}
 
     async def close(self) -> None:

@@ -195,7 +195,8 @@ class VLLMEngine(Engine):
         self.max_model_len = self.llm.model_config.max_model_len
         self.max_num_seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
 
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams) -> Generation:
+    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+                    model: str | None = None) -> Generation:
         if self.llm is None:
             raise EngineError("the vLLM engine is not started")
         if self._active >= self.max_num_seqs + self.max_queued:
@@ -206,7 +207,7 @@ class VLLMEngine(Engine):
     def release(self) -> None:
         self._active -= 1
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         unfinished = self.llm.output_processor.get_num_unfinished_requests() if self.llm is not None else 0
         return {"running": self._active, "engine_unfinished_requests": unfinished}
 

@@ -88,6 +88,9 @@ class SteeringSession:
         score: ScoreFn,
         stop: list[str] | None = None,
         observer: SteeringObserver | None = None,
+        messages: list[dict[str, str]] | None = None,
+        model: str | None = None,
+        initial_section: Section | None = None,
     ) -> None:
         self.engine = engine
         self.prompt_ids = prompt_ids
@@ -101,7 +104,9 @@ class SteeringSession:
         self.tokenizer = engine.tokenizer
         self.detok = IncrementalDetokenizer(self.tokenizer)
         self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker,
-                                        "reasoning" if reasoning.prefill_start else "pre")
+                                        initial_section or ("reasoning" if reasoning.prefill_start else "pre"))
+        self.messages = messages
+        self.model = model
         self.stop = StopMatcher(stop or [])
         self.report = SteeringReport()
         self.finish_reason: str | None = None
@@ -127,7 +132,7 @@ class SteeringSession:
     async def start(self) -> None:
         """Take an engine slot (waiting in the engine's queue if needed)."""
         if self.generation is None:
-            self.generation = await self.engine.start(self.prompt_ids, self.sampling)
+            self.generation = await self.engine.start(self.prompt_ids, self.sampling, messages=self.messages, model=self.model)
 
     async def run(self) -> AsyncIterator[Delta]:
         await self.start()
@@ -153,6 +158,9 @@ class SteeringSession:
                 yield d
             if len(self.report.interventions) > interventions:
                 return  # a prefix was injected: generation goes on after it
+            if self.generation.finished_by_length:
+                self.finish_reason = "length"
+                return
             if in_reasoning and self.reasoning_cfg.end_on_eos and not self._reasoning_closed_by_server:
                 async for d in self._inject_end_marker():
                     yield d
@@ -173,7 +181,7 @@ class SteeringSession:
         ):
             async for d in self._close_step():
                 yield d
-        if self.finish_reason is None and self.output_tokens >= self.sampling.max_tokens:
+        if self.finish_reason is None and self.engine.counts_tokens and self.output_tokens >= self.sampling.max_tokens:
             self.finish_reason = "length"
             return
         budget = self.reasoning_cfg.budget_tokens

