@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install prepare serve test bench clean
+.PHONY: install prepare system-deps serve test bench clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,13 @@ prepare: install
 serve: prepare
 	$(VENV)/bin/safethink serve
 
-test: prepare
+# The deployment tests run a real Prometheus and promtool: Debian's package (root, or sudo).
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+test: prepare system-deps
 	$(VENV)/bin/pytest -q
 
 bench: prepare
