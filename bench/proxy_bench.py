@@ -14,58 +14,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import httpx
 import openai
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import free_port, running_process  # noqa: E402  the same server helper the tests use
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-PROMPTS = [
-    "A shop sells pens at 3 dollars each. How much do 7 pens cost? Think step by step.",
-    "Explain why the sky is blue, step by step.",
-    "What is 15% of 80? Show your reasoning.",
-    "Why do leaves change colour in autumn? Think it through.",
-    "How many seconds are in a day? Show your steps.",
-    "A train travels 60 km in 45 minutes. What is its speed in km/h? Reason step by step.",
-    "Name three prime numbers and explain why they are prime.",
-    "What is the boiling point of water at sea level, and why?",
-]
 
 
 @contextmanager
-def process(args: list[str], health: str, env: dict[str, str] | None = None, timeout_s: float = 600):  # type: ignore[no-untyped-def]
-    log = open(f"/tmp/proxy-bench-{free_port()}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args[:4]} exited; see {log.name}")
-            try:
-                if httpx.get(health, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{args[:4]} did not start; see {log.name}")
-            time.sleep(1)
+def process(command: list[str], health: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    port = health.split(":")[2].split("/")[0]
+    with running_process(command, health, Path(f"/tmp/proxy-bench-{port}.log"), env, timeout_s=600):
         yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
 
 
 def gateway(upstream: str, port: int, *flags: str) -> list[str]:
