@@ -158,12 +158,10 @@ def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSe
     if engine.renders_prompt:
         prompt_ids: list[int] = []
         reasoning = reasoning.model_copy(update={"prefill_start": engine.prefills_reasoning(reasoning.prefill_start)})
-        if not engine.counts_tokens:  # the loop counts bytes: token-denominated limits scale with them
-            from safethink_server.engines.upstream import BYTES_PER_TOKEN
-
+        if engine.ids_per_token != 1:  # the loop's ids are not tokens: token-denominated limits scale with them
             budget = reasoning.budget_tokens
-            reasoning = reasoning.model_copy(update={"budget_tokens": budget * BYTES_PER_TOKEN if budget else None})
-            detector.max_step_tokens *= BYTES_PER_TOKEN
+            reasoning = reasoning.model_copy(update={"budget_tokens": budget * engine.ids_per_token if budget else None})
+            detector.max_step_tokens *= engine.ids_per_token
     else:
         prompt_ids, initial_section = _render_prompt(state, body, messages, reasoning)
         limit = state.max_model_len
@@ -287,13 +285,14 @@ async def complete(state: ServerState, body: ChatCompletionRequest, session: Ste
         except Exception as exc:
             error, tracker.status = _failure(exc, state.metrics)
             return error.response()
-        tracker.finished(session, _usage(session).completion_tokens)
+        usage = _usage(session)
+        tracker.finished(session, usage.completion_tokens)
         reasoning = "".join(parts["reasoning"]) or None
         response = ChatCompletionResponse(
             model=state.engine.model_name,
             choices=[Choice(message=AssistantMessage(content="".join(parts["answer"]), reasoning_content=reasoning, reasoning=reasoning),
                             finish_reason=session.finish_reason)],
-            usage=_usage(session),
+            usage=usage,
             safethink=_steering_info(session),
         )
         return JSONResponse(response.model_dump(exclude_none=True))
@@ -324,9 +323,10 @@ async def stream(state: ServerState, body: ChatCompletionRequest, session: Steer
             yield _sse(error.body())
             yield "data: [DONE]\n\n"
             return
-        tracker.finished(session, _usage(session).completion_tokens)
+        usage = _usage(session)
+        tracker.finished(session, usage.completion_tokens)
         yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=_steering_info(session)))
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=_usage(session)))
+            yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
         yield "data: [DONE]\n\n"
 

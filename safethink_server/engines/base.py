@@ -63,6 +63,7 @@ class Engine(ABC):
     model_name: str
     tokenizer: Any  # a transformers tokenizer: chat template, encode, decode
     counts_tokens = True  # False: the steering loop's ids are not model tokens (upstream: bytes)
+    ids_per_token = 1  # loop ids per model token, to scale token-denominated limits (upstream: ~4 bytes)
     renders_prompt = False  # True: the engine renders the chat messages itself (upstream)
 
     @abstractmethod

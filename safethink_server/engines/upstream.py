@@ -276,6 +276,7 @@ class UpstreamGeneration(Generation):
 class UpstreamEngine(Engine):
     name = "upstream"
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
+    ids_per_token = BYTES_PER_TOKEN
     renders_prompt = True
 
     def __init__(self, config: UpstreamConfig, served_model_name: str | None = None, max_queued_requests: int = 64) -> None:
@@ -337,7 +338,7 @@ class UpstreamEngine(Engine):
 
     def prefills_reasoning(self, configured: bool) -> bool:
         # chat mode: reasoning arrives folded into <think>...</think>, so the section starts closed.
-        return self.mode == "token_ids" and self.config.prefill_reasoning
+        return self.mode == "token_ids" and configured
 
     async def render(self, model: str, messages: list[dict[str, str]]) -> list[int]:
         """The chat prompt as the upstream renders it, with the reasoning section opened when asked."""

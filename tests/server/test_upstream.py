@@ -152,7 +152,7 @@ def assert_healthy(url: str) -> None:
         time.sleep(0.1)
 
 
-def test_a_dead_upstream_is_a_clear_503(tmp_path):
+def test_a_dead_upstream_is_a_clear_503():
     with running_server("--engine", "upstream", "--upstream-url", f"http://127.0.0.1:{free_port()}/v1",
                         "--served-model-name", "m") as url:
         with pytest.raises(openai.APIStatusError) as caught:
