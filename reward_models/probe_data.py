@@ -93,7 +93,7 @@ def _read_csv(text: str) -> list[dict[str, str]]:
 
 def pyrit_harm(reader: WheelReader) -> Iterator[LabelledStep]:
     for name in reader.names("pyrit/datasets/scorer_evals/harm/", ".csv"):
-        for row_no, row in enumerate(_read_csv(reader.text(name))):
+        for row in _read_csv(reader.text(name)):
             scores = [float(v) for k, v in row.items() if k.startswith("human_score") and v not in (None, "")]
             response = (row.get("assistant_response") or "").strip()
             if not scores or not response:
@@ -220,9 +220,9 @@ def synthetic_stance_steps(requests: list[tuple[str, str]], rng: random.Random) 
                                source=f"{source}_compliance", group=group)
 
 
-def _load_gsm_generators(reader: WheelReader) -> types.ModuleType:
-    """Load `generators_00_49` from the wheel without importing the reasoning_gym package (which
-    would need all its dependencies): only its tiny `utils` module is needed alongside."""
+def load_gsm_generators(reader: WheelReader, part: str = "00_49") -> types.ModuleType:
+    """Load `generators_<part>` of gsm_symbolic from the wheel without importing the reasoning_gym
+    package (which would need all its dependencies): only its tiny `utils` module is needed alongside."""
     utils = types.ModuleType("reasoning_gym.utils")
     exec(compile(reader.text("reasoning_gym/utils.py"), "reasoning_gym/utils.py", "exec"), utils.__dict__)
     package = types.ModuleType("reasoning_gym")
@@ -231,9 +231,9 @@ def _load_gsm_generators(reader: WheelReader) -> types.ModuleType:
     saved = {k: sys.modules.get(k) for k in ("reasoning_gym", "reasoning_gym.utils")}
     sys.modules.update({"reasoning_gym": package, "reasoning_gym.utils": utils})
     try:
-        module = types.ModuleType("gsm_generators_00_49")
-        source = reader.text("reasoning_gym/arithmetic/gsm_symbolic/generators_00_49.py")
-        exec(compile(source, "generators_00_49.py", "exec"), module.__dict__)
+        module = types.ModuleType(f"gsm_generators_{part}")
+        source = reader.text(f"reasoning_gym/arithmetic/gsm_symbolic/generators_{part}.py")
+        exec(compile(source, f"generators_{part}.py", "exec"), module.__dict__)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -244,7 +244,7 @@ def _load_gsm_generators(reader: WheelReader) -> types.ModuleType:
 
 
 def gsm_symbolic(reader: WheelReader, rng: random.Random, per_template: int) -> Iterator[LabelledStep]:
-    module = _load_gsm_generators(reader)
+    module = load_gsm_generators(reader)
     for template in GSM_TRAIN_TEMPLATES:
         generate = getattr(module, f"generate_{template}", None)
         if generate is None:
