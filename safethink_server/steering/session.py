@@ -5,7 +5,6 @@ corrective prefix into the running sequence. Knows nothing about which engine or
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ class InterventionRecord(BaseModel):
     step: int
     p_unsafe: float
     mode: str
+    prefix: str  # the corrective text injected, so that clients and evaluations can tell it from the model's own
     discarded_tokens: int
     injected_tokens: int
 
@@ -248,7 +248,7 @@ class SteeringSession:
                 yield d
 
     async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> AsyncIterator[Delta]:
-        record = InterventionRecord(step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode,
+        record = InterventionRecord(step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
                                     discarded_tokens=discarded, injected_tokens=0)
         self.report.interventions.append(record)
         self.observer.intervention(record.step)
