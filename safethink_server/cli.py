@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from safethink_server.evaluation import EvaluationError
 
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,15 +122,11 @@ def evaluate(args: argparse.Namespace) -> None:
     from safethink_server.evaluation.evaluate import EvalConfig
     from safethink_server.evaluation.evaluate import evaluate as run
     from safethink_server.evaluation.report import markdown
-    from safethink_server.evaluation.suites import SuiteError
 
-    try:
+    with _evaluation_errors():
         config = EvalConfig(suite=args.suite, out=args.out, bare=args.bare, bare_server=args.bare_server,
                             steering=args.steering, **_evaluation_parts(args))  # type: ignore[arg-type]
         report = asyncio.run(run(config, progress=not args.no_progress))
-    except (SuiteError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(markdown(report))
     print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
 
@@ -135,17 +135,25 @@ def optimize_prefix(args: argparse.Namespace) -> None:
     import asyncio
 
     from safethink_server.evaluation.prefix_search import DEFAULT_CANDIDATES, PrefixSearchConfig, markdown, search
-    from safethink_server.evaluation.suites import SuiteError
 
-    try:
+    with _evaluation_errors():
+        if args.candidates is not None and not args.candidates.is_file():
+            raise EvaluationError(f"no candidates file {args.candidates}")
         config = PrefixSearchConfig(candidates=args.candidates or DEFAULT_CANDIDATES, suite=args.suite, out=args.out,
                                     max_accuracy_drop=args.max_accuracy_drop, **_evaluation_parts(args))  # type: ignore[arg-type]
         result = asyncio.run(search(config, progress=not args.no_progress))
-    except (SuiteError, ValueError, OSError) as exc:
+    print(markdown(result))
+    print(f"wrote {args.out}/prefixes.json, prefixes.md and completions.jsonl", file=sys.stderr)
+
+
+@contextmanager
+def _evaluation_errors() -> Iterator[None]:
+    """A configuration that cannot run exits 2 with one line; anything else keeps its traceback."""
+    try:
+        yield
+    except (EvaluationError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(markdown(result))
-    print(f"wrote {args.out}/prefixes.json and prefixes.md", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from safethink_server.evaluation.judges import JudgeConfig, build_judge
+from safethink_server.evaluation import EvaluationError
+from safethink_server.evaluation.judges import Judge, JudgeConfig, build_judge
 from safethink_server.evaluation.report import Report, compare, judge_completions, summarise_arm, write_report
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_arms
 from safethink_server.evaluation.suites import DEFAULT_CACHE, EvalPrompt, build_prompts, load_suite
@@ -46,18 +47,14 @@ def build_arms(config: EvalConfig) -> list[Arm]:
         arms.append(Arm(name="bare", base_url=config.server, api_key=config.api_key, overrides=BARE_OVERRIDES))
     elif config.bare == "server":
         if not config.bare_server:
-            raise ValueError("--bare server needs --bare-server URL")
+            raise EvaluationError("--bare server needs --bare-server URL")
         arms.append(Arm(name="bare", base_url=config.bare_server, api_key=config.api_key))
     return arms
 
 
 async def judged_report(config: EvalConfig, arms: list[Arm], prompts: list[EvalPrompt],
-                        completions: list[Completion], suite_name: str) -> Report:
-    judge = build_judge(config.judge)
-    try:
-        judged = await judge_completions(completions, {p.id: p for p in prompts}, judge)
-    finally:
-        await judge.close()
+                        completions: list[Completion], suite_name: str, judge: Judge) -> Report:
+    judged = await judge_completions(completions, {p.id: p for p in prompts}, judge)
     summaries = [summarise_arm(arm.name, [c for c in judged if c.arm == arm.name], config.threshold) for arm in arms]
     return Report(
         suite=suite_name, judge=judge.name, judge_note=JUDGE_NOTES[config.judge.kind],
@@ -77,11 +74,16 @@ def warn_failed_arms(report: Report) -> None:
 
 
 async def evaluate(config: EvalConfig, progress: bool = True) -> Report:
+    """Everything that can be wrong with the configuration fails before the first request."""
     suite, base_dir = load_suite(config.suite)
     prompts = build_prompts(suite, base_dir, config.cache_dir)
     arms = build_arms(config)
-    completions = await run_arms(arms, prompts, config.generation, progress=progress)
-    report = await judged_report(config, arms, prompts, completions, suite.name)
+    judge = build_judge(config.judge)
+    try:
+        completions = await run_arms(arms, prompts, config.generation, progress=progress)
+        report = await judged_report(config, arms, prompts, completions, suite.name, judge)
+    finally:
+        await judge.close()
     write_report(report, config.out)
     warn_failed_arms(report)
     return report

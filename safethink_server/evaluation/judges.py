@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from reward_models.base import StepItem
 from reward_models.registry import ScorerConfig, build_scorer
+from safethink_server.evaluation import EvaluationError
 
 JudgeKind = Literal["refusal", "guard", "classifier", "remote"]
 
@@ -101,7 +102,7 @@ class ModelJudge(Judge):
 
     def __init__(self, config: JudgeConfig) -> None:
         if config.model_path is None:
-            raise ValueError(f"the {config.kind} judge needs --judge-model (a local model folder)")
+            raise EvaluationError(f"the {config.kind} judge needs --judge-model (a local model folder)")
         self.name = f"{config.kind}:{config.model_path}"
         self.scorer = build_scorer(ScorerConfig(kind=config.kind, model_path=config.model_path,  # type: ignore[arg-type]
                                                 device=config.device, unsafe_labels=config.unsafe_labels))
@@ -133,7 +134,7 @@ def parse_yes_no(answer: str) -> bool | None:
 class RemoteJudge(Judge):
     def __init__(self, config: JudgeConfig) -> None:
         if not config.url:
-            raise ValueError("the remote judge needs --judge-url (an OpenAI-compatible API base)")
+            raise EvaluationError("the remote judge needs --judge-url (an OpenAI-compatible API base)")
         self.config = config
         self.name = f"remote:{config.model or config.url}"
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}

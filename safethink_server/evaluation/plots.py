@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -21,13 +22,13 @@ def _bars(ax: Axes, groups: list[str], series: dict[str, list[Rate]], ylabel: st
     for k, (name, rates) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
         values = [100 * (r.rate or 0.0) for r in rates]
-        errors = [[100 * ((r.rate or 0) - r.ci95[0]) if r.ci95 else 0 for r in rates],
-                  [100 * (r.ci95[1] - (r.rate or 0)) if r.ci95 else 0 for r in rates]]
+        errors = [[max(0.0, 100 * ((r.rate or 0) - r.ci95[0])) if r.ci95 else 0 for r in rates],
+                  [max(0.0, 100 * (r.ci95[1] - (r.rate or 0))) if r.ci95 else 0 for r in rates]]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=name)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 105)
-    ax.legend()
+    ax.set_ylim(0, 118)  # room above 100% for the legend
+    ax.legend(loc="upper left", ncols=max(1, len(series)))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -77,6 +78,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
         label = c.kind if c.kind not in labelled else None
         labelled.add(c.kind)
         ax.plot([i for i, _ in scored], [p for _, p in scored], color=colours[c.kind], alpha=0.35, marker=".", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("scored step, in order (a replaced step is scored again)")
     ax.set_ylabel("p_unsafe")
     ax.set_ylim(-0.02, 1.02)
@@ -92,7 +94,7 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     ax_ttft.boxplot(ttft, tick_labels=names)
     ax_ttft.set_ylabel("time to first token, s")
     ax_tps.boxplot(tps, tick_labels=names)
-    ax_tps.set_ylabel("decode tokens/s per stream")
+    ax_tps.set_ylabel("tokens/s per request (completion tokens / request time)")
     fig.suptitle("Latency and speed")
     paths.append(_save(fig, out_dir / "latency.png"))
     return paths

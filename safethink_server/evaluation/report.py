@@ -234,7 +234,7 @@ def markdown(report: Report) -> str:
     row("mean completion tokens, harmful / benign",
         [f"{_num(a.mean_completion_tokens['harmful'], '.0f')} / {_num(a.mean_completion_tokens['benign'], '.0f')}" for a in report.arms])
     row("TTFT p50 / p90 (s)", [f"{_num(a.ttft_s_p50)} / {_num(a.ttft_s_p90)}" for a in report.arms])
-    row("decode tokens/s per stream, p50", [_num(a.tokens_per_s_p50, ".1f") for a in report.arms])
+    row("tokens/s per request (completion tokens / request time), p50", [_num(a.tokens_per_s_p50, ".1f") for a in report.arms])
     row("errors", [f"{a.errors}/{a.requests}" + (f" {a.error_kinds}" if a.error_kinds else "") for a in report.arms])
     if report.comparison:
         c = report.comparison
@@ -242,7 +242,7 @@ def markdown(report: Report) -> str:
                   *[f"- ASR change, {view}: {_pct(c.asr_delta[view], signed=True)}" for view in VIEWS],
                   f"- accuracy change: {_pct(c.accuracy_delta, signed=True)}; extra completion tokens on benign prompts: "
                   f"{_num(c.extra_benign_tokens, '+.1f')}",
-                  f"- TTFT ratio {_num(c.ttft_ratio)}; decode tokens/s ratio {_num(c.tokens_per_s_ratio)}"]
+                  f"- TTFT ratio {_num(c.ttft_ratio)}; tokens/s per request ratio {_num(c.tokens_per_s_ratio)}"]
     lines += ["", "Plots: `asr.png`, `false_interventions.png`, `intervention_steps.png`, `p_unsafe_trajectories.png`, "
               "`latency.png`.", ""]
     return "\n".join(lines)

