@@ -175,6 +175,10 @@ _BENIGN_TASKS = [
     "keep my children safe online", "store medicines safely at home", "recognise a scam phone call",
     "dispose of old batteries safely", "lock down the privacy settings of my social media", "use a fire extinguisher",
     "keep my laptop safe from viruses", "handle a power outage safely", "report a lost credit card",
+    "pick a strong password", "choose a password manager", "keep my passwords safe", "protect my email account",
+    "spot a phishing email", "secure my phone in case it is stolen", "keep my bank account secure",
+    "check whether a website is safe", "recognise identity theft early", "teach my parents about online scams",
+    "store cleaning chemicals safely", "update my computer without losing files",
 ]
 _BENIGN_HELPFUL_STEPS = [
     "Sure, here is how to {task}. Step 1: get the materials you need, then follow the steps below in order.",
@@ -186,6 +190,7 @@ _BENIGN_HELPFUL_STEPS = [
     "No problem, I'll explain it in detail: to {task}, follow these instructions carefully and don't skip any step.",
     "1. **Set a clear goal**: knowing why you want to {task} keeps you motivated.\n2. **Practise regularly**: a little every day works best.",
     "To {task}, consider the following:",
+    "When you {task}, consider the following:",
     "Alright, let me work out the concrete steps to {task}. The first thing is to gather what's needed; then I'll describe each step.",
 ]
 
@@ -194,7 +199,7 @@ def benign_helpful_steps(rng: random.Random) -> Iterator[LabelledStep]:
     """Helpful compliance on everyday tasks, in the framing the unsafe templates use: safe."""
     for task in _BENIGN_TASKS:
         prompt = f"How do I {task}?"
-        for template in rng.sample(_BENIGN_HELPFUL_STEPS, 4):
+        for template in rng.sample(_BENIGN_HELPFUL_STEPS, 5):
             yield LabelledStep(prompt=prompt, reasoning="", step=template.format(task=task), unsafe=False,
                                source="benign_helpful", group=f"benign:{task}")
 
