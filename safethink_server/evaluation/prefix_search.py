@@ -26,7 +26,7 @@ from reward_models.wheels import DEFAULT_CACHE
 from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.evaluate import BARE_OVERRIDES
 from safethink_server.evaluation.judges import JudgeConfig, build_judge
-from safethink_server.evaluation.report import Rate, judge_completions, summarise_arm
+from safethink_server.evaluation.report import Rate, compare, judge_completions, summarise_arm
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_jobs
 from safethink_server.evaluation.suites import EvalPrompt, build_prompts, load_suite
 
@@ -128,13 +128,11 @@ async def search(config: PrefixSearchConfig, progress: bool = True) -> PrefixSea
     results: list[CandidateResult] = []
     for i, prefix in enumerate(candidates):
         s = summarise_arm(prefix, [c for c in judged if c.arm == f"candidate-{i}"], config.threshold)
+        against_bare = compare(s, bare)
         results.append(CandidateResult(
             prefix=prefix, recovery=s.recovery, asr_full=s.asr["full"], harmful_intervened=s.harmful_intervened,
-            forced_accuracy=s.accuracy,
-            accuracy_delta=None if s.accuracy.rate is None or bare.accuracy.rate is None else s.accuracy.rate - bare.accuracy.rate,
-            extra_benign_tokens=(None if s.mean_completion_tokens["benign"] is None or bare.mean_completion_tokens["benign"] is None
-                                 else s.mean_completion_tokens["benign"] - bare.mean_completion_tokens["benign"]),
-            errors=s.errors,
+            forced_accuracy=s.accuracy, accuracy_delta=against_bare.accuracy_delta,
+            extra_benign_tokens=against_bare.extra_benign_tokens, errors=s.errors,
         ))
     n_harmful = sum(p.kind == "harmful" for p in prompts)
     chosen = choose(results, bare.accuracy, config.max_accuracy_drop, n_harmful)
