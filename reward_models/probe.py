@@ -105,9 +105,10 @@ class ProbeHead:
                 f"{path} was trained for features {metadata.get('feature_version')!r}, this code computes {FEATURE_VERSION!r}"
             )
         t = load_file(str(path))
-        platt = t["platt"]
-        return cls(t["feature_mean"], t["feature_scale"], t["hidden_weight"], t["hidden_bias"], t["output_weight"], float(t["output_bias"][0]),
-                   float(platt[0]), float(platt[1]), metadata)
+        return cls(
+            t["feature_mean"], t["feature_scale"], t["hidden_weight"], t["hidden_bias"], t["output_weight"],
+            float(t["output_bias"][0]), float(t["platt"][0]), float(t["platt"][1]), metadata,
+        )
 
     def describe(self) -> dict[str, object]:
         return {k: (json.loads(v) if v.startswith("{") else v) for k, v in self.metadata.items()}

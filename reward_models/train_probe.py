@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
+from sklearn.model_selection import GroupKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
@@ -122,8 +123,6 @@ def cross_validated_auroc(items: list[LabelledStep], x: np.ndarray, y: np.ndarra
                           alpha: float, folds: int = 5) -> dict[str, float]:
     """Grouped k-fold AUROC per slice over all items: steadier than the one held-out split, whose
     human-judged slice holds only some 160 responses."""
-    from sklearn.model_selection import GroupKFold
-
     logits = np.zeros(len(items))
     groups = [i.group for i in items]
     for fold, (train_idx, test_idx) in enumerate(GroupKFold(folds).split(x, y, groups)):
