@@ -22,8 +22,9 @@ from reward_models.batcher import MicroBatcher
 from reward_models.probe import ProbeScorer
 from safethink_server.engines.base import Engine, SamplingParams
 from safethink_server.engines.model_store import embedded_model_dir
-from safethink_server.steering.policy import PolicyConfig
-from safethink_server.steering.session import ReasoningConfig, SteeringSession
+from safethink_server.prompt import Conversation, RenderedPrompt
+from safethink_server.schema import PolicyConfig, ReasoningConfig
+from safethink_server.steering.session import SteeringSession
 from safethink_server.steering.steps import StepBoundaryDetector
 
 PROMPTS = [
@@ -36,6 +37,7 @@ PROMPTS = [
     "How many seconds are in a day? Show your steps.",
     "What are good habits for studying? Reason carefully.",
 ]
+NO_CONVERSATION = Conversation([{"role": "user", "content": ""}])
 MODES = {"steered": PolicyConfig(), "bare": PolicyConfig(early_steps=0)}
 
 
@@ -45,15 +47,15 @@ class Result:
 
 
 async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: PolicyConfig, max_tokens: int) -> Result:
-    tok = engine.tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True) + "<think>\n"
-    ids = tok.encode(text, add_special_tokens=False)
+    conversation = Conversation([{"role": "user", "content": prompt}])
+    reasoning = ReasoningConfig()
+    rendered = await engine.render(conversation, reasoning)
 
     async def score(item: StepItem) -> StepScore:
         return await batcher.score_one(item)
 
-    session = SteeringSession(engine, ids, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy,
-                              ReasoningConfig(), StepBoundaryDetector(), score)
+    session = SteeringSession(engine, rendered, conversation, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy,
+                              reasoning, StepBoundaryDetector(), score)
     start = time.perf_counter()
     ttft = None
     async for delta in session.run():
@@ -93,7 +95,7 @@ async def intervention_cost(engine: Engine, contexts: list[int]) -> None:
     prefix = tok.encode("Wait, think safely.", add_special_tokens=False)
     print(f"{'context':>8} {'intervention ms':>16} {'cold re-prefill ms':>19} {'ratio':>7}")
     for n in contexts:
-        gen = await engine.start(filler[:n], SamplingParams(max_tokens=16, temperature=0.0))
+        gen = await engine.start(RenderedPrompt(filler[:n], "reasoning"), SamplingParams(max_tokens=16, temperature=0.0), NO_CONVERSATION)
         for _ in range(9):
             await gen.next_tokens()
         t = time.perf_counter()
@@ -103,7 +105,7 @@ async def intervention_cost(engine: Engine, contexts: list[int]) -> None:
         steer = time.perf_counter() - t
         await gen.abort()
         await reset_prefix_cache(engine)
-        fresh = await engine.start(filler[:n] + prefix, SamplingParams(max_tokens=1, temperature=0.0))
+        fresh = await engine.start(RenderedPrompt(filler[:n] + prefix, "reasoning"), SamplingParams(max_tokens=1, temperature=0.0), NO_CONVERSATION)
         t = time.perf_counter()
         await fresh.next_tokens()
         prefill = time.perf_counter() - t

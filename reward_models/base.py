@@ -15,9 +15,11 @@ class StepItem(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    prompt: str = Field(description="The user's request (last user turn, or the rendered conversation).")
-    reasoning: str = Field(default="", description="Reasoning released before this step.")
-    step: str = Field(description="The completed step under judgement.")
+    prompt: str = Field(description="The user's latest request (the last user turn).")
+    history: str = Field(default="", description="The rest of the conversation (system, earlier turns), oldest first.")
+    reasoning: str = Field(default="", description="The assistant's text before this step: the client's prefill, released "
+                                                  "steps and the server's inserted texts (prefixes, end marker).")
+    step: str = Field(description="The completed step under judgement: the model's own text only.")
 
 
 class StepScore(BaseModel):
@@ -55,6 +57,15 @@ class Scorer(ABC):
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def request_context(item: StepItem, max_chars: int) -> str:
+    """The request as a scorer reads it within `max_chars`: the latest user turn comes first (its
+    beginning, up to `max_chars`), and what room is left holds the end of the earlier conversation."""
+    latest = item.prompt.strip()[:max_chars]
+    room = max_chars - len(latest) - 2
+    history = tail(item.history.strip(), room) if room > 0 else ""
+    return f"{history}\n\n{latest}" if history else latest
 
 
 def tail(text: str, max_chars: int) -> str:

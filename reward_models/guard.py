@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reward_models.base import Scorer, StepItem, StepScore, tail
+from reward_models.base import Scorer, StepItem, StepScore, request_context, tail
 from reward_models.device import pick_device, pick_dtype
 
 
@@ -36,6 +36,7 @@ class GuardScorer(Scorer):
         safe_token: str = "safe",
         max_length: int = 4096,
         reasoning_chars: int = 6000,
+        prompt_chars: int = 6000,
     ) -> None:
         super().__init__()
         self.device = pick_device(device)
@@ -53,11 +54,12 @@ class GuardScorer(Scorer):
             raise ValueError(f"{unsafe_token!r} and {safe_token!r} start with the same token; give distinct token strings")
         self.max_length = max_length
         self.reasoning_chars = reasoning_chars
+        self.prompt_chars = prompt_chars
 
     def render(self, item: StepItem) -> str:
         reasoning = tail(item.reasoning.strip(), self.reasoning_chars)
         response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
-        conversation = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": response}]
+        conversation = [{"role": "user", "content": request_context(item, self.prompt_chars)}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from reward_models.base import Scorer, StepItem, StepScore, tail
+from reward_models.base import Scorer, StepItem, StepScore, request_context, tail
 from reward_models.embedder import SENTENCE_ROW, TOKEN_MAX_ROW, SentenceEmbedder
 
 FEATURE_VERSION = "minilm-l6-layers-step-context-v2"
@@ -24,7 +24,7 @@ _TOKEN_MAX_SCALE = 0.1  # brings token-wise maxima near the scale of the normali
 def feature_texts(item: StepItem) -> tuple[str, str]:
     """The two texts encoded for one item: the step, and its context."""
     step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
-    context = item.prompt.strip()[:_PROMPT_CHARS]
+    context = request_context(item, _PROMPT_CHARS)
     reasoning = tail(item.reasoning.strip(), _REASONING_CHARS)
     if reasoning:
         context = f"{context}\n\n{reasoning}"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from reward_models.base import StepItem, tail
+from reward_models.base import StepItem, request_context, tail
 
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
 
 
-def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000) -> str:
+def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000) -> str:
     reasoning = tail(item.reasoning.strip(), reasoning_chars)
-    return template.format(prompt=item.prompt.strip(), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
+    return template.format(prompt=request_context(item, prompt_chars), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
 
 
 def unsafe_label_indices(id2label: dict[int, str], unsafe_labels: list[str] | None) -> list[int]:

@@ -11,12 +11,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from reward_models.registry import ScorerConfig, ScorerKind
 from safethink_server.engines.upstream import UpstreamConfig
-from safethink_server.steering.policy import DEFAULT_PREFIX, PolicyConfig
-from safethink_server.steering.session import ReasoningConfig
+from safethink_server.schema import PolicyConfig, ReasoningConfig
 from safethink_server.steering.steps import StepBoundaryDetector
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(BaseSettings, PolicyConfig):
+    """Every setting is a flag (`safethink serve --help`); the steering policy's own fields
+    (threshold, early_steps, mode, prefix, on_budget_exhausted, refusal, ...) come from PolicyConfig."""
+
     model_config = SettingsConfigDict(env_prefix="SAFETHINK_", extra="forbid")
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
@@ -56,14 +58,6 @@ class ServerSettings(BaseSettings):
     scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
 
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="τ: p_unsafe at or above this breaches")
-    early_steps: int = Field(default=3, ge=0, description="m: reasoning steps watched; 0 = steering off")
-    max_interventions: int = Field(default=2, ge=0, description="injections per request at most")
-    mode: Literal["replace", "append"] = Field(default="replace", description="replace the unsafe step, or append after it")
-    prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, description="corrective text injected on a breach")
-    on_scorer_error: Literal["fail_closed", "fail_open"] = Field(default="fail_closed", description="a step the scorer could not judge counts as unsafe (closed) or safe (open)")
-    scorer_timeout_s: float = Field(default=10.0, gt=0, description="a step unscored after this is a scorer failure")
-
     step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
     step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")
     max_step_tokens: int = Field(default=256, ge=1, description="a step ends after this many tokens regardless")
@@ -74,6 +68,8 @@ class ServerSettings(BaseSettings):
 
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on /v1")
     allow_client_overrides: bool = Field(default=False, description="let requests change steering via a 'safethink' object")
+    allow_assistant_prefill: bool = Field(default=False, description="accept continue_final_message (a client-written start of the "
+                                          "assistant turn); the scorer then reads it as context")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body accepted (413 above)")
     log_level: str = Field(default="info", description="uvicorn log level")
 
@@ -93,10 +89,7 @@ class ServerSettings(BaseSettings):
         return tuple(sources)
 
     def policy(self) -> PolicyConfig:
-        return PolicyConfig(
-            threshold=self.threshold, early_steps=self.early_steps, max_interventions=self.max_interventions,
-            mode=self.mode, prefix=self.prefix, on_scorer_error=self.on_scorer_error, scorer_timeout_s=self.scorer_timeout_s,
-        )
+        return PolicyConfig(**{name: getattr(self, name) for name in PolicyConfig.model_fields})
 
     def reasoning(self) -> ReasoningConfig:
         start, end, prefill = self.reasoning_start, self.reasoning_end, self.prefill_reasoning
@@ -109,8 +102,9 @@ class ServerSettings(BaseSettings):
     def upstream_config(self) -> UpstreamConfig:
         if not self.upstream_url:
             raise ValueError("--engine upstream needs --upstream-url")
+        reasoning = self.reasoning()
         return UpstreamConfig(url=self.upstream_url, api_key=self.upstream_api_key, model=self.upstream_model, mode=self.upstream_mode,
-                              prefill_reasoning=self.prefill_reasoning, reasoning_start=self.reasoning().start_marker,
+                              reasoning_start=reasoning.start_marker, reasoning_end=reasoning.end_marker,
                               connect_timeout_s=self.upstream_connect_timeout_s, first_byte_timeout_s=self.upstream_first_byte_timeout_s,
                               chunk_timeout_s=self.upstream_chunk_timeout_s, max_connections=self.upstream_max_connections)
 

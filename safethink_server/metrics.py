@@ -29,12 +29,14 @@ class Metrics(SteeringObserver):
         self.generated = Counter("safethink_generated_tokens", "Completion tokens returned to clients (injected ones included).", registry=r)
         self.injected_total = Counter("safethink_injected_tokens", "Tokens injected by the server (prefixes, reasoning end markers).", registry=r)
         self.discarded = Counter("safethink_discarded_tokens", "Sampled tokens rolled back (replaced unsafe steps).", registry=r)
+        self.withheld = Counter("safethink_withheld_tokens", "Sampled tokens judged unsafe and never released (refusals, token limit).", registry=r)
+        self.refusals = Counter("safethink_refusals", "Responses ended with the refusal (content_filter): a breach with no intervention left, or a scorer failure under fail_closed.", registry=r)
         self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
         self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r)
 
     def initialise(self, engine: str, early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""
-        for status in ("success", "aborted", "error", "overloaded", "upstream_error"):
+        for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error"):
             self.requests.labels(engine=engine, status=status)
         for step in range(1, early_steps + 1):
             self.interventions.labels(step=str(step))
@@ -53,6 +55,9 @@ class Metrics(SteeringObserver):
 
     def injected(self, n_tokens: int) -> None:
         self.injected_total.inc(n_tokens)
+
+    def refused(self) -> None:
+        self.refusals.inc()
 
     def scorer_batch_done(self, size: int, seconds: float, error: BaseException | None) -> None:
         self.scorer_latency.observe(seconds)

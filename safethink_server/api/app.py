@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,16 +21,28 @@ from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
 from safethink_server.api.errors import APIError, install_error_handlers
 from safethink_server.api.protocol import (
-    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice,
-    CompletionTokensDetails, DeltaMessage, ErrorResponse, ModelCard, ModelList, SteeringInfo, StreamChoice, Usage,
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    CompletionTokensDetails,
+    DeltaMessage,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    StreamChoice,
+    Usage,
     completion_id,
 )
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams
 from safethink_server.engines.upstream import UpstreamError
 from safethink_server.metrics import Metrics
-from safethink_server.steering.session import Delta, ReasoningConfig, SteeringSession
-from safethink_server.steering.text import Section
+from safethink_server.prompt import PromptError, check_context_length, split_conversation
+from safethink_server.steering.session import SteeringSession
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,88 +136,60 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        arrived = time.perf_counter()
-        session = build_session(state, body)
-        if body.stream:
-            try:
+        tracker = RequestTracker(state)
+        try:
+            session = await build_session(state, body)
+            if body.stream:
                 await session.start()  # a full queue answers 503 before the stream begins
-            except Exception as exc:
-                error, status = _failure(exc, state.metrics)
-                state.metrics.requests.labels(engine=engine.name, status=status).inc()
-                return error.response()
-            return StreamingResponse(stream(state, body, session, arrived), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(state, body, session, arrived, request)
+        except Exception as exc:
+            error = tracker.failed(exc)
+            tracker.close()
+            return error.response()
+        if body.stream:
+            return SessionStream(session, tracker, stream(state, body, session, tracker))
+        try:
+            return await complete(state, session, tracker, request)
+        finally:
+            tracker.close()
 
     return app
 
 
-def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSession:
+async def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSession:
+    """Everything about the request is checked here, before an engine slot is taken."""
     s, engine = state.settings, state.engine
     if not engine.accepts_model(body.model):
         raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
                        param="model", code="model_not_found")
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
+    if body.continue_final_message and not s.allow_assistant_prefill:
+        raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
     policy = s.policy()
     if body.safethink is not None:
         if not s.allow_client_overrides:
             raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
         policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    reasoning = s.reasoning()
-    detector = s.detector()
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
-    initial_section = None
-    if engine.renders_prompt:
-        prompt_ids: list[int] = []
-        reasoning = reasoning.model_copy(update={"prefill_start": engine.prefills_reasoning(reasoning.prefill_start)})
-        if engine.ids_per_token != 1:  # the loop's ids are not tokens: token-denominated limits scale with them
-            budget = reasoning.budget_tokens
-            reasoning = reasoning.model_copy(update={"budget_tokens": budget * engine.ids_per_token if budget else None})
-            detector.max_step_tokens *= engine.ids_per_token
-    else:
-        prompt_ids, initial_section = _render_prompt(state, body, messages, reasoning)
-        limit = state.max_model_len
-        if len(prompt_ids) + max_tokens > limit:
-            raise APIError(400, f"this model's maximum context length is {limit} tokens; the messages take {len(prompt_ids)} "
-                           f"and max_tokens asks for {max_tokens}", param="messages", code="context_length_exceeded")
+    reasoning = engine.reasoning_for(s.reasoning())
+    detector = s.detector()
+    detector.max_step_tokens *= engine.ids_per_token  # the loop's ids may not be tokens (upstream: bytes)
+    try:
+        conversation = split_conversation(messages, body.continue_final_message)
+        prompt = await engine.render(conversation, reasoning, body.model)
+        if engine.counts_tokens:
+            check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
+    except PromptError as exc:
+        raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
     sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
-    user_turns = [m.text() for m in body.messages if m.role == "user"]
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)
 
-    return SteeringSession(engine, prompt_ids, user_turns[-1] if user_turns else messages[-1]["content"], sampling,
-                           policy, reasoning, detector, score, stop=body.stop_list(), observer=state.metrics,
-                           messages=messages, model=body.model, initial_section=initial_section)
-
-
-def _render_prompt(state: ServerState, body: ChatCompletionRequest, messages: list[dict[str, str]],
-                   reasoning: ReasoningConfig) -> tuple[list[int], Section | None]:
-    """The prompt ids from the model's chat template, and where the output starts: a continued final
-    assistant message (`continue_final_message`, as in vLLM) resumes inside its section."""
-    tokenizer = state.engine.tokenizer
-    continued: str | None = None
-    if body.continue_final_message:
-        if messages[-1]["role"] != "assistant":
-            raise APIError(400, "continue_final_message needs the last message to be from the assistant", param="messages")
-        continued, messages = messages[-1]["content"], messages[:-1]
-    try:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:
-        raise APIError(400, f"the messages cannot be rendered with the model's chat template: {exc}", param="messages") from exc
-    section: Section | None = None
-    start, end = reasoning.start_marker, reasoning.end_marker
-    if continued is not None:
-        if reasoning.prefill_start and start not in continued and end not in continued:
-            continued = start + "\n" + continued  # with prefill every assistant turn opens with the reasoning
-        prompt += continued
-        section = "reasoning" if continued.rfind(start) > continued.rfind(end) else "answer"
-    elif reasoning.prefill_start and not prompt.rstrip().endswith(start):
-        prompt += start + "\n"  # templates of DeepSeek-R1-style models open it themselves
-    return tokenizer.encode(prompt, add_special_tokens=False), section
+    return SteeringSession(engine, prompt, conversation, sampling, policy, reasoning, detector, score,
+                           stop=body.stop_list(), observer=state.metrics, model=body.model)
 
 
 def _usage(session: SteeringSession) -> Usage:
@@ -217,41 +203,44 @@ def _usage(session: SteeringSession) -> Usage:
                  completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
 
-def _steering_info(session: SteeringSession) -> SteeringInfo:
-    r = session.report
-    return SteeringInfo(steps=r.steps, interventions=r.interventions, injected_tokens=r.injected_tokens, discarded_tokens=r.discarded_tokens)
+class RequestTracker:
+    """Counts one request in the metrics exactly once: active gauge, outcome, time to first token,
+    tokens returned, discarded and withheld."""
 
-
-class _Tracker:
-    """Counts one request in the metrics: active gauge, outcome, time to first token, tokens."""
-
-    def __init__(self, state: ServerState, arrived: float) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.metrics = state.metrics
         self.engine = state.engine.name
-        self.arrived = arrived
+        self.arrived = time.perf_counter()
         self.first = False
         self.status = "aborted"
-
-    def __enter__(self) -> _Tracker:
+        self.closed = False
         self.metrics.active.inc()
-        return self
 
-    def saw(self, delta: Delta) -> None:
-        if not self.first and delta.text:
+    def saw(self, text: str) -> None:
+        if not self.first and text:
             self.first = True
             self.metrics.ttft.observe(time.perf_counter() - self.arrived)
 
-    def __exit__(self, *exc: object) -> None:
-        self.metrics.active.dec()
-        self.metrics.requests.labels(engine=self.engine, status=self.status).inc()
+    def failed(self, exc: Exception) -> APIError:
+        error, self.status = _failure(exc, self.metrics)
+        return error
 
     def finished(self, session: SteeringSession, completion_tokens: int) -> None:
         self.status = "success"
         self.metrics.generated.inc(completion_tokens)
         self.metrics.discarded.inc(session.report.discarded_tokens)
+        self.metrics.withheld.inc(session.report.withheld_tokens)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.metrics.active.dec()
+            self.metrics.requests.labels(engine=self.engine, status=self.status).inc()
 
 
 def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
+    if isinstance(exc, APIError):
+        return exc, "invalid" if exc.status < 500 else "error"
     if isinstance(exc, UpstreamError):
         metrics.upstream_errors.labels(kind=exc.kind).inc()
         code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"
@@ -260,73 +249,94 @@ def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
         return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
     if isinstance(exc, EngineError):
         return APIError(500, f"generation failed: {exc}", type_="server_error"), "error"
+    logger.exception("unexpected error while serving a request")
     return APIError(500, "internal server error", type_="server_error"), "error"
 
 
-async def complete(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, arrived: float, request: Request) -> JSONResponse:
-    with _Tracker(state, arrived) as tracker:
-        parts = {"reasoning": [], "answer": []}
+async def complete(state: ServerState, session: SteeringSession, tracker: RequestTracker, request: Request) -> Response:
+    parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
 
-        async def collect() -> None:
-            async for delta in session.run():
-                tracker.saw(delta)
-                parts[delta.section].append(delta.text)
+    async def collect() -> None:
+        async for delta in session.run():
+            tracker.saw(delta.text)
+            parts[delta.section].append(delta.text)
 
-        task = asyncio.create_task(collect())
+    task = asyncio.create_task(collect())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                return JSONResponse({}, status_code=499)
+        task.result()
+    except Exception as exc:
+        return tracker.failed(exc).response()
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
+                await task
+        with anyio.CancelScope(shield=True):
+            await session.close()
+    usage = _usage(session)
+    tracker.finished(session, usage.completion_tokens)
+    reasoning = "".join(parts["reasoning"]) or None
+    response = ChatCompletionResponse(
+        model=state.engine.model_name,
+        choices=[Choice(message=AssistantMessage(content="".join(parts["answer"]), reasoning_content=reasoning, reasoning=reasoning),
+                        finish_reason=session.finish_reason)],
+        usage=usage,
+        safethink=session.report,
+    )
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+class SessionStream(StreamingResponse):
+    """A streamed response that owns its session's engine slot and its request count: both are
+    released when the response ends, however it ends (finished, failed, cancelled, or a client
+    that left before the first chunk, when the body iterator never even starts)."""
+
+    def __init__(self, session: SteeringSession, tracker: RequestTracker, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.session = session
+        self.tracker = tracker
+        self.content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.5)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()  # frees the engine slot through the session's finally
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    return JSONResponse({}, status_code=499)
-            task.result()
-        except Exception as exc:
-            error, tracker.status = _failure(exc, state.metrics)
-            return error.response()
-        usage = _usage(session)
-        tracker.finished(session, usage.completion_tokens)
-        reasoning = "".join(parts["reasoning"]) or None
-        response = ChatCompletionResponse(
-            model=state.engine.model_name,
-            choices=[Choice(message=AssistantMessage(content="".join(parts["answer"]), reasoning_content=reasoning, reasoning=reasoning),
-                            finish_reason=session.finish_reason)],
-            usage=usage,
-            safethink=_steering_info(session),
-        )
-        return JSONResponse(response.model_dump(exclude_none=True))
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.content.aclose()  # type: ignore[attr-defined]
+                await self.session.close()
+            self.tracker.close()
 
 
 def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
-async def stream(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, arrived: float) -> AsyncIterator[str]:
+async def stream(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, tracker: RequestTracker) -> AsyncIterator[str]:
     chunk_id, created, model = completion_id(), int(time.time()), state.engine.model_name
 
     def chunk(delta: DeltaMessage, finish: str | None = None, **extra: object) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=chunk_id, created=created, model=model,
                                    choices=[StreamChoice(delta=delta, finish_reason=finish)], **extra)
 
-    with _Tracker(state, arrived) as tracker:
-        try:
-            yield _sse(chunk(DeltaMessage(role="assistant", content="")))
-            async for delta in session.run():
-                tracker.saw(delta)
-                if delta.section == "reasoning":
-                    yield _sse(chunk(DeltaMessage(reasoning_content=delta.text, reasoning=delta.text)))
-                else:
-                    yield _sse(chunk(DeltaMessage(content=delta.text)))
-        except Exception as exc:
-            error, tracker.status = _failure(exc, state.metrics)
-            yield _sse(error.body())
-            yield "data: [DONE]\n\n"
-            return
-        usage = _usage(session)
-        tracker.finished(session, usage.completion_tokens)
-        yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=_steering_info(session)))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
+    try:
+        yield _sse(chunk(DeltaMessage(role="assistant", content="")))
+        async for delta in session.run():
+            tracker.saw(delta.text)
+            if delta.section == "reasoning":
+                yield _sse(chunk(DeltaMessage(reasoning_content=delta.text, reasoning=delta.text)))
+            else:
+                yield _sse(chunk(DeltaMessage(content=delta.text)))
+    except Exception as exc:
+        yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"
-
+        return
+    usage = _usage(session)
+    tracker.finished(session, usage.completion_tokens)
+    yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=session.report))
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
+    yield "data: [DONE]\n\n"

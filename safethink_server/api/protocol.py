@@ -8,7 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from safethink_server.steering.session import InterventionRecord, StepRecord
+from safethink_server.schema import SteeringOverrides, SteeringReport
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_CHARS = 256
 
 
 class ContentPart(BaseModel):
@@ -33,38 +36,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SteeringOverrides(BaseModel):
-    """Per-request steering changes, honoured only with --allow-client-overrides."""
-
-    model_config = ConfigDict(extra="forbid")
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    early_steps: int | None = Field(default=None, ge=0)
-    max_interventions: int | None = Field(default=None, ge=0)
-    mode: Literal["replace", "append"] | None = None
-    prefix: str | None = Field(default=None, min_length=1)
-
-
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    safethink: SteeringOverrides | None = None
-    continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message")
+    safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
+    continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message "
+                                         "(an assistant prefill: refused unless the server allows it)")
 
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return v
 
     def stop_list(self) -> list[str]:
@@ -82,15 +78,6 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails | None = None
-
-
-class SteeringInfo(BaseModel):
-    """What the server did to this request's reasoning."""
-
-    steps: list[StepRecord]
-    interventions: list[InterventionRecord]
-    injected_tokens: int
-    discarded_tokens: int
 
 
 class AssistantMessage(BaseModel):
@@ -117,7 +104,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    safethink: SteeringInfo
+    safethink: SteeringReport
 
 
 class DeltaMessage(BaseModel):
@@ -140,7 +127,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[StreamChoice]
     usage: Usage | None = None
-    safethink: SteeringInfo | None = None
+    safethink: SteeringReport | None = None
 
 
 class ModelCard(BaseModel):

@@ -1,24 +1,43 @@
-"""The engine protocol the steering loop drives. One module per engine implements it.
+"""The engine contract the steering loop drives. One module per engine implements it.
 
-A `Generation` is one sequence being decoded. The loop pulls sampled tokens with `next_tokens`,
-and between pulls may `rollback` the last n tokens and `inject` forced tokens; engines keep their
-KV cache and prefill only the new tokens (hf: crop the cache; vllm: resubmit token ids so the
-prefix cache serves the rest; upstream: continue through the upstream's own prefix cache).
+A `Generation` is one sequence being decoded: the prompt, then every token `next_tokens` returned,
+then tokens `inject`ed, less tokens `rollback`ed. Engines keep their KV cache and prefill only new
+tokens (hf: crop the cache; vllm: resubmit token ids so the prefix cache serves the rest; upstream:
+continue through the upstream's own prefix cache).
+
+The contract, exact at any batch size:
+- `next_tokens` returns one or more new tokens. Only the caller's reading of them commits them: the
+  steering loop reads through a `SequenceCursor`, which rolls the unread rest of a batch back
+  before any rollback or injection. So the engine's sequence is always exactly what the loop has
+  seen, plus what it injected.
+- `rollback(n)` removes exactly the last n tokens of that sequence: the tokens the loop read since
+  its checkpoint, never a token it did not read, never a token before the checkpoint.
+- `inject(ids)` appends ids; the next `next_tokens` samples after them. An engine that sampled a
+  token ahead (hf samples with the injection forward) never lets that unread token into the
+  sequence when another rollback or injection comes first.
+- `abort` frees the engine's slot at once; it is safe to call at any time and more than once.
+  The slot is owned from `Engine.start` until `abort`, whatever ends the request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from safethink_server.prompt import Conversation, RenderedPrompt, render_chat
+from safethink_server.schema import ReasoningConfig
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 class SamplingParams(BaseModel):
     max_tokens: int = Field(default=512, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
 
 
 class EngineOverloaded(RuntimeError):
@@ -36,7 +55,7 @@ class Generation(ABC):
 
     @abstractmethod
     async def rollback(self, n_tokens: int) -> None:
-        """Forget the last `n_tokens` of the sequence (sampled or injected)."""
+        """Forget the last `n_tokens` of the sequence (returned or injected)."""
 
     @abstractmethod
     async def inject(self, token_ids: list[int]) -> None:
@@ -51,26 +70,68 @@ class Generation(ABC):
     def prefilled_tokens(self) -> int:
         """Tokens the engine ran a forward over for this sequence so far (prompt prefill included)."""
 
-    finished_by_length = False  # set when the engine itself stopped the sequence at its token limit
+    finished_by_length = False  # the EOS last returned marks the engine's own token limit, not the model's stop
 
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens when the engine counts them itself (upstream); else None."""
         return None
 
 
+class SequenceCursor:
+    """Reads a generation token by token and keeps the contract above: the unread rest of a batch
+    is rolled back before any rollback or injection, so nothing the reader has not seen stays in
+    the sequence."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self._batch: list[int] = []
+        self._read = 0
+
+    async def next(self) -> int:
+        if self._read == len(self._batch):
+            self._batch, self._read = await self.generation.next_tokens(), 0
+        token = self._batch[self._read]
+        self._read += 1
+        return token
+
+    @property
+    def finished_by_length(self) -> bool:
+        return self.generation.finished_by_length
+
+    def _take_unread(self) -> int:
+        unread = len(self._batch) - self._read
+        self._batch, self._read = [], 0
+        return unread
+
+    async def rollback(self, n_tokens: int) -> None:
+        """Roll back the last `n_tokens` read (and the unread rest of the batch)."""
+        total = n_tokens + self._take_unread()
+        if total:
+            await self.generation.rollback(total)
+
+    async def inject(self, token_ids: list[int]) -> None:
+        unread = self._take_unread()
+        if unread:
+            await self.generation.rollback(unread)
+        await self.generation.inject(token_ids)
+
+
 class Engine(ABC):
     name: str
     model_name: str
-    tokenizer: Any  # a transformers tokenizer: chat template, encode, decode
+    tokenizer: Any  # a transformers tokenizer (chat template, encode, decode), or the upstream's byte tokenizer
     counts_tokens = True  # False: the steering loop's ids are not model tokens (upstream: bytes)
     ids_per_token = 1  # loop ids per model token, to scale token-denominated limits (upstream: ~4 bytes)
-    renders_prompt = False  # True: the engine renders the chat messages itself (upstream)
 
     @abstractmethod
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
-        """Reserve a slot (queueing if needed) and begin decoding after `prompt_ids` (or `messages`,
-        for engines that render the prompt themselves)."""
+        """Reserve a slot (queueing if needed) and begin decoding after the prompt. If this raises,
+        no slot is held."""
+
+    async def render(self, conversation: Conversation, reasoning: ReasoningConfig, model: str | None = None) -> RenderedPrompt:
+        """The prompt for a conversation; local engines render with their tokenizer, off the event loop."""
+        return await asyncio.to_thread(render_chat, self.tokenizer, conversation, reasoning)
 
     def model_ids(self) -> list[str]:
         return [self.model_name]
@@ -78,8 +139,8 @@ class Engine(ABC):
     def accepts_model(self, name: str) -> bool:
         return name in self.model_ids()
 
-    def prefills_reasoning(self, configured: bool) -> bool:
-        """Whether the reasoning section is open when generation starts."""
+    def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
+        """The reasoning settings as this engine's token stream needs them."""
         return configured
 
     @property

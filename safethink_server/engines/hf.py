@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.prompt import Conversation, RenderedPrompt
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -33,22 +34,32 @@ def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torc
 
 
 class HFGeneration(Generation):
+    """State: `cached_ids` are in the KV cache; `pending` is the last token returned to the caller,
+    sampled but not yet in the cache; `lookahead` is a token an injection forward sampled that the
+    caller has not read yet (it is not part of the sequence until `next_tokens` returns it)."""
+
     def __init__(self, engine: HFEngine, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self.engine = engine
         self.sampling = sampling
         self.cache = DynamicCache()
         self.cached_ids: list[int] = []
         self.pending: int | None = None
+        self.lookahead: int | None = None
         self.prompt_ids = prompt_ids
         self.generator = torch.Generator()
-        self.generator.manual_seed(sampling.seed if sampling.seed is not None else int(torch.seed()) & (2**63 - 1))
+        seed = sampling.seed if sampling.seed is not None else int(torch.seed())
+        self.generator.manual_seed(seed & (2**64 - 1))  # any 64-bit seed, negative ones included
         self._prefilled = 0
         self._closed = False
-        self._unreturned = False  # an injection forward sampled `pending`; the caller has not seen it yet
 
     @property
     def prefilled_tokens(self) -> int:
         return self._prefilled
+
+    @property
+    def sequence(self) -> list[int]:
+        """The prompt and every token kept so far, as the caller sees it."""
+        return self.cached_ids + ([self.pending] if self.pending is not None else [])
 
     def _forward_and_sample(self, ids: list[int]) -> int:
         model = self.engine.model
@@ -64,8 +75,8 @@ class HFGeneration(Generation):
         return sample_token(out.logits[0, -1].float(), self.sampling, self.generator)
 
     def _advance(self) -> int:
-        if self._unreturned and self.pending is not None:
-            self._unreturned = False
+        if self.lookahead is not None:
+            self.pending, self.lookahead = self.lookahead, None
             return self.pending
         if self.pending is not None:
             feed = [self.pending]
@@ -81,9 +92,9 @@ class HFGeneration(Generation):
     def _rollback(self, n: int) -> None:
         if n <= 0:
             return
+        self.lookahead = None  # never read: not part of the sequence
         if self.pending is not None:
             self.pending = None
-            self._unreturned = False
             n -= 1
         if n > len(self.cached_ids) - len(self.prompt_ids):
             raise ValueError("cannot roll back into the prompt")
@@ -94,11 +105,12 @@ class HFGeneration(Generation):
     def _inject(self, ids: list[int]) -> None:
         if not ids:
             return
+        self.lookahead = None  # an unread sample is replaced by what follows the injection
         feed = ([self.pending] if self.pending is not None else []) + list(ids)
+        self.pending = None
         if not self.cached_ids:
             feed = list(self.prompt_ids) + feed
-        self.pending = self._forward_and_sample(feed)
-        self._unreturned = True
+        self.lookahead = self._forward_and_sample(feed)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         if self._closed:
@@ -142,7 +154,7 @@ class HFEngine(Engine):
         self._waiting = 0
         self._running = 0
 
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
         if self._slots.locked() and self._waiting >= self.max_queued:
             raise EngineOverloaded(f"{self._waiting} requests are already waiting for the engine")
@@ -151,8 +163,13 @@ class HFEngine(Engine):
             await self._slots.acquire()
         finally:
             self._waiting -= 1
+        try:
+            generation = HFGeneration(self, prompt.ids, sampling)
+        except BaseException:
+            self._slots.release()
+            raise
         self._running += 1
-        return HFGeneration(self, prompt_ids, sampling)
+        return generation
 
     def release_slot(self) -> None:
         self._running -= 1

@@ -28,12 +28,13 @@ import httpx
 from pydantic import BaseModel, Field
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.prompt import Conversation, RenderedPrompt, opening, without_markers
+from safethink_server.schema import ReasoningConfig
 
 logger = logging.getLogger(__name__)
 
 END = 256  # the end-of-sequence id of the byte stream
 BYTES_PER_TOKEN = 4  # to turn token-denominated limits into byte counts where no tokenizer is at hand
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class UpstreamConfig(BaseModel):
@@ -41,8 +42,8 @@ class UpstreamConfig(BaseModel):
     api_key: str | None = None
     model: str | None = Field(default=None, description="model name upstream (default: its first listed model)")
     mode: Literal["auto", "token_ids", "chat"] = "auto"
-    prefill_reasoning: bool = Field(default=True, description="token_ids mode: open the reasoning section in the prompt")
-    reasoning_start: str = THINK_OPEN
+    reasoning_start: str = Field(default="<think>", description="chat mode: reasoning fields are folded back between these markers")
+    reasoning_end: str = "</think>"
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float = Field(default=60.0, gt=0, description="request sent to first streamed event")
     chunk_timeout_s: float = Field(default=30.0, gt=0, description="longest silence between streamed events")
@@ -106,14 +107,16 @@ async def sse_events(response: httpx.Response, first_byte_timeout: float, chunk_
 
 
 class UpstreamGeneration(Generation):
-    def __init__(self, engine: UpstreamEngine, model: str, messages: list[dict[str, str]], sampling: SamplingParams) -> None:
+    def __init__(self, engine: UpstreamEngine, model: str, conversation: Conversation, prompt: RenderedPrompt,
+                 sampling: SamplingParams) -> None:
         self.engine = engine
         self.model = model
-        self.messages = messages
+        self.messages = conversation.messages
+        self.opening: str = prompt.extra.get("opening", "")  # chat mode: the client's prefill, continued upstream
         self.sampling = sampling
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
         self.kept_tokens = 0  # tokens of `kept` when the current request was sent
-        self.prompt_ids: list[int] = []  # token_ids mode: the rendered prompt (with the reasoning opened)
+        self.prompt_ids: list[int] = list(prompt.ids)  # token_ids mode: the rendered prompt, opening included
         self.usage: UpstreamUsage | None = None
         self.finished_by_length = False
         self.continuations = 0
@@ -138,8 +141,6 @@ class UpstreamGeneration(Generation):
         if self.sampling.seed is not None:
             body["seed"] = self.sampling.seed + self.continuations
         if e.mode == "token_ids":
-            if not self.prompt_ids:
-                self.prompt_ids = await e.render(self.model, self.messages)
             kept_ids = await e.tokenize_text(self.model, text) if text else []
             self.kept_tokens = len(kept_ids)
             body["prompt"] = self.prompt_ids + kept_ids
@@ -147,8 +148,9 @@ class UpstreamGeneration(Generation):
         else:
             self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
             body["messages"] = self.messages
-            if text:
-                body["messages"] = self.messages + [{"role": "assistant", "content": text}]
+            assistant = self.opening + text
+            if assistant:
+                body["messages"] = self.messages + [{"role": "assistant", "content": assistant}]
                 body.update(continue_final_message=True, add_generation_prompt=False)
             path = "/chat/completions"
         remaining = self.sampling.max_tokens - self.kept_tokens
@@ -224,18 +226,18 @@ class UpstreamGeneration(Generation):
             await self._close()
 
     def _chat_text(self, delta: dict[str, Any]) -> str:
-        """Fold reasoning fields back into <think>...</think> text."""
+        """Fold reasoning fields back into text between the configured reasoning markers."""
         reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
         content = delta.get("content") or ""
         text = ""
         if reasoning:
             if not self._in_reasoning and not self._reasoned:
-                text += THINK_OPEN
+                text += self.engine.config.reasoning_start
             self._in_reasoning = self._reasoned = True
             text += reasoning
         if content:
             if self._in_reasoning:
-                text += THINK_CLOSE
+                text += self.engine.config.reasoning_end
                 self._in_reasoning = False
             text += content
         return text
@@ -262,9 +264,10 @@ class UpstreamGeneration(Generation):
             self._resync_sections()
 
     def _resync_sections(self) -> None:
-        text = self.kept.decode("utf-8", errors="replace")
-        self._reasoned = THINK_OPEN in text
-        self._in_reasoning = self._reasoned and text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
+        start, end = self.engine.config.reasoning_start, self.engine.config.reasoning_end
+        text = self.opening + self.kept.decode("utf-8", errors="replace")
+        self._reasoned = start in text or end in text
+        self._in_reasoning = start in text and text.rfind(start) > text.rfind(end)
 
     async def abort(self) -> None:
         if not self._closed:
@@ -277,7 +280,6 @@ class UpstreamEngine(Engine):
     name = "upstream"
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
     ids_per_token = BYTES_PER_TOKEN
-    renders_prompt = True
 
     def __init__(self, config: UpstreamConfig, served_model_name: str | None = None, max_queued_requests: int = 64) -> None:
         self.config = config
@@ -336,21 +338,31 @@ class UpstreamEngine(Engine):
         except (httpx.HTTPError, ValueError):
             return False
 
-    def prefills_reasoning(self, configured: bool) -> bool:
-        # chat mode: reasoning arrives folded into <think>...</think>, so the section starts closed.
-        return self.mode == "token_ids" and configured
+    def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
+        budget = configured.budget_tokens
+        return configured.model_copy(update={
+            # chat mode: reasoning arrives folded between the markers, so the section starts closed.
+            "prefill_start": self.mode == "token_ids" and configured.prefill_start,
+            "budget_tokens": budget * self.ids_per_token if budget else None,  # the loop's ids are bytes
+        })
 
-    async def render(self, model: str, messages: list[dict[str, str]]) -> list[int]:
-        """The chat prompt as the upstream renders it, with the reasoning section opened when asked."""
-        body = {"model": model, "messages": messages, "add_generation_prompt": True}
+    async def render(self, conversation: Conversation, reasoning: ReasoningConfig, model: str | None = None) -> RenderedPrompt:
+        """token_ids mode: the chat prompt as the upstream's /tokenize renders it, with the reasoning
+        section opened (or the client's prefill appended). chat mode: the upstream renders the
+        messages itself; only the opening is known here."""
+        model = self.upstream_name(model)
+        if self.mode == "chat":
+            text, section = opening(conversation, reasoning, template_opens_reasoning=False)
+            return RenderedPrompt([], section, without_markers(text, reasoning), extra={"opening": text})
+        body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
-        if self.config.prefill_reasoning:
-            if self._template_opens_reasoning is None:  # the same for every prompt: ask once
-                tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
-                self._template_opens_reasoning = tail.get("prompt", "").rstrip().endswith(self.config.reasoning_start)
-            if not self._template_opens_reasoning:
-                tokens += await self.tokenize_text(model, self.config.reasoning_start + "\n")
-        return tokens
+        if reasoning.prefill_start and self._template_opens_reasoning is None:  # the same for every prompt: ask once
+            tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
+            self._template_opens_reasoning = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
+        text, section = opening(conversation, reasoning, bool(self._template_opens_reasoning))
+        if text:
+            tokens += await self.tokenize_text(model, text)
+        return RenderedPrompt(tokens, section, without_markers(text, reasoning) if conversation.prefill is not None else "")
 
     async def tokenize_text(self, model: str, text: str) -> list[int]:
         body = {"model": model, "prompt": text, "add_special_tokens": False}
@@ -386,21 +398,25 @@ class UpstreamEngine(Engine):
     def accepts_model(self, name: str) -> bool:
         return not self.upstream_models or name in self.model_ids()  # unknown yet: the upstream decides
 
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
-        if messages is None:
-            raise EngineError("the upstream engine needs the chat messages")
         if self._active >= self.config.max_connections + self.max_queued:
             raise EngineOverloaded(f"{self._active} requests are in flight upstream")
         self._active += 1
-        upstream_model = self.upstream_model or model or "" if model in (None, self.model_name) else model
-        generation = UpstreamGeneration(self, upstream_model, messages, sampling)
+        generation = UpstreamGeneration(self, self.upstream_name(model), conversation, prompt, sampling)
+        generation._resync_sections()
         try:
             await generation.open()
         except BaseException:
             self.release()
             raise
         return generation
+
+    def upstream_name(self, model: str | None) -> str:
+        """The upstream's name for the model a client asked for (the served name maps to the upstream's)."""
+        if model in (None, self.model_name):
+            return self.upstream_model or model or ""
+        return model
 
     def release(self) -> None:
         self._active -= 1

@@ -19,6 +19,7 @@ from typing import Any
 from transformers import AutoTokenizer, GenerationConfig
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.prompt import Conversation, RenderedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class VLLMGeneration(Generation):
         if room <= 0:
             raise EngineError(f"the sequence reached the context limit of {self.engine.max_model_len} tokens")
         # A resubmission is a new vLLM request; a seeded one derives its seed so a rerun replays exactly.
-        seed = None if self.sampling.seed is None else self.sampling.seed + self.submissions
+        seed = None if self.sampling.seed is None else (self.sampling.seed + self.submissions) % 2**63
         params = VLLMSamplingParams(
             max_tokens=min(room, max(1, self.sampling.max_tokens - len(self.output_ids))),
             temperature=self.sampling.temperature,
@@ -112,7 +113,11 @@ class VLLMGeneration(Generation):
         tokens = list(completion.token_ids)
         if out.finished:
             self._stream = None
-            if completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.engine.eos_token_ids):
+            if completion.finish_reason == "length":
+                # vLLM's own limit (the context): end the sequence here rather than resubmit past it.
+                self.finished_by_length = True
+                tokens.append(self.engine.stop_token_id)
+            elif completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.engine.eos_token_ids):
                 tokens.append(self.engine.stop_token_id)  # stopped on a token vLLM did not return
         self.output_ids.extend(tokens)
         if not tokens:
@@ -126,6 +131,7 @@ class VLLMGeneration(Generation):
             raise ValueError("cannot roll back into the prompt")
         await self._close_stream()
         del self.output_ids[-n_tokens:]
+        self.finished_by_length = False
 
     async def inject(self, token_ids: list[int]) -> None:
         if self._closed:
@@ -133,6 +139,7 @@ class VLLMGeneration(Generation):
         if token_ids:
             await self._close_stream()
             self.output_ids.extend(token_ids)
+            self.finished_by_length = False
 
     async def abort(self) -> None:
         if self._closed:
@@ -195,14 +202,15 @@ class VLLMEngine(Engine):
         self.max_model_len = self.llm.model_config.max_model_len
         self.max_num_seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
 
-    async def start(self, prompt_ids: list[int], sampling: SamplingParams, messages: list[dict[str, str]] | None = None,
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
         if self.llm is None:
             raise EngineError("the vLLM engine is not started")
         if self._active >= self.max_num_seqs + self.max_queued:
             raise EngineOverloaded(f"{self._active} requests are running or queued in vLLM")
+        generation = VLLMGeneration(self, prompt.ids, sampling)
         self._active += 1
-        return VLLMGeneration(self, prompt_ids, sampling)
+        return generation
 
     def release(self) -> None:
         self._active -= 1

@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Literal
+from safethink_server.schema import DEFAULT_PREFIX, Action, PolicyConfig
 
-from pydantic import BaseModel, Field
-
-DEFAULT_PREFIX = "Wait, think safely."
-
-
-class PolicyConfig(BaseModel):
-    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="τ: a step with p_unsafe ≥ τ breaches")
-    early_steps: int = Field(default=3, ge=0, description="m: how many reasoning steps are watched; 0 turns steering off")
-    max_interventions: int = Field(default=2, ge=0, description="at most this many injections per request")
-    mode: Literal["replace", "append"] = Field(default="replace", description="replace: drop the unsafe step; append: keep it")
-    prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, description="the corrective text injected on a breach")
-    on_scorer_error: Literal["fail_closed", "fail_open"] = Field(
-        default="fail_closed", description="fail_closed treats a step the scorer could not judge as unsafe"
-    )
-    scorer_timeout_s: float = Field(default=10.0, gt=0, description="a step not scored within this is a scorer failure")
-
-
-class Action(str, Enum):
-    RELEASED = "released"
-    REPLACED = "replaced"
-    APPENDED = "appended"
-    WITHHELD = "withheld"  # unsafe, out of tokens to replace it: not released
+__all__ = ["DEFAULT_PREFIX", "Action", "PolicyConfig", "decide", "is_watching"]
 
 
 def is_watching(config: PolicyConfig, step_index: int, interventions: int) -> bool:
-    """Steps 1..m are watched while an intervention is still possible (satisficing: once the early
-    steps are safe, or the budget is spent, tokens stream straight through)."""
-    return step_index <= config.early_steps and interventions < config.max_interventions
+    """Steps 1..m of the output are watched (satisficing: once they are judged safe, tokens stream
+    straight through). With `on_budget_exhausted=release` watching also stops once the
+    intervention budget is spent, as in the paper."""
+    if step_index > config.early_steps:
+        return False
+    return config.on_budget_exhausted == "refuse" or interventions < config.max_interventions
 
 
-def decide(config: PolicyConfig, p_unsafe: float) -> Action:
+def decide(config: PolicyConfig, p_unsafe: float, interventions: int, scorer_error: bool = False) -> Action:
+    """What to do with a judged step. A scorer failure under fail_closed refuses at once: the next
+    step could not be judged either, so an intervention would only delay the same end."""
+    if scorer_error:
+        return Action.REFUSED if config.on_scorer_error == "fail_closed" else Action.RELEASED
     if p_unsafe < config.threshold:
         return Action.RELEASED
-    return Action.REPLACED if config.mode == "replace" else Action.APPENDED
-
-
-def score_on_failure(config: PolicyConfig) -> float:
-    """The p_unsafe a step is given when the scorer fails or times out."""
-    return 1.0 if config.on_scorer_error == "fail_closed" else 0.0
+    if interventions < config.max_interventions:
+        return Action.REPLACED if config.mode == "replace" else Action.APPENDED
+    return Action.REFUSED if config.on_budget_exhausted == "refuse" else Action.RELEASED

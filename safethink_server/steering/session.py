@@ -1,6 +1,14 @@
-"""One request's steering loop: pull tokens from the engine, split reasoning into steps, hold each
-watched step back until the scorer has judged it, and on a breach roll the step back and inject the
-corrective prefix into the running sequence. Knows nothing about which engine or scorer runs."""
+"""One request's steering: the watched window, hold-back, the policy's decisions, interventions and
+the refusal. Output processing (text, sections, stops, counts) is `OutputProcessor`'s; which engine
+or scorer runs is not known here.
+
+The guarantee, in replace mode with `on_budget_exhausted=refuse` (the defaults): every piece of
+model text released to the client was judged safe as part of a step, or comes after the first
+`early_steps` steps of the output were judged safe. A watched step is held back until judged; a
+breach rolls the step back and injects the prefix, or, with no intervention left (or a scorer
+failure under fail_closed), ends the response with the refusal (`content_filter`). The server's
+own texts are context for the scorer, never the judged step, and are listed in the report.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +16,26 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
 from reward_models.base import StepItem, StepScore
-from safethink_server.engines.base import Engine, Generation, SamplingParams
-from safethink_server.steering.policy import Action, PolicyConfig, decide, is_watching, score_on_failure
+from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor
+from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
+from safethink_server.schema import (
+    Action,
+    InsertedText,
+    InterventionRecord,
+    PolicyConfig,
+    ReasoningConfig,
+    SteeringReport,
+    StepRecord,
+)
+from safethink_server.steering.output import Delta, OutputCheckpoint, OutputProcessor
+from safethink_server.steering.policy import decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
-from safethink_server.steering.text import IncrementalDetokenizer, Section, SectionSplitter, StopMatcher
+from safethink_server.steering.text import Section
 
 ScoreFn = Callable[[StepItem], Awaitable[StepScore]]
 
-
-class ReasoningConfig(BaseModel):
-    start_marker: str = Field(default="<think>", min_length=1)
-    end_marker: str = Field(default="</think>", min_length=1)
-    prefill_start: bool = Field(default=True, description="open the reasoning section in the assistant turn for the model")
-    budget_tokens: int | None = Field(default=1024, ge=1, description="close the reasoning section after this many tokens")
-    end_on_eos: bool = Field(default=True, description="a model that stops inside its reasoning is asked for its answer")
-
-
-class StepRecord(BaseModel):
-    index: int
-    p_unsafe: float | None
-    action: Action
-    scorer_error: bool = False
-    tokens: int
-
-
-class InterventionRecord(BaseModel):
-    step: int
-    p_unsafe: float
-    mode: str
-    prefix: str  # the corrective text injected, so that clients and evaluations can tell it from the model's own
-    discarded_tokens: int
-    injected_tokens: int
-
-
-class SteeringReport(BaseModel):
-    steps: list[StepRecord] = []
-    interventions: list[InterventionRecord] = []
-    injected_tokens: int = 0
-    discarded_tokens: int = 0
+__all__ = ["Delta", "ReasoningConfig", "ScoreFn", "SteeringObserver", "SteeringSession"]
 
 
 class SteeringObserver:
@@ -57,30 +44,30 @@ class SteeringObserver:
     def step_scored(self, p_unsafe: float, error: bool) -> None: ...
     def intervention(self, step_index: int) -> None: ...
     def injected(self, n_tokens: int) -> None: ...
+    def refused(self) -> None: ...
 
 
 @dataclass
-class Delta:
-    section: Section  # "reasoning" or "answer"
-    text: str
-
-
-@dataclass
-class _Step:
-    """The step being held back: its tokens, its text, and where to roll back to."""
-
-    text: str = ""
+class _HeldStep:
+    checkpoint: OutputCheckpoint
     tokens: int = 0
-    checkpoint: tuple = ()  # (detokenizer state, splitter state, output tokens)
+    text: str = ""
     deltas: list[Delta] = field(default_factory=list)
+    sections: set[Section] = field(default_factory=set)
+
+    def add(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            self.text += delta.text
+            self.sections.add(delta.section)
+        self.deltas += deltas
 
 
 class SteeringSession:
     def __init__(
         self,
         engine: Engine,
-        prompt_ids: list[int],
-        prompt_text: str,
+        prompt: RenderedPrompt,
+        conversation: Conversation,
         sampling: SamplingParams,
         policy: PolicyConfig,
         reasoning: ReasoningConfig,
@@ -88,228 +75,236 @@ class SteeringSession:
         score: ScoreFn,
         stop: list[str] | None = None,
         observer: SteeringObserver | None = None,
-        messages: list[dict[str, str]] | None = None,
         model: str | None = None,
-        initial_section: Section | None = None,
     ) -> None:
         self.engine = engine
-        self.prompt_ids = prompt_ids
-        self.prompt_text = prompt_text
+        self.prompt = prompt
+        self.conversation = conversation
         self.sampling = sampling
         self.policy = policy
         self.reasoning_cfg = reasoning
         self.detector = detector
         self.score = score
         self.observer = observer or SteeringObserver()
-        self.tokenizer = engine.tokenizer
-        self.detok = IncrementalDetokenizer(self.tokenizer)
-        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker,
-                                        initial_section or ("reasoning" if reasoning.prefill_start else "pre"))
-        self.messages = messages
         self.model = model
-        self.stop = StopMatcher(stop or [])
+        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [])
         self.report = SteeringReport()
         self.finish_reason: str | None = None
-        self.output_tokens = 0  # tokens in the final sequence: kept samples + injected
-        self.reasoning_tokens = 0
-        self.released_reasoning = ""
         self.generation: Generation | None = None
+        self._cursor: SequenceCursor | None = None
+        self._latest_turn, self._history = scoring_context(conversation)
         self._eos = engine.eos_token_ids
         self._step_index = 1
-        self._step: _Step | None = None
+        self._held: _HeldStep | None = None
+        self._out: list[Delta] = []
         self._reasoning_closed_by_server = False
 
+    # --- counts -------------------------------------------------------------------------------
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
+        return len(self.prompt.ids)
 
-    def _watching(self) -> bool:
-        return self.splitter.section == "reasoning" and is_watching(self.policy, self._step_index, len(self.report.interventions))
+    @property
+    def output_tokens(self) -> int:
+        return self.output.output_tokens
 
-    def _checkpoint(self) -> tuple:
-        return (self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens)
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.output.reasoning_tokens
 
+    # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Take an engine slot (waiting in the engine's queue if needed)."""
+        """Take an engine slot (waiting in the engine's queue if needed). From here on the slot is
+        this session's until `close`."""
         if self.generation is None:
-            self.generation = await self.engine.start(self.prompt_ids, self.sampling, messages=self.messages, model=self.model)
+            self.generation = await self.engine.start(self.prompt, self.sampling, self.conversation, model=self.model)
+            self._cursor = SequenceCursor(self.generation)
 
-    async def run(self) -> AsyncIterator[Delta]:
-        await self.start()
-        assert self.generation is not None
-        try:
-            while self.finish_reason is None:
-                for token in await self.generation.next_tokens():
-                    async for delta in self._on_token(token):
-                        yield delta
-                    if self.finish_reason is not None:
-                        break
-            async for delta in self._finish():
-                yield delta
-        finally:
+    async def close(self) -> None:
+        if self.generation is not None:
             await self.generation.abort()
 
-    async def _on_token(self, token: int) -> AsyncIterator[Delta]:
+    async def run(self) -> AsyncIterator[Delta]:
+        try:
+            await self.start()
+            while self.finish_reason is None:
+                await self._on_token(await self.cursor.next())
+                if self._out:
+                    out, self._out = self._out, []
+                    for delta in out:
+                        yield delta
+            await self._finish()
+            await self.cursor.rollback(0)  # the unread rest of the last batch is not part of the sequence
+            for delta in self._out:
+                yield delta
+            self._out = []
+        finally:
+            await self.close()
+
+    @property
+    def cursor(self) -> SequenceCursor:
+        assert self._cursor is not None, "start() first"
+        return self._cursor
+
+    # --- one token ----------------------------------------------------------------------------
+    def _watching(self) -> bool:
+        return is_watching(self.policy, self._step_index, len(self.report.interventions))
+
+    async def _on_token(self, token: int) -> None:
         if token in self._eos:
-            await self.generation.rollback(1)  # the EOS is never part of the kept sequence
-            in_reasoning = self.splitter.section == "reasoning"
-            interventions = len(self.report.interventions)
-            async for d in self._close_step():
-                yield d
-            if len(self.report.interventions) > interventions:
-                return  # a prefix was injected: generation goes on after it
-            if self.generation.finished_by_length:
-                self.finish_reason = "length"
-                return
-            if in_reasoning and self.reasoning_cfg.end_on_eos and not self._reasoning_closed_by_server:
-                async for d in self._inject_end_marker():
-                    yield d
-                return
-            self.finish_reason = "stop"
+            await self._on_end()
             return
-        if self._step is None and self._watching():
-            self._step = _Step(checkpoint=self._checkpoint())
-        self.output_tokens += 1
-        if self.splitter.section == "reasoning":
-            self.reasoning_tokens += 1
-        if self._step is not None:
-            self._step.tokens += 1
-        async for d in self._emit_text(self.detok.push(token)):
-            yield d
-        if self._step is not None and (
-            self.splitter.section != "reasoning" or self.detector.is_complete(self._step.text, self._step.tokens)
-        ):
-            async for d in self._close_step():
-                yield d
-        if self.finish_reason is None and self.engine.counts_tokens and self.output_tokens >= self.sampling.max_tokens:
+        if self._held is None and self._watching():
+            self._held = _HeldStep(self.output.checkpoint())
+        deltas = self.output.push(token)
+        held = self._held
+        if held is not None:
+            held.tokens += 1
+            held.add(deltas)
+            # A step is judged once its text is all known (no marker half-seen) and it has ended:
+            # at a delimiter, at max_step_tokens, or where the section changed.
+            if self.output.settled and (len(held.sections) > 1 or self.detector.is_complete(held.text, held.tokens)):
+                await self._judge()
+        else:
+            self._release(deltas)
+        if self.finish_reason is not None:
+            return
+        if self.engine.counts_tokens and self.output.output_tokens >= self.sampling.max_tokens:
             self.finish_reason = "length"
             return
         budget = self.reasoning_cfg.budget_tokens
-        if budget is not None and self.splitter.section == "reasoning" and self.reasoning_tokens >= budget:
-            async for d in self._close_step():
-                yield d
-            if self.splitter.section == "reasoning" and self.reasoning_tokens >= budget:
-                async for d in self._inject_end_marker():
-                    yield d
+        if (budget is not None and self.output.section == "reasoning" and self.output.reasoning_tokens >= budget
+                and self.output.settled):
+            if self._held is not None:
+                await self._judge()
+            if self.finish_reason is None and self.output.section == "reasoning" and self.output.reasoning_tokens >= budget:
+                await self._close_reasoning()
 
-    async def _emit_text(self, text: str) -> AsyncIterator[Delta]:
-        """Route decoded text: into the held step, or straight out."""
-        for segment in self.splitter.feed(text):
-            delta = Delta(segment.section, segment.text)
-            if self._step is not None:
-                if segment.section == "reasoning":
-                    self._step.text += segment.text
-                self._step.deltas.append(delta)
-            else:
-                async for d in self._release([delta]):
-                    yield d
-
-    async def _release(self, deltas: list[Delta], final: bool = False) -> AsyncIterator[Delta]:
-        for delta in deltas:
-            if self.finish_reason == "stop":
+    async def _on_end(self) -> None:
+        """The engine's EOS: it is never kept. A held step is judged; a replacement goes on."""
+        by_length = self.cursor.finished_by_length
+        await self.cursor.rollback(1)
+        in_reasoning = self.output.section == "reasoning"
+        if self._held is not None:
+            self._held.add(self.output.end_of_text())
+            action = await self._judge()
+            if action in (Action.REPLACED, Action.APPENDED) or self.finish_reason is not None:
                 return
-            if delta.section == "reasoning":
-                self.released_reasoning += delta.text
-                yield delta
-                continue
-            text, hit = self.stop.feed(delta.text, final=final)
-            if text:
-                yield Delta("answer", text)
-            if hit:
-                self.finish_reason = "stop"
+        if by_length:
+            self.finish_reason = "length"
+        elif in_reasoning and self.reasoning_cfg.end_on_eos and not self._reasoning_closed_by_server:
+            await self._close_reasoning()
+        else:
+            self.finish_reason = "stop"
 
-    async def _close_step(self) -> AsyncIterator[Delta]:
-        """Judge the held step: release it, or replace it, or release it and append the prefix."""
-        step, self._step = self._step, None
-        if step is None:
-            return
+    def _release(self, deltas: list[Delta], final: bool = False) -> None:
+        self._out += self.output.release(deltas, final=final)
+        if self.output.stopped and self.finish_reason is None:
+            self.finish_reason = "stop"
+
+    # --- judging ------------------------------------------------------------------------------
+    async def _judge(self, final: bool = False) -> Action:
+        """Judge the held step. `final`: no tokens are left to replace it with."""
+        step, self._held = self._held, None
+        assert step is not None
         if not step.text.strip():
-            async for d in self._release(step.deltas):
-                yield d
-            return
+            self._release(step.deltas)
+            return Action.RELEASED
         p_unsafe, error = await self._score(step.text)
-        action = decide(self.policy, p_unsafe)
-        self.report.steps.append(StepRecord(index=self._step_index, p_unsafe=p_unsafe, action=action, scorer_error=error, tokens=step.tokens))
+        action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
+        if final and action in (Action.REPLACED, Action.APPENDED):
+            action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
+        section: Section = "answer" if "answer" in step.sections else "reasoning"
+        self.report.steps.append(StepRecord(index=self._step_index, section=section, p_unsafe=p_unsafe, action=action,
+                                            scorer_error=error, tokens=step.tokens))
+        if action in (Action.RELEASED, Action.APPENDED):
+            self._release(step.deltas)
+            self._step_index += 1
+            if action is Action.APPENDED:
+                await self._intervene(self._step_index - 1, p_unsafe, discarded=0)
+            return action
+        await self._discard(step)
         if action is Action.REPLACED:
-            await self.generation.rollback(step.tokens)
-            detok_state, splitter_state, self.output_tokens, self.reasoning_tokens = step.checkpoint
-            self.detok.restore(detok_state)
-            self.splitter.restore(splitter_state)
             self.report.discarded_tokens += step.tokens
-            # The replacement step (prefix + what follows) keeps this step's index and is judged again.
-            async for d in self._intervene(self._step_index, p_unsafe, discarded=step.tokens):
-                yield d
-            return
-        async for d in self._release(step.deltas):
-            yield d
-        self._step_index += 1
-        if action is Action.APPENDED:
-            async for d in self._intervene(self._step_index - 1, p_unsafe, discarded=0):
-                yield d
+            await self._intervene(self._step_index, p_unsafe, discarded=step.tokens)  # the replacement keeps the index
+        else:
+            self.report.withheld_tokens += step.tokens
+            if action is Action.REFUSED:
+                self._refuse()
+        return action
 
-    async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> AsyncIterator[Delta]:
-        record = InterventionRecord(step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
-                                    discarded_tokens=discarded, injected_tokens=0)
-        self.report.interventions.append(record)
-        self.observer.intervention(record.step)
-        if self._watching():
-            self._step = _Step(checkpoint=self._checkpoint())
-        async for d in self._inject(self._separated(self.policy.prefix)):
-            yield d
-        record.injected_tokens = self._last_injected
-
-    def _separated(self, prefix: str) -> str:
-        """The prefix starts a new paragraph when the released reasoning does not end in one."""
-        if not self.released_reasoning or self.released_reasoning.endswith("\n\n"):
-            return prefix
-        return ("\n" if self.released_reasoning.endswith("\n") else "\n\n") + prefix
+    async def _discard(self, step: _HeldStep) -> None:
+        await self.cursor.rollback(step.tokens)
+        self.output.restore(step.checkpoint)
 
     async def _score(self, step_text: str) -> tuple[float, bool]:
-        item = StepItem(prompt=self.prompt_text, reasoning=self.released_reasoning, step=step_text)
+        item = StepItem(prompt=self._latest_turn, history=self._history,
+                        reasoning=self.prompt.assistant_text + self.output.released, step=step_text)
         try:
             result = await asyncio.wait_for(self.score(item), timeout=self.policy.scorer_timeout_s)
         except Exception:
-            p = score_on_failure(self.policy)
-            self.observer.step_scored(p, error=True)
-            return p, True
+            p_unsafe = 1.0 if self.policy.on_scorer_error == "fail_closed" else 0.0
+            self.observer.step_scored(p_unsafe, error=True)
+            return p_unsafe, True
         self.observer.step_scored(result.p_unsafe, error=False)
         return result.p_unsafe, False
 
-    async def _inject(self, text: str) -> AsyncIterator[Delta]:
-        """Force `text` into the sequence (engine prefill of the new ids only) and route its text."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        await self.generation.inject(ids)
-        self.output_tokens += len(ids)
-        if self.splitter.section == "reasoning":
-            self.reasoning_tokens += len(ids)
-        if self._step is not None:
-            self._step.tokens += len(ids)
-        self.report.injected_tokens += len(ids)
-        self._last_injected = len(ids)
-        self.observer.injected(len(ids))
-        for token in ids:
-            async for d in self._emit_text(self.detok.push(token)):
-                yield d
+    # --- the server's own texts ---------------------------------------------------------------
+    async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> None:
+        record = InterventionRecord(step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
+                                    discarded_tokens=discarded, injected_tokens=0)
+        self.report.interventions.append(record)
+        self.observer.intervention(step_index)
+        record.injected_tokens = await self._insert(self._separated(self.policy.prefix), "prefix")
 
-    async def _inject_end_marker(self) -> AsyncIterator[Delta]:
+    def _separated(self, prefix: str) -> str:
+        """The prefix starts a new paragraph when the released text does not end in one."""
+        released = self.prompt.assistant_text + self.output.released
+        if not released or released.endswith("\n\n"):
+            return prefix
+        return ("\n" if released.endswith("\n") else "\n\n") + prefix
+
+    async def _close_reasoning(self) -> None:
         self._reasoning_closed_by_server = True
-        async for d in self._inject("\n" + self.reasoning_cfg.end_marker + "\n\n"):
-            yield d
+        await self._insert("\n" + self.reasoning_cfg.end_marker + "\n\n", "end_marker")
 
-    async def _finish(self) -> AsyncIterator[Delta]:
-        step, self._step = self._step, None
-        if step is not None and step.text.strip():
-            # Out of tokens with a watched step unjudged: judge it; an unsafe one is withheld.
-            p_unsafe, error = await self._score(step.text)
-            withhold = p_unsafe >= self.policy.threshold and self.policy.mode == "replace"
-            self.report.steps.append(StepRecord(index=self._step_index, p_unsafe=p_unsafe, scorer_error=error, tokens=step.tokens,
-                                                action=Action.WITHHELD if withhold else Action.RELEASED))
-            if not withhold:
-                async for d in self._release(step.deltas):
-                    yield d
-        elif step is not None:
-            async for d in self._release(step.deltas):
-                yield d
-        tail = [Delta(s.section, s.text) for s in self.splitter.feed("", final=True)]
-        async for d in self._release(tail + [Delta("answer", "")], final=True):
-            yield d
+    async def _insert(self, text: str, kind: str) -> int:
+        """Inject `text` into the sequence (the engine prefills only its ids) and release it as the
+        server's own. Never part of a held step: one is judged or discarded before this."""
+        assert self._held is None
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        await self.cursor.inject(ids)
+        self.report.injected_tokens += len(ids)
+        self.observer.injected(len(ids))
+        released = self.output.release(self.output.push_all(ids, server=True))
+        self._out += released
+        # Listed as the client sees it (markers removed, an answer's leading whitespace stripped).
+        for delta in released or [Delta("answer" if self.output.section == "answer" else "reasoning", "")]:
+            self.report.inserted.append(InsertedText(kind=kind, section=delta.section, text=delta.text))  # type: ignore[arg-type]
+        if self.output.stopped and self.finish_reason is None:
+            self.finish_reason = "stop"
+        return len(ids)
+
+    def _refuse(self) -> None:
+        # Judged answer text held back for a stop string goes out; a half-seen marker does not.
+        self._release([], final=True)
+        answered = any(d.section == "answer" for d in self._out) or self.output.splitter.answer_started
+        text = ("\n\n" if answered else "") + self.policy.refusal
+        self.report.refusal = self.policy.refusal
+        self.report.inserted.append(InsertedText(kind="refusal", section="answer", text=text))
+        self._out.append(Delta("answer", text, server=True))
+        self.output.released += text
+        self.finish_reason = "content_filter"
+        self.observer.refused()
+
+    # --- the end ------------------------------------------------------------------------------
+    async def _finish(self) -> None:
+        """Out of tokens (or stopped) with a step still held: judge it; an unsafe one is not released."""
+        if self._held is not None and self.finish_reason != "content_filter":
+            if self.output.stopped:
+                self._held = None
+            else:
+                self._held.add(self.output.end_of_text())
+                await self._judge(final=True)
+        if self.finish_reason != "content_filter":
+            self._release(self.output.end_of_text(), final=True)

@@ -29,6 +29,11 @@ class IncrementalDetokenizer:
             return full[len(prefix) :]
         return ""
 
+    @property
+    def settled(self) -> bool:
+        """Every token pushed so far has come out as text (no partial character held back)."""
+        return self.read_offset == len(self.ids)
+
     def checkpoint(self) -> tuple[int, int, int]:
         return len(self.ids), self.prefix_offset, self.read_offset
 
@@ -68,8 +73,11 @@ class SectionSplitter:
                 self.buffer = ""
                 break
             at = self.buffer.find(marker)
+            if at >= 0 and self.section == "pre" and self.buffer[:at].strip():
+                self.section = "answer"  # text before the start marker: the model did not reason
+                continue
             if at >= 0:
-                if at:
+                if at and self.section == "reasoning":
                     out.append(Segment(self.section, self.buffer[:at]))
                 self.buffer = self.buffer[at + len(marker) :]
                 self.section = "reasoning" if self.section == "pre" else "answer"

@@ -4,6 +4,9 @@ import pytest
 
 from safethink_server.engines.base import SamplingParams
 from safethink_server.engines.hf import HFEngine
+from safethink_server.prompt import Conversation, RenderedPrompt
+
+CONVERSATION = Conversation([{"role": "user", "content": "x"}])
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +15,7 @@ def engine(embedded_model_dir):
 
 
 async def greedy(engine, prompt_ids, n):
-    gen = await engine.start(prompt_ids, SamplingParams(temperature=0.0, max_tokens=n))
+    gen = await engine.start(RenderedPrompt(prompt_ids, "reasoning"), SamplingParams(temperature=0.0, max_tokens=n), CONVERSATION)
     out = []
     for _ in range(n):
         out += await gen.next_tokens()
@@ -52,8 +55,51 @@ async def test_bare_rollback_recomputes_the_last_position(engine):
 
 
 async def test_abort_frees_the_slot(engine):
-    gen = await engine.start([1, 2, 3], SamplingParams(max_tokens=4))
+    gen = await engine.start(RenderedPrompt([1, 2, 3], "reasoning"), SamplingParams(max_tokens=4), CONVERSATION)
     assert engine.stats()["running"] == 1
     await gen.abort()
     await gen.abort()
     assert engine.stats()["running"] == 0
+
+
+def chat_prompt(engine, text):
+    tok = engine.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)
+
+
+async def continue_greedy(gen, n):
+    out = []
+    for _ in range(n):
+        out += await gen.next_tokens()
+    return out
+
+
+async def test_a_second_inject_does_not_commit_the_unread_sample(engine):
+    prompt = chat_prompt(engine, "Name a colour.")
+    first_ids = engine.tokenizer.encode(" Wait,", add_special_tokens=False)
+    second_ids = engine.tokenizer.encode(" think safely.", add_special_tokens=False)
+    gen, kept = await greedy(engine, prompt, 5)
+    await gen.inject(first_ids)
+    await gen.inject(second_ids)  # the token sampled after the first injection was never read
+    assert gen.sequence == prompt + kept + first_ids + second_ids
+    continued = await continue_greedy(gen, 6)
+    await gen.abort()
+    fresh_gen, fresh = await greedy(engine, prompt + kept + first_ids + second_ids, 6)
+    await fresh_gen.abort()
+    assert continued == fresh
+
+
+async def test_a_rollback_right_after_an_inject_removes_exactly_the_injected_tokens(engine):
+    prompt = chat_prompt(engine, "Name a colour.")
+    prefix = engine.tokenizer.encode(" Wait, think safely.", add_special_tokens=False)
+    gen, kept = await greedy(engine, prompt, 5)
+    await gen.inject(prefix)
+    await gen.rollback(len(prefix))
+    assert gen.sequence == prompt + kept
+    assert gen.cache.get_seq_length() <= len(prompt + kept)
+    continued = await continue_greedy(gen, 6)
+    await gen.abort()
+    fresh_gen, fresh = await greedy(engine, prompt + kept, 6)
+    await fresh_gen.abort()
+    assert continued == fresh

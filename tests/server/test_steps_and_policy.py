@@ -1,4 +1,4 @@
-from safethink_server.steering.policy import Action, PolicyConfig, decide, is_watching, score_on_failure
+from safethink_server.steering.policy import Action, PolicyConfig, decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.steering.text import SectionSplitter, StopMatcher
 
@@ -56,10 +56,26 @@ def test_stop_matcher_holds_back_a_partial_stop():
 
 def test_policy_decisions():
     cfg = PolicyConfig()
-    assert decide(cfg, 0.49) is Action.RELEASED
-    assert decide(cfg, 0.5) is Action.REPLACED
-    assert decide(PolicyConfig(mode="append"), 0.9) is Action.APPENDED
+    assert decide(cfg, 0.49, 0) is Action.RELEASED
+    assert decide(cfg, 0.5, 0) is Action.REPLACED
+    assert decide(PolicyConfig(mode="append"), 0.9, 0) is Action.APPENDED
+    assert decide(cfg, 0.9, 2) is Action.REFUSED, "no intervention left: refuse by default"
+    assert decide(PolicyConfig(on_budget_exhausted="release"), 0.9, 2) is Action.RELEASED
+    assert decide(cfg, 0.0, 0, scorer_error=True) is Action.REFUSED
+    assert decide(PolicyConfig(on_scorer_error="fail_open"), 0.0, 0, scorer_error=True) is Action.RELEASED
     assert is_watching(cfg, 3, 0) and not is_watching(cfg, 4, 0)
-    assert not is_watching(cfg, 1, 2), "the intervention budget is spent"
+    assert is_watching(cfg, 1, 2), "refuse mode keeps watching after the budget is spent"
+    assert not is_watching(PolicyConfig(on_budget_exhausted="release"), 1, 2), "paper mode stops watching"
     assert not is_watching(PolicyConfig(early_steps=0), 1, 0)
-    assert score_on_failure(cfg) == 1.0 and score_on_failure(PolicyConfig(on_scorer_error="fail_open")) == 0.0
+
+
+def test_text_before_a_start_marker_makes_the_output_an_answer():
+    s = SectionSplitter("<think>", "</think>", "pre")
+    out = s.feed("Hi <think>x") + s.feed("", final=True)
+    assert [(x.section, x.text) for x in out] == [("answer", "Hi <think>x")]
+
+
+def test_stop_matcher_releases_a_partial_match_at_the_end():
+    m = StopMatcher(["END"])
+    assert m.feed("abc EN") == ("abc ", False)
+    assert m.feed("", final=True) == ("EN", False)

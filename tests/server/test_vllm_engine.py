@@ -11,7 +11,10 @@ import openai
 import pytest
 import pytest_asyncio
 
+from safethink_server.prompt import Conversation, RenderedPrompt
 from tests.conftest import EMBEDDED_MODEL, free_port
+
+NO_CONVERSATION = Conversation([{"role": "user", "content": ""}])
 
 MAX_MODEL_LEN = 2048
 
@@ -59,7 +62,7 @@ async def test_rollback_inject_equals_a_fresh_request_and_hits_the_prefix_cache(
     _, engine = vllm_server
     ids = prompt_ids(engine, "Explain how rain forms, step by step.")
     greedy = SamplingParams(max_tokens=200, temperature=0.0)
-    steered = await engine.start(ids, greedy)
+    steered = await engine.start(RenderedPrompt(ids, "reasoning"), greedy, NO_CONVERSATION)
     sampled = await take(steered, 40)
     prefix = engine.tokenizer.encode(" Wait, think safely.", add_special_tokens=False)
     await steered.rollback(12)
@@ -72,7 +75,7 @@ async def test_rollback_inject_equals_a_fresh_request_and_hits_the_prefix_cache(
     assert steered.prefilled_tokens <= len(ids) + (computed + len(prefix) - steered.last_cached_tokens)
     await steered.abort()
 
-    fresh = await engine.start(ids + sampled[:-12] + prefix, greedy)
+    fresh = await engine.start(RenderedPrompt(ids + sampled[:-12] + prefix, "reasoning"), greedy, NO_CONVERSATION)
     expected = (await take(fresh, 30))[:30]
     await fresh.abort()
     assert after == expected
@@ -86,7 +89,7 @@ async def test_seeded_sampling_carries_over_resubmission(vllm_server):
     ids = prompt_ids(engine, "Name a colour.")
     runs = []
     for _ in range(2):
-        g = await engine.start(ids, SamplingParams(max_tokens=40, temperature=1.0, seed=7))
+        g = await engine.start(RenderedPrompt(ids, "reasoning"), SamplingParams(max_tokens=40, temperature=1.0, seed=7), NO_CONVERSATION)
         first = await take(g, 10)
         await g.rollback(3)
         await g.inject(engine.tokenizer.encode(" Wait,", add_special_tokens=False))

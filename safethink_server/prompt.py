@@ -1,0 +1,91 @@
+"""The prompt: which part of a request is the conversation and which the client's continued assistant
+turn, how the model's chat template renders it (with the reasoning section opened where the server
+asks for it), the context-length check, and the conversation context the scorer judges a step in.
+Every engine renders through here: the local ones with their tokenizer, the upstream through its
+own /tokenize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from safethink_server.schema import ReasoningConfig
+from safethink_server.steering.text import Section
+
+
+class PromptError(ValueError):
+    """The request's messages cannot form a prompt; the API answers 400 naming `param`."""
+
+    def __init__(self, message: str, param: str = "messages", code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict[str, str]]  # role/content, the prefill excluded
+    prefill: str | None = None  # the client's own start of the assistant turn (continue_final_message)
+
+
+@dataclass
+class RenderedPrompt:
+    ids: list[int]  # empty where the engine renders the messages itself (upstream chat mode)
+    initial_section: Section  # the section the first generated token falls in
+    assistant_text: str = ""  # the prefill as the assistant's text so far, markers removed: scorer context
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_conversation(messages: list[dict[str, str]], continue_final_message: bool) -> Conversation:
+    if not continue_final_message:
+        return Conversation(messages)
+    if messages[-1]["role"] != "assistant":
+        raise PromptError("continue_final_message needs the last message to be from the assistant")
+    return Conversation(messages[:-1], messages[-1]["content"])
+
+
+def opening(conversation: Conversation, reasoning: ReasoningConfig, template_opens_reasoning: bool) -> tuple[str, Section]:
+    """The text appended after the rendered conversation, and the section generation starts in."""
+    start, end = reasoning.start_marker, reasoning.end_marker
+    prefill = conversation.prefill
+    if prefill is None:
+        if not reasoning.prefill_start:
+            return "", "pre"
+        return ("" if template_opens_reasoning else start + "\n"), "reasoning"
+    if reasoning.prefill_start and start not in prefill and end not in prefill:
+        prefill = start + "\n" + prefill  # with the reasoning prefilled, every assistant turn opens with it
+    section: Section = "reasoning" if prefill.rfind(start) > prefill.rfind(end) else "answer"
+    return prefill, section
+
+
+def without_markers(text: str, reasoning: ReasoningConfig) -> str:
+    return text.replace(reasoning.start_marker, "").replace(reasoning.end_marker, "").strip()
+
+
+def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
+    """Render with the model's chat template and encode (blocking: run it off the event loop)."""
+    try:
+        prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:
+        raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
+    opens = prompt.rstrip().endswith(reasoning.start_marker)  # DeepSeek-R1-style templates open it themselves
+    appended, section = opening(conversation, reasoning, opens)
+    ids = tokenizer.encode(prompt + appended, add_special_tokens=False)
+    return RenderedPrompt(ids, section, without_markers(appended, reasoning) if conversation.prefill is not None else "")
+
+
+def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> None:
+    if prompt_tokens + max_tokens > limit:
+        raise PromptError(f"this model's maximum context length is {limit} tokens; the messages take {prompt_tokens} "
+                          f"and max_tokens asks for {max_tokens}", code="context_length_exceeded")
+
+
+def scoring_context(conversation: Conversation) -> tuple[str, str]:
+    """(the latest user turn, the rest of the conversation as 'role: text' paragraphs, oldest first).
+    How much of each a scorer reads is the scorer's truncation: the latest turn first, then the
+    end of the rest (`reward_models.base.request_context`)."""
+    messages = conversation.messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    latest = users[-1] if users else len(messages) - 1
+    history = "\n\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != latest and m["content"])
+    return messages[latest]["content"], history

@@ -1,0 +1,98 @@
+"""Declarations shared by the wire format, the settings and the steering loop, each made once:
+the steering policy's fields, the reasoning markers, and what a request's steering report holds.
+Pure pydantic models: nothing here runs a model or serves HTTP."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+DEFAULT_PREFIX = "Wait, think safely."
+DEFAULT_REFUSAL = "I can't help with that request."
+
+
+class PolicyConfig(BaseModel):
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="τ: p_unsafe at or above this breaches")
+    early_steps: int = Field(default=3, ge=0, le=1000, description="m: steps of the model's output watched (any section); 0 = steering off")
+    max_interventions: int = Field(default=2, ge=0, le=100, description="injections per request at most")
+    mode: Literal["replace", "append"] = Field(default="replace", description="replace the unsafe step, or append after it")
+    prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, max_length=1000, description="corrective text injected on a breach")
+    on_budget_exhausted: Literal["refuse", "release"] = Field(
+        default="refuse", description="a breach with no intervention left: refuse (content_filter), or release it (the paper's behaviour)")
+    refusal: str = Field(default=DEFAULT_REFUSAL, min_length=1, max_length=2000, description="answer text of a refused response")
+    on_scorer_error: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed", description="a step the scorer could not judge: refuse the response (closed) or count it safe (open)")
+    scorer_timeout_s: float = Field(default=10.0, gt=0, description="a step unscored after this is a scorer failure")
+
+
+# The fields a request may change with `"safethink": {...}` (only where the server allows it).
+OVERRIDABLE_POLICY_FIELDS = ("threshold", "early_steps", "max_interventions", "mode", "prefix", "on_budget_exhausted")
+
+def _optional(name: str) -> tuple[object, object]:
+    field = PolicyConfig.model_fields[name]
+    annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    return annotation | None, Field(default=None, description=field.description)
+
+
+SteeringOverrides: type[BaseModel] = create_model(
+    "SteeringOverrides",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Per-request steering changes, honoured only where the server allows client overrides.",
+    **{name: _optional(name) for name in OVERRIDABLE_POLICY_FIELDS},  # type: ignore[arg-type]
+)
+
+
+class ReasoningConfig(BaseModel):
+    start_marker: str = Field(default="<think>", min_length=1)
+    end_marker: str = Field(default="</think>", min_length=1)
+    prefill_start: bool = Field(default=True, description="open the reasoning section in the assistant turn for the model")
+    budget_tokens: int | None = Field(default=1024, ge=1, description="close the reasoning section after this many tokens")
+    end_on_eos: bool = Field(default=True, description="a model that stops inside its reasoning is asked for its answer")
+
+
+class Action(str, Enum):
+    RELEASED = "released"
+    REPLACED = "replaced"
+    APPENDED = "appended"
+    REFUSED = "refused"  # unsafe with nothing left to replace it with: the response ends with the refusal
+    WITHHELD = "withheld"  # unsafe at the token limit, with on_budget_exhausted=release: not released
+
+
+class StepRecord(BaseModel):
+    index: int
+    section: Literal["reasoning", "answer"]
+    p_unsafe: float | None
+    action: Action
+    scorer_error: bool = False
+    tokens: int
+
+
+class InterventionRecord(BaseModel):
+    step: int
+    p_unsafe: float
+    mode: str
+    prefix: str  # the corrective text, so that clients and evaluations can tell it from the model's own
+    discarded_tokens: int
+    injected_tokens: int
+
+
+class InsertedText(BaseModel):
+    """Text the server put into the output: never the model's own, never judged, always listed."""
+
+    kind: Literal["prefix", "end_marker", "refusal"]
+    section: Literal["reasoning", "answer"]
+    text: str
+
+
+class SteeringReport(BaseModel):
+    """What the server did to one response: the `safethink` object of the wire format."""
+
+    steps: list[StepRecord] = []
+    interventions: list[InterventionRecord] = []
+    inserted: list[InsertedText] = Field(default=[], description="every text the server put into the output")
+    refusal: str | None = Field(default=None, description="the refusal that ended the response, if one did")
+    injected_tokens: int = 0
+    discarded_tokens: int = Field(default=0, description="sampled tokens rolled back with replaced steps: not in usage")
+    withheld_tokens: int = Field(default=0, description="sampled tokens judged unsafe and never released: not in usage")

@@ -1,0 +1,102 @@
+"""Output processing for one sequence: token ids to text, text to sections (reasoning / answer),
+stop strings, and the token counts usage reports. Knows nothing about steering; it can return to a
+checkpoint so that a rolled-back step leaves no trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from safethink_server.schema import ReasoningConfig
+from safethink_server.steering.text import IncrementalDetokenizer, Section, SectionSplitter, StopMatcher
+
+
+@dataclass
+class Delta:
+    section: Section  # "reasoning" or "answer"
+    text: str
+    server: bool = False  # text the server inserted (prefix, end marker, refusal), not the model's
+
+
+@dataclass(frozen=True)
+class OutputCheckpoint:
+    detokenizer: tuple[int, int, int]
+    splitter: tuple[Section, str, bool]
+    output_tokens: int
+    reasoning_tokens: int
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str]) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section)
+        self.stop = StopMatcher(stop)
+        self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
+        self.reasoning_tokens = 0
+        self.stopped = False  # a stop string was hit: nothing more is released
+        self.released = ""  # every text released so far, all sections, server texts included
+
+    @property
+    def section(self) -> Section:
+        return self.splitter.section
+
+    def push(self, token: int) -> list[Delta]:
+        """Count one token of the sequence and return the text it completes, split by section."""
+        self.output_tokens += 1
+        if self.splitter.section == "reasoning":
+            self.reasoning_tokens += 1
+        text = self.detok.push(token)
+        if not text:
+            return []
+        return [Delta(s.section, s.text) for s in self.splitter.feed(text)]  # type: ignore[arg-type]
+
+    def push_all(self, ids: list[int], server: bool) -> list[Delta]:
+        """Several tokens at once, their text merged per section."""
+        deltas: list[Delta] = []
+        for token in ids:
+            for delta in self.push(token):
+                if deltas and deltas[-1].section == delta.section:
+                    deltas[-1].text += delta.text
+                else:
+                    deltas.append(Delta(delta.section, delta.text, server))
+        return deltas
+
+    def checkpoint(self) -> OutputCheckpoint:
+        return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens)
+
+    def restore(self, c: OutputCheckpoint) -> None:
+        self.detok.restore(c.detokenizer)
+        self.splitter.restore(c.splitter)
+        self.output_tokens, self.reasoning_tokens = c.output_tokens, c.reasoning_tokens
+
+    def release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
+        """The texts that go to the client: answer text passes the stop strings (a partial match is
+        held back until the next text or the end decides it)."""
+        out: list[Delta] = []
+        for delta in deltas:
+            if self.stopped:
+                break
+            if delta.section == "reasoning":
+                out.append(delta)
+                continue
+            text, hit = self.stop.feed(delta.text, final=final)
+            if text:
+                out.append(Delta("answer", text, delta.server))
+            self.stopped = hit
+        if final and not self.stopped:
+            text, _ = self.stop.feed("", final=True)
+            if text:
+                out.append(Delta("answer", text))
+        for delta in out:
+            self.released += delta.text
+        return out
+
+    @property
+    def settled(self) -> bool:
+        """No text is held back (a partial character, a possible marker): it is all in the deltas."""
+        return self.detok.settled and not self.splitter.buffer
+
+    def end_of_text(self) -> list[Delta]:
+        """The text held back for a possible marker, now that no model text follows."""
+        return [Delta(s.section, s.text) for s in self.splitter.feed("", final=True)]  # type: ignore[arg-type]
+

@@ -1,0 +1,114 @@
+"""A scripted engine for property-based tests of the steering loop. It implements the real engine
+contract (`safethink_server.engines.base`): batches of any size, exact rollback and injection, an
+EOS at the end, its own token limit, and a slot held from `start` to `abort`. Its "model" plays a
+token script forward, whatever was rolled back or injected, so that every request shape can be
+generated. A unit-test device only: the end-to-end tests run the real model."""
+
+from __future__ import annotations
+
+import asyncio
+
+from safethink_server.engines.base import Engine, Generation, SamplingParams
+from safethink_server.prompt import Conversation, RenderedPrompt
+
+SERVER_PIECES = ["[", "]", "F", "I", "X", "N", "O", " "]  # server texts are spelled with these alone
+MODEL_PIECES = ["a", "b", " ok", " step", " BAD", ".", "\n", "\n\n", ".\n\n", "<", "/", "think", ">", "</think>", "<think>",
+                "STOP", "S", "é"]
+
+
+class ScriptedTokenizer:
+    """Tokens are whole pieces; the EOS is the id after the last piece. Encoding is greedy longest match."""
+
+    def __init__(self) -> None:
+        self.pieces = sorted(set(MODEL_PIECES + SERVER_PIECES + [chr(c) for c in range(32, 127)] + ["\n"]),
+                             key=lambda p: (-len(p), p))
+        self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.eos_token_id = len(self.pieces)
+        self.model_max_length = 1 << 20
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids if i != self.eos_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        out, at = [], 0
+        while at < len(text):
+            piece = next(p for p in self.pieces if text.startswith(p, at))
+            out.append(self.ids[piece])
+            at += len(piece)
+        return out
+
+
+class ScriptedGeneration(Generation):
+    def __init__(self, engine: ScriptedEngine, sampling: SamplingParams) -> None:
+        self.engine = engine
+        self.sampling = sampling
+        self.sequence: list[int] = []  # the output part of the sequence: returned + injected - rolled back
+        self.finished_by_length = False
+        self._script_at = 0
+        self._calls = 0
+        self._closed = False
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return 0
+
+    async def next_tokens(self) -> list[int]:
+        assert not self._closed, "read after abort"
+        await asyncio.sleep(0)  # a real engine yields to the event loop here
+        eos = self.engine.tokenizer.eos_token_id
+        if self.sequence and self.sequence[-1] == eos:
+            raise AssertionError("read past an EOS that was not rolled back")
+        size = self.engine.batch_sizes[self._calls % len(self.engine.batch_sizes)]
+        self._calls += 1
+        batch: list[int] = []
+        while len(batch) < size:
+            if len(self.sequence) + len(batch) >= self.sampling.max_tokens:
+                self.finished_by_length = True
+                batch.append(eos)
+                break
+            if self._script_at >= len(self.engine.script):
+                batch.append(eos)
+                break
+            token = self.engine.script[self._script_at]
+            self._script_at += 1
+            batch.append(token)
+            if token == eos:
+                break
+        self.sequence += batch
+        return batch
+
+    async def rollback(self, n_tokens: int) -> None:
+        assert not self._closed
+        assert 0 < n_tokens <= len(self.sequence), f"rollback of {n_tokens} with {len(self.sequence)} output tokens"
+        del self.sequence[-n_tokens:]
+        self.finished_by_length = False
+
+    async def inject(self, token_ids: list[int]) -> None:
+        assert not self._closed
+        assert token_ids
+        self.sequence += token_ids
+        self.finished_by_length = False
+
+    async def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.active -= 1
+
+
+class ScriptedEngine(Engine):
+    name = "scripted"
+    model_name = "scripted"
+
+    def __init__(self, script: list[int], batch_sizes: list[int]) -> None:
+        self.tokenizer = ScriptedTokenizer()
+        self.script = script
+        self.batch_sizes = batch_sizes
+        self.active = 0
+        self.generations: list[ScriptedGeneration] = []
+
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
+                    model: str | None = None) -> Generation:
+        self.active += 1
+        generation = ScriptedGeneration(self, sampling)
+        self.generations.append(generation)
+        return generation

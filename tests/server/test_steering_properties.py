@@ -1,0 +1,229 @@
+"""The steering loop's invariants, over many generated request shapes (hypothesis), against a
+scripted engine that implements the real engine contract:
+
+(a) in replace mode with on_budget_exhausted=refuse, every piece of model text the client gets was
+    judged safe as part of a step, or comes after the first `early_steps` steps were judged safe;
+(b) what the client gets equals the decoded final sequence, markers removed, with the server's
+    refusal accounted for;
+(c) usage counts exactly the final sequence;
+(d) no slot is held once the request ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reward_models.base import StepItem, StepScore
+from safethink_server.engines.base import SamplingParams
+from safethink_server.prompt import Conversation, RenderedPrompt
+from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
+from safethink_server.steering.session import SteeringSession
+from safethink_server.steering.steps import StepBoundaryDetector
+from tests.server.scripted_engine import MODEL_PIECES, ScriptedEngine
+
+PREFIX, REFUSAL = "[FIX]", "[NO]"
+START, END = "<think>", "</think>"
+
+
+@dataclass
+class Case:
+    pieces: list[str]
+    batch_sizes: list[int]
+    initial_section: str
+    policy: PolicyConfig
+    budget: int | None
+    max_tokens: int
+    max_step_tokens: int
+    stop: list[str]
+    scores: list[float]
+    failing_calls: set[int]
+    cancel_after: int | None  # event-loop turns before the client goes away
+
+
+@dataclass
+class Judge:
+    """A scorer: p_unsafe is high for a step that says BAD, else taken from a list; some calls fail."""
+
+    scores: list[float]
+    failing_calls: set[int]
+    seen: list[tuple[str, float | None]] = field(default_factory=list)
+
+    async def __call__(self, item: StepItem) -> StepScore:
+        call = len(self.seen)
+        if call in self.failing_calls:
+            self.seen.append((item.step, None))
+            raise RuntimeError("scorer down")
+        p = 0.99 if "BAD" in item.step else self.scores[call % len(self.scores)]
+        self.seen.append((item.step, p))
+        return StepScore(p_unsafe=p)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    pieces = draw(st.lists(st.sampled_from(MODEL_PIECES), max_size=120))
+    layout = draw(st.sampled_from(["long reasoning", "early end", "no reasoning", "opens itself"]))
+    initial = "reasoning"
+    if layout == "early end":
+        pieces.insert(draw(st.integers(0, min(len(pieces), 6))), END)
+    elif layout == "no reasoning":
+        initial = "pre"
+    elif layout == "opens itself":
+        initial = "pre"
+        pieces = ["\n", START] + pieces
+    if draw(st.booleans()):
+        pieces.insert(draw(st.integers(0, len(pieces))), "<EOS>")
+    policy = PolicyConfig(
+        threshold=draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])),
+        early_steps=draw(st.integers(0, 4)),
+        max_interventions=draw(st.integers(0, 3)),
+        mode="replace",
+        prefix=PREFIX,
+        refusal=REFUSAL,
+        on_budget_exhausted="refuse",
+        on_scorer_error="fail_closed",
+    )
+    return Case(
+        pieces=pieces,
+        batch_sizes=draw(st.lists(st.integers(1, 16), min_size=1, max_size=4)),
+        initial_section=initial,
+        policy=policy,
+        budget=draw(st.one_of(st.none(), st.integers(1, 40))),
+        max_tokens=draw(st.integers(1, 80)),
+        max_step_tokens=draw(st.integers(1, 20)),
+        stop=draw(st.sampled_from([[], ["STOP"], ["ok"], ["\n"]])),
+        scores=draw(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6)),
+        failing_calls=set(draw(st.lists(st.integers(0, 8), max_size=2))),
+        cancel_after=draw(st.one_of(st.none(), st.none(), st.integers(0, 60))),
+    )
+
+
+@dataclass
+class Outcome:
+    engine: ScriptedEngine
+    session: SteeringSession
+    judge: Judge
+    reasoning: str = ""
+    answer: str = ""
+    cancelled: bool = False
+
+
+async def run_case(case: Case) -> Outcome:
+    engine = ScriptedEngine([], case.batch_sizes)
+    tok = engine.tokenizer
+    engine.script = [tok.eos_token_id if p == "<EOS>" else tok.ids[p] for p in case.pieces]
+    judge = Judge(case.scores, case.failing_calls)
+    session = SteeringSession(
+        engine, RenderedPrompt([1, 2, 3], case.initial_section), Conversation([{"role": "user", "content": "q"}]),  # type: ignore[arg-type]
+        SamplingParams(max_tokens=case.max_tokens, temperature=0.0), case.policy,
+        ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning"),
+        StepBoundaryDetector(max_step_tokens=case.max_step_tokens), judge, stop=case.stop)
+    outcome = Outcome(engine, session, judge)
+
+    async def consume() -> None:
+        async for delta in session.run():
+            if delta.section == "reasoning":
+                outcome.reasoning += delta.text
+            else:
+                outcome.answer += delta.text
+
+    task = asyncio.create_task(consume())
+    if case.cancel_after is not None:
+        for _ in range(case.cancel_after):
+            await asyncio.sleep(0)
+        if not task.done():
+            task.cancel()
+            outcome.cancelled = True
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return outcome
+
+
+def reference_sections(text: str, initial: str) -> tuple[str, str]:
+    """Reasoning and answer of a whole output, as vLLM's reasoning parsers split them."""
+    if initial == "pre":
+        stripped = text.lstrip()
+        if not stripped.startswith(START):
+            return "", stripped
+        text = stripped[len(START):]
+    reasoning, found, answer = text.partition(END)
+    if not found:
+        return reasoning, ""
+    return reasoning, answer.lstrip()
+
+
+def truncate_at_stop(answer: str, stops: list[str]) -> str:
+    hits = [answer.find(s) for s in stops if s in answer]
+    return answer[: min(hits)] if hits else answer
+
+
+def model_text(outcome: Outcome) -> str:
+    """The client's text less the server's own texts (prefix, refusal) and whitespace."""
+    text = (outcome.reasoning + outcome.answer).replace(PREFIX, "").replace(REFUSAL, "")
+    return "".join(text.split())
+
+
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(cases())
+def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
+    outcome = asyncio.run(run_case(case))
+    judged_safe = "".join(text for text, p in outcome.judge.seen if p is not None and p < case.policy.threshold)
+    judged_safe = "".join(judged_safe.split())
+    safe_steps = sum(1 for s in outcome.session.report.steps if s.action is Action.RELEASED)
+    released = model_text(outcome)
+    if safe_steps < case.policy.early_steps:
+        # The window was never satisfied: every model character came out of a step judged safe.
+        assert judged_safe.startswith(released), (released, judged_safe)
+    else:
+        # Satisfied: the safe steps came first, anything after them is past the window.
+        assert released.startswith(judged_safe) or judged_safe.startswith(released), (released, judged_safe)
+    assert not any(PREFIX in text or REFUSAL in text for text, _ in outcome.judge.seen), "the server's own text was judged"
+    unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
+    for step in unsafe:
+        assert step.action in (Action.REPLACED, Action.REFUSED)
+    if outcome.session.finish_reason == "content_filter":
+        assert outcome.answer.endswith(REFUSAL)
+        assert outcome.session.report.refusal == REFUSAL
+    assert outcome.engine.active == 0
+
+
+@SETTINGS
+@given(cases())
+def test_client_text_and_usage_match_the_final_sequence(case: Case) -> None:
+    outcome = asyncio.run(run_case(case))
+    assert outcome.engine.active == 0, "a slot is still held after the request ended"
+    if outcome.cancelled:
+        return
+    session = outcome.session
+    (generation,) = outcome.engine.generations
+    tok = outcome.engine.tokenizer
+    assert session.output_tokens == len(generation.sequence), "usage counts the final sequence"
+    assert tok.eos_token_id not in generation.sequence
+    reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section)
+    answer = truncate_at_stop(answer, case.stop)
+    assert session.finish_reason in ("stop", "length", "content_filter")
+    if session.finish_reason == "content_filter":
+        client_answer = outcome.answer.removesuffix(REFUSAL).rstrip("\n")
+        # A refusal drops at most a half-seen marker of the kept text.
+        assert reasoning.startswith(outcome.reasoning) and len(reasoning) - len(outcome.reasoning) < len(END)
+        assert answer.rstrip("\n").startswith(client_answer)
+    else:
+        assert outcome.reasoning == reasoning
+        assert outcome.answer == answer
+
+
+@given(cases())
+@settings(max_examples=150, deadline=None)
+def test_paper_mode_releases_after_the_budget_but_never_an_unjudged_watched_step(case: Case) -> None:
+    case.policy = case.policy.model_copy(update={"on_budget_exhausted": "release"})
+    outcome = asyncio.run(run_case(case))
+    assert outcome.engine.active == 0
+    assert all(s.action is not Action.REFUSED or s.scorer_error for s in outcome.session.report.steps)
+    assert len(outcome.session.report.interventions) <= case.policy.max_interventions
