@@ -117,7 +117,10 @@ class UpstreamGeneration(Generation):
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
         self.kept_tokens = 0  # tokens of `kept` when the current request was sent
         self.prompt_ids: list[int] = list(prompt.ids)  # token_ids mode: the rendered prompt, opening included
-        self.usage: UpstreamUsage | None = None
+        self.usage: UpstreamUsage | None = None  # the upstream's count for the last request that finished
+        self._usage_kept_tokens = 0  # kept tokens sent with that request
+        self._usage_bytes = 0  # bytes that request generated
+        self._request_bytes = 0
         self.finished_by_length = False
         self.continuations = 0
         self._end_returned = False
@@ -153,6 +156,7 @@ class UpstreamGeneration(Generation):
                 body["messages"] = self.messages + [{"role": "assistant", "content": assistant}]
                 body.update(continue_final_message=True, add_generation_prompt=False)
             path = "/chat/completions"
+        self._request_bytes = 0
         remaining = self.sampling.max_tokens - self.kept_tokens
         if remaining <= 0:
             self.finished_by_length = True
@@ -162,11 +166,19 @@ class UpstreamGeneration(Generation):
         self._events = sse_events(self._response, e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
 
     def token_usage(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens as the upstream counted them, injected tokens included."""
-        if self.usage is None:
-            return None
-        prompt = len(self.prompt_ids) if self.prompt_ids else self.usage.prompt_tokens - self.kept_tokens
-        return prompt, self.usage.prompt_tokens + self.usage.completion_tokens - prompt
+        """(prompt, completion) tokens of the final sequence. The prompt is exact in token_ids mode and
+        from the upstream's count in chat mode; the completion (kept text, injected text included) is
+        converted from bytes at the bytes-per-token rate of the upstream's last counted answer."""
+        bytes_per_token = float(BYTES_PER_TOKEN)
+        if self.prompt_ids:
+            prompt = len(self.prompt_ids)
+        elif self.usage is not None:
+            prompt = max(0, self.usage.prompt_tokens - self._usage_kept_tokens)
+        else:
+            prompt = round(sum(len(m["content"].encode()) for m in self.messages) / BYTES_PER_TOKEN)
+        if self.usage is not None and self.usage.completion_tokens and self._usage_bytes:
+            bytes_per_token = self._usage_bytes / self.usage.completion_tokens
+        return prompt, round(len(self.kept) / bytes_per_token)
 
     async def _close(self) -> None:
         response, self._response, self._events = self._response, None, None
@@ -200,6 +212,7 @@ class UpstreamGeneration(Generation):
             text = (choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {})
             data = list(text.encode("utf-8"))
             self.kept += bytes(data)
+            self._request_bytes += len(data)
             if choice.get("finish_reason") is not None:
                 self.finished_by_length = choice["finish_reason"] == "length"
                 await self._read_final_usage()
@@ -211,6 +224,7 @@ class UpstreamGeneration(Generation):
     def _take_usage(self, event: dict[str, Any]) -> None:
         if event.get("usage"):
             self.usage = UpstreamUsage.model_validate(event["usage"])
+            self._usage_kept_tokens, self._usage_bytes = self.kept_tokens, self._request_bytes
 
     async def _read_final_usage(self) -> None:
         """After the finish reason only the usage event and [DONE] follow: read them, then close."""

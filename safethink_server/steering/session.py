@@ -61,6 +61,14 @@ class _HeldStep:
             self.sections.add(delta.section)
         self.deltas += deltas
 
+    @property
+    def section(self) -> Section:
+        return self.deltas[0].section if self.deltas else "reasoning"
+
+    def ended_by_section(self, now: Section) -> bool:
+        """A step ends where its section does: at the reasoning's end marker."""
+        return len(self.sections) > 1 or (bool(self.deltas) and now != self.section)
+
 
 class SteeringSession:
     def __init__(
@@ -161,9 +169,13 @@ class SteeringSession:
         if held is not None:
             held.tokens += 1
             held.add(deltas)
+            if not held.deltas and self.output.settled:
+                # Tokens that made no text (a reasoning marker, an answer's leading blank) belong to no
+                # step: a rollback must not undo the marker that opened the section.
+                held.checkpoint, held.tokens = self.output.checkpoint(), 0
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, or where the section changed.
-            if self.output.settled and (len(held.sections) > 1 or self.detector.is_complete(held.text, held.tokens)):
+            if self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
                 await self._judge()
         else:
             self._release(deltas)
@@ -214,8 +226,7 @@ class SteeringSession:
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
-        section: Section = "answer" if "answer" in step.sections else "reasoning"
-        self.report.steps.append(StepRecord(index=self._step_index, section=section, p_unsafe=p_unsafe, action=action,
+        self.report.steps.append(StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
                                             scorer_error=error, tokens=step.tokens))
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas)

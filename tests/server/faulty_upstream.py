@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed"]
+BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "length", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed"]
 
 
 def _chunk(delta: dict[str, str], finish: str | None = None) -> str:
@@ -36,6 +36,9 @@ async def _events(behaviour: str) -> AsyncIterator[str]:
     elif behaviour == "think-inline":
         yield _chunk({"role": "assistant", "content": "<think>Two plus two. It is four.</think>"})
         yield _chunk({"content": "4"}, "stop")
+    elif behaviour == "length":
+        yield _chunk({"role": "assistant", "reasoning_content": "Two plus two. It is four."})
+        yield _chunk({"content": "4 and"}, "length")
     elif behaviour == "ok":
         yield _chunk({"role": "assistant", "reasoning_content": "Two plus two. It is four."})
         yield _chunk({"content": "4"}, "stop")

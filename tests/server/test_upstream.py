@@ -46,7 +46,7 @@ def read_stream(stream) -> tuple[str, str, dict | None]:  # type: ignore[no-unty
 
 @pytest.fixture(scope="module")
 def own_upstream():
-    with running_server("--early-steps", "0") as url:
+    with running_server("--early-steps", "0", "--allow-assistant-prefill") as url:
         yield url
 
 
@@ -140,6 +140,30 @@ def test_mid_stream_faults_end_cleanly_and_are_counted(faulty_proxy, model, stat
     assert time.monotonic() - started < 30, "a fault must not hang the client"
     assert labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"') == before + 2
     assert_healthy(faulty_proxy)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_length_stop_stays_a_length_stop(faulty_proxy, stream):
+    if stream:
+        finish = None
+        for chunk in client(faulty_proxy).chat.completions.create(model="length", messages=MATH, stream=True):
+            finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+    else:
+        r = client(faulty_proxy).chat.completions.create(model="length", messages=MATH)
+        finish = r.choices[0].finish_reason
+        assert r.choices[0].message.content == "4 and"
+    assert finish == "length"
+
+
+def test_chat_mode_folds_reasoning_with_the_configured_markers():
+    with FaultyUpstream(free_port()) as upstream, running_server(
+        "--engine", "upstream", "--upstream-url", upstream.url, "--upstream-mode", "chat", "--threshold", "1",
+        "--reasoning-start", "<reason>", "--reasoning-end", "</reason>",
+    ) as url:
+        r = client(url).chat.completions.create(model="reasoning-field", messages=MATH, max_tokens=32)
+        assert r.choices[0].message.reasoning_content == "Two plus two. It is four."
+        assert r.choices[0].message.content == "4"
+        assert [s["section"] for s in r.model_extra["safethink"]["steps"]] == ["reasoning", "answer"]
 
 
 def assert_healthy(url: str) -> None:

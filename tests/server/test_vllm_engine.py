@@ -28,7 +28,7 @@ async def vllm_server():
     from safethink_server.server import build_app
 
     settings = ServerSettings(engine="vllm", max_model_len=MAX_MODEL_LEN, threshold=0.0, max_step_tokens=24,
-                              reasoning_budget=64, port=free_port())
+                              reasoning_budget=64, port=free_port(), allow_client_overrides=True)
     app = build_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     task = asyncio.create_task(server.serve())
@@ -130,14 +130,15 @@ async def test_eight_concurrent_steered_streams_each_get_their_own_text(vllm_ser
     assert await _metric(url, "safethink_interventions_total") - before == sum(len(i["interventions"]) for _, i in concurrent)
     alone = [await _stream_text(url, q) for q in questions]
     assert [t for t, _ in concurrent] == [t for t, _ in alone]
-    assert len({t for t, _ in concurrent}) == len(questions)
+    # At τ = 0 only the server's texts reach the clients; each request's own steps were judged.
+    assert len({tuple(round(s["p_unsafe"], 6) for s in info["steps"]) for _, info in concurrent}) == len(questions)
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_client_disconnect_aborts_the_request_inside_vllm(vllm_server):
     url, engine = vllm_server
     body = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 1000, "stream": True}
+            "max_tokens": 1000, "stream": True, "safethink": {"early_steps": 0}}
     async with httpx.AsyncClient(timeout=120) as http:
         async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
@@ -148,3 +149,31 @@ async def test_client_disconnect_aborts_the_request_inside_vllm(vllm_server):
     while engine.stats() != {"running": 0, "engine_unfinished_requests": 0}:
         assert time.monotonic() < deadline, f"vLLM still holds the request after the client left: {engine.stats()}"
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_intervention_inside_a_multi_token_batch_is_exact(vllm_server):
+    """A reader that falls behind gets several tokens in one batch; an intervention after reading only
+    part of it must leave exactly what was read (less the rolled-back step) in the sequence."""
+    from safethink_server.engines.base import SamplingParams, SequenceCursor
+
+    _, engine = vllm_server
+    ids = prompt_ids(engine, "Explain how rain forms, step by step.")
+    greedy = SamplingParams(max_tokens=200, temperature=0.0)
+    steered = await engine.start(RenderedPrompt(ids, "reasoning"), greedy, NO_CONVERSATION)
+    cursor = SequenceCursor(steered)
+    read = [await cursor.next() for _ in range(4)]
+    await asyncio.sleep(1.0)  # vLLM keeps decoding: the next batch holds several tokens
+    read.append(await cursor.next())
+    assert len(cursor._batch) > 1, "the reader fell behind, so the batch is larger than one token"
+    read.append(await cursor.next())
+    prefix = engine.tokenizer.encode(" Wait, think safely.", add_special_tokens=False)
+    await cursor.rollback(2)  # the step: the last two tokens read
+    await cursor.inject(prefix)
+    assert steered.output_ids == read[:-2] + prefix, "unread tokens of the batch were dropped, read ones rolled back"
+    after = await take(steered, 20)
+    await steered.abort()
+    fresh = await engine.start(RenderedPrompt(ids + read[:-2] + prefix, "reasoning"), greedy, NO_CONVERSATION)
+    expected = await take(fresh, 20)
+    await fresh.abort()
+    assert after[:20] == expected[:20]
