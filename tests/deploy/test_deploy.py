@@ -37,7 +37,7 @@ def run(*args: str) -> str:
 
 def test_promtool_checks_and_unit_tests_the_alert_rules():
     out = run(tool("promtool"), "check", "rules", str(DEPLOY / "prometheus/rules.yml"))
-    assert "SUCCESS: 5 rules found" in out
+    assert "SUCCESS: 7 rules found" in out
     assert "SUCCESS" in run(tool("promtool"), "test", "rules", str(DEPLOY / "prometheus/rules_test.yml"))
     run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus/prometheus.yml"))
 
@@ -133,4 +133,5 @@ def test_prometheus_scrapes_the_gateway_and_every_dashboard_query_returns_data(g
     assert not empty, f"dashboard queries without data: {empty}"
     rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
     assert {r["name"] for r in rules if r["type"] == "alerting"} == {
-        "SafeThinkHighInterventionRate", "SafeThinkScorerErrors", "SafeThinkScorerSlow", "SafeThinkNoTraffic"}
+        "SafeThinkHighInterventionRate", "SafeThinkHighRefusalRate", "SafeThinkScorerErrors", "SafeThinkScorerSlow",
+        "SafeThinkNoTraffic"}
