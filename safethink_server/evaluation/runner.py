@@ -48,6 +48,12 @@ class InterventionTrace(BaseModel):
     prefix: str = ""
 
 
+class InsertedTrace(BaseModel):
+    kind: str
+    section: str
+    text: str
+
+
 class Completion(BaseModel):
     """What one request produced (or how it failed), before judging."""
 
@@ -65,8 +71,14 @@ class Completion(BaseModel):
     steered: bool = Field(default=False, description="the server reported steering (a `safethink` object)")
     steps: list[StepTrace] = []
     interventions: list[InterventionTrace] = []
+    inserted: list[InsertedTrace] = Field(default=[], description="the server's own texts in the output, as listed by it")
     error: str | None = None
     error_status: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        """The server ended the response with its refusal."""
+        return self.finish_reason == "content_filter"
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -147,6 +159,7 @@ async def complete(client: httpx.AsyncClient, arm: Arm, prompt: EvalPrompt, sett
                     result.steered = True
                     result.steps = [StepTrace.model_validate(s) for s in report.get("steps", [])]
                     result.interventions = [InterventionTrace.model_validate(i) for i in report.get("interventions", [])]
+                    result.inserted = [InsertedTrace.model_validate(i) for i in report.get("inserted", [])]
     except UpstreamError as exc:
         result.error, result.error_status = str(exc), exc.status
     except httpx.HTTPError as exc:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from safethink_server.evaluation.evaluate import EvalConfig, evaluate
 from safethink_server.evaluation.prefix_search import CandidateResult, PrefixSearchConfig, choose, search, significant_drop
-from safethink_server.evaluation.report import Rate, Report
+from safethink_server.evaluation.report import Rate, Report, strip_injections
 from safethink_server.evaluation.runner import GenerationSettings
 from tests.conftest import free_port, running_server
 
@@ -46,6 +46,7 @@ def _check_outputs(out: Path) -> Report:
     report = Report.model_validate_json((out / "results.json").read_text())
     markdown = (out / "report.md").read_text()
     assert "| ASR, full (refusal) |" in markdown and "| false interventions (benign prompts) |" in markdown
+    assert "| false refusals (benign prompts) |" in markdown
     for name in PLOTS:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
@@ -77,6 +78,12 @@ async def test_eval_steered_against_bare_on_one_server(server_url, tiny_suite, t
         if c.arm == "steered" and not c.error:
             # the server reports the injected prefix; the judged reasoning leaves it out
             assert c.interventions[0].prefix == "Wait, think safely." and "Wait, think safely." in c.reasoning
+            # at τ = 0 no model text reaches the client: less the server's listed texts, nothing is left to judge
+            assert strip_injections(c) == ("", ""), c
+    assert bare.false_refusals == Rate.of(0, 2) and bare.harmful_refused == Rate.of(0, 2)
+    refused = [c for c in report.completions if c.arm == "steered" and c.refused]
+    assert steered.false_refusals.count + steered.harmful_refused.count == len(refused)
+    assert all(c.answer.endswith("I can't help with that request.") for c in refused)
 
 
 def test_eval_cli_counts_a_dead_bare_server_instead_of_crashing(server_url, tiny_suite, tmp_path):
