@@ -41,6 +41,8 @@ def split_conversation(messages: list[dict[str, str]], continue_final_message: b
         return Conversation(messages)
     if messages[-1]["role"] != "assistant":
         raise PromptError("continue_final_message needs the last message to be from the assistant")
+    if len(messages) < 2:
+        raise PromptError("continue_final_message needs a conversation before the assistant message")
     return Conversation(messages[:-1], messages[-1]["content"])
 
 
@@ -49,12 +51,15 @@ def opening(conversation: Conversation, reasoning: ReasoningConfig, template_ope
     start, end = reasoning.start_marker, reasoning.end_marker
     prefill = conversation.prefill
     if prefill is None:
+        if template_opens_reasoning:
+            return "", "reasoning"
         if not reasoning.prefill_start:
             return "", "pre"
-        return ("" if template_opens_reasoning else start + "\n"), "reasoning"
-    if reasoning.prefill_start and start not in prefill and end not in prefill:
+        return start + "\n", "reasoning"
+    if reasoning.prefill_start and not template_opens_reasoning and start not in prefill and end not in prefill:
         prefill = start + "\n" + prefill  # with the reasoning prefilled, every assistant turn opens with it
-    section: Section = "reasoning" if prefill.rfind(start) > prefill.rfind(end) else "answer"
+    seen = (start if template_opens_reasoning else "") + prefill
+    section: Section = "reasoning" if seen.rfind(start) > seen.rfind(end) else "answer"
     return prefill, section
 
 
@@ -85,6 +90,8 @@ def scoring_context(conversation: Conversation) -> tuple[str, str]:
     How much of each a scorer reads is the scorer's truncation: the latest turn first, then the
     end of the rest (`reward_models.base.request_context`)."""
     messages = conversation.messages
+    if not messages:
+        return "", ""
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     latest = users[-1] if users else len(messages) - 1
     history = "\n\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != latest and m["content"])

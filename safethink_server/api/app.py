@@ -137,20 +137,19 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         tracker = RequestTracker(state)
+        streaming = False
         try:
             session = await build_session(state, body)
-            if body.stream:
-                await session.start()  # a full queue answers 503 before the stream begins
-        except Exception as exc:
-            error = tracker.failed(exc)
-            tracker.close()
-            return error.response()
-        if body.stream:
+            if not body.stream:
+                return await complete(state, session, tracker, request)
+            await session.start()  # a full queue answers 503 before the stream begins
+            streaming = True  # from here the response owns the slot and the count
             return SessionStream(session, tracker, stream(state, body, session, tracker))
-        try:
-            return await complete(state, session, tracker, request)
+        except Exception as exc:
+            return tracker.failed(exc).response()
         finally:
-            tracker.close()
+            if not streaming:
+                tracker.close()
 
     return app
 
@@ -305,10 +304,14 @@ class SessionStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.content.aclose()  # type: ignore[attr-defined]
-                await self.session.close()
-            self.tracker.close()
+            try:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.content.aclose()  # type: ignore[attr-defined]
+                    finally:
+                        await self.session.close()
+            finally:
+                self.tracker.close()
 
 
 def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:

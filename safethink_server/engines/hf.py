@@ -20,8 +20,11 @@ from safethink_server.prompt import Conversation, RenderedPrompt
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it would overflow the logits)
+
+
 def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-    if sampling.temperature == 0.0:
+    if sampling.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:

@@ -141,8 +141,8 @@ class UpstreamGeneration(Generation):
         text = self.kept.decode("utf-8", errors="replace")
         body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p}
-        if self.sampling.seed is not None:
-            body["seed"] = self.sampling.seed + self.continuations
+        if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
+            body["seed"] = (self.sampling.seed + self.continuations + 2**63) % 2**64 - 2**63
         if e.mode == "token_ids":
             kept_ids = await e.tokenize_text(self.model, text) if text else []
             self.kept_tokens = len(kept_ids)
@@ -286,8 +286,10 @@ class UpstreamGeneration(Generation):
     async def abort(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._close()
-            self.engine.release()
+            try:
+                await self._close()
+            finally:
+                self.engine.release()
 
 
 class UpstreamEngine(Engine):

@@ -97,6 +97,6 @@ class OutputProcessor:
         return self.detok.settled and not self.splitter.buffer
 
     def end_of_text(self) -> list[Delta]:
-        """The text held back for a possible marker, now that no model text follows."""
-        return [Delta(s.section, s.text) for s in self.splitter.feed("", final=True)]  # type: ignore[arg-type]
+        """The text held back (a partial character, a possible marker), now that no model text follows."""
+        return [Delta(s.section, s.text) for s in self.splitter.feed(self.detok.flush(), final=True)]  # type: ignore[arg-type]
 

@@ -16,6 +16,8 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import anyio
+
 from reward_models.base import StepItem, StepScore
 from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor
 from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
@@ -129,8 +131,10 @@ class SteeringSession:
             self._cursor = SequenceCursor(self.generation)
 
     async def close(self) -> None:
+        """Free the engine slot. Shielded: a cancelled request (a client gone) must not cut the abort short."""
         if self.generation is not None:
-            await self.generation.abort()
+            with anyio.CancelScope(shield=True):
+                await self.generation.abort()
 
     async def run(self) -> AsyncIterator[Delta]:
         try:
@@ -161,7 +165,15 @@ class SteeringSession:
     async def _on_token(self, token: int) -> None:
         if token in self._eos:
             await self._on_end()
-            return
+        else:
+            await self._on_model_token(token)
+        if self.finish_reason is None and self._out_of_tokens():
+            self.finish_reason = "length"
+
+    def _out_of_tokens(self, more: int = 0) -> bool:
+        return self.engine.counts_tokens and self.output.output_tokens + more >= self.sampling.max_tokens
+
+    async def _on_model_token(self, token: int) -> None:
         if self._held is None and self._watching():
             self._held = _HeldStep(self.output.checkpoint())
         deltas = self.output.push(token)
@@ -179,10 +191,7 @@ class SteeringSession:
                 await self._judge()
         else:
             self._release(deltas)
-        if self.finish_reason is not None:
-            return
-        if self.engine.counts_tokens and self.output.output_tokens >= self.sampling.max_tokens:
-            self.finish_reason = "length"
+        if self.finish_reason is not None or self._out_of_tokens():
             return
         budget = self.reasoning_cfg.budget_tokens
         if (budget is not None and self.output.section == "reasoning" and self.output.reasoning_tokens >= budget
@@ -193,13 +202,14 @@ class SteeringSession:
                 await self._close_reasoning()
 
     async def _on_end(self) -> None:
-        """The engine's EOS: it is never kept. A held step is judged; a replacement goes on."""
+        """The engine's EOS: it is never kept. A held step is judged; a replacement goes on, unless
+        the engine stopped at its own token limit (then nothing can replace it)."""
         by_length = self.cursor.finished_by_length
         await self.cursor.rollback(1)
         in_reasoning = self.output.section == "reasoning"
         if self._held is not None:
             self._held.add(self.output.end_of_text())
-            action = await self._judge()
+            action = await self._judge(final=by_length)
             if action in (Action.REPLACED, Action.APPENDED) or self.finish_reason is not None:
                 return
         if by_length:
@@ -226,8 +236,9 @@ class SteeringSession:
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
-        self.report.steps.append(StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
-                                            scorer_error=error, tokens=step.tokens))
+        record = StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
+                            scorer_error=error, tokens=step.tokens)
+        self.report.steps.append(record)
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas)
             self._step_index += 1
@@ -236,8 +247,13 @@ class SteeringSession:
             return action
         await self._discard(step)
         if action is Action.REPLACED:
-            self.report.discarded_tokens += step.tokens
+            before = len(self.report.interventions)
             await self._intervene(self._step_index, p_unsafe, discarded=step.tokens)  # the replacement keeps the index
+            if len(self.report.interventions) > before:
+                self.report.discarded_tokens += step.tokens
+                return action
+            record.action = action = Action.REFUSED if self.finish_reason == "content_filter" else Action.WITHHELD
+            self.report.withheld_tokens += step.tokens
         else:
             self.report.withheld_tokens += step.tokens
             if action is Action.REFUSED:
@@ -262,11 +278,17 @@ class SteeringSession:
 
     # --- the server's own texts ---------------------------------------------------------------
     async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> None:
-        record = InterventionRecord(step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
-                                    discarded_tokens=discarded, injected_tokens=0)
-        self.report.interventions.append(record)
+        injected = await self._insert(self._separated(self.policy.prefix), "prefix")
+        if injected is None:  # no room left under max_tokens for the prefix: nothing can replace the step
+            if discarded and self.policy.on_budget_exhausted == "refuse":
+                self._refuse()
+            else:
+                self.finish_reason = "length"
+            return
+        self.report.interventions.append(InterventionRecord(
+            step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
+            discarded_tokens=discarded, injected_tokens=injected))
         self.observer.intervention(step_index)
-        record.injected_tokens = await self._insert(self._separated(self.policy.prefix), "prefix")
 
     def _separated(self, prefix: str) -> str:
         """The prefix starts a new paragraph when the released text does not end in one."""
@@ -277,13 +299,17 @@ class SteeringSession:
 
     async def _close_reasoning(self) -> None:
         self._reasoning_closed_by_server = True
-        await self._insert("\n" + self.reasoning_cfg.end_marker + "\n\n", "end_marker")
+        if await self._insert("\n" + self.reasoning_cfg.end_marker + "\n\n", "end_marker") is None:
+            self.finish_reason = "length"
 
-    async def _insert(self, text: str, kind: str) -> int:
+    async def _insert(self, text: str, kind: str) -> int | None:
         """Inject `text` into the sequence (the engine prefills only its ids) and release it as the
-        server's own. Never part of a held step: one is judged or discarded before this."""
+        server's own; None when it would not fit under max_tokens. Never part of a held step: one
+        is judged or discarded before this."""
         assert self._held is None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
+        if self._out_of_tokens(more=len(ids) - 1):
+            return None
         await self.cursor.inject(ids)
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))

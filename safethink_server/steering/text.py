@@ -29,6 +29,16 @@ class IncrementalDetokenizer:
             return full[len(prefix) :]
         return ""
 
+    def flush(self) -> str:
+        """Whatever is still held back (a character never completed comes out as U+FFFD), at the end."""
+        if self.read_offset == len(self.ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
+
     @property
     def settled(self) -> bool:
         """Every token pushed so far has come out as text (no partial character held back)."""

@@ -42,3 +42,15 @@ def test_shipped_head_is_small_and_carries_its_held_out_metrics():
     assert DEFAULT_HEAD_PATH.stat().st_size < 1_000_000
     info = ProbeHead.load(DEFAULT_HEAD_PATH).describe()
     assert info["held_out_metrics"]["compliance_steps_vs_benign_and_refusal_steps"]["auroc"] >= 0.95
+
+
+def test_the_probe_context_keeps_the_latest_turn_and_fills_up_with_the_end_of_the_history():
+    from reward_models.base import StepItem, request_context
+
+    single = StepItem(prompt="How do I do it?", step="s")
+    assert request_context(single, 600) == "How do I do it?", "a single turn reads as before"
+    multi = StepItem(prompt="Now the exact steps.", history="x" * 1000 + " user: I write thrillers about a bomb maker.", step="s")
+    context = request_context(multi, 600)
+    assert context.endswith("\n\nNow the exact steps.") and "bomb maker" in context and len(context) <= 600
+    long_latest = StepItem(prompt="y" * 700, history="user: earlier", step="s")
+    assert request_context(long_latest, 600) == "y" * 600

@@ -12,27 +12,32 @@ from safethink_server.engines.base import Engine, Generation, SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 SERVER_PIECES = ["[", "]", "F", "I", "X", "N", "O", " "]  # server texts are spelled with these alone
+# "<c3>" and "<a9>" are the two UTF-8 bytes of "é" (a character split over two tokens); "<pad>" is a
+# special token that decodes to nothing.
+BYTE_PIECES = {"<c3>": b"\xc3", "<a9>": b"\xa9", "<pad>": b""}
 MODEL_PIECES = ["a", "b", " ok", " step", " BAD", ".", "\n", "\n\n", ".\n\n", "<", "/", "think", ">", "</think>", "<think>",
-                "STOP", "S", "é"]
+                "STOP", "S", "é", "<c3>", "<a9>", "<pad>"]
 
 
 class ScriptedTokenizer:
-    """Tokens are whole pieces; the EOS is the id after the last piece. Encoding is greedy longest match."""
+    """Tokens are whole pieces, decoded as UTF-8 bytes; the EOS is the id after the last piece.
+    Encoding is greedy longest match over the text pieces."""
 
     def __init__(self) -> None:
         self.pieces = sorted(set(MODEL_PIECES + SERVER_PIECES + [chr(c) for c in range(32, 127)] + ["\n"]),
                              key=lambda p: (-len(p), p))
         self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self.bytes = [BYTE_PIECES.get(p, p.encode()) for p in self.pieces]
         self.eos_token_id = len(self.pieces)
         self.model_max_length = 1 << 20
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(self.pieces[i] for i in ids if i != self.eos_token_id)
+        return b"".join(self.bytes[i] for i in ids if i != self.eos_token_id).decode("utf-8", errors="replace")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         out, at = [], 0
         while at < len(text):
-            piece = next(p for p in self.pieces if text.startswith(p, at))
+            piece = next(p for p in self.pieces if p not in BYTE_PIECES and text.startswith(p, at))
             out.append(self.ids[piece])
             at += len(piece)
         return out
@@ -62,7 +67,7 @@ class ScriptedGeneration(Generation):
         self._calls += 1
         batch: list[int] = []
         while len(batch) < size:
-            if len(self.sequence) + len(batch) >= self.sampling.max_tokens:
+            if self.engine.enforces_max_tokens and len(self.sequence) + len(batch) >= self.sampling.max_tokens:
                 self.finished_by_length = True
                 batch.append(eos)
                 break
@@ -99,10 +104,11 @@ class ScriptedEngine(Engine):
     name = "scripted"
     model_name = "scripted"
 
-    def __init__(self, script: list[int], batch_sizes: list[int]) -> None:
+    def __init__(self, script: list[int], batch_sizes: list[int], enforces_max_tokens: bool = True) -> None:
         self.tokenizer = ScriptedTokenizer()
         self.script = script
         self.batch_sizes = batch_sizes
+        self.enforces_max_tokens = enforces_max_tokens  # vllm and upstream stop at max_tokens themselves, hf does not
         self.active = 0
         self.generations: list[ScriptedGeneration] = []
 

@@ -102,7 +102,7 @@ def test_streaming_parses_and_splits_reasoning_from_answer(steered_url):
     assert reasoning and "<think>" not in reasoning + answer and "</think>" not in reasoning + answer
     assert usage is not None and usage.completion_tokens > 0
     assert info is not None and info["steps"] == []
-    # Streamed and non-streamed greedy runs of one request agree, steered too.
+    # Streamed and non-streamed greedy runs of one request agree.
     full = client(steered_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0,
                                                        extra_body=UNSTEERED)
     assert (full.choices[0].message.reasoning_content or "") == reasoning
@@ -136,13 +136,12 @@ SHAPES = {
 }
 
 
-def leftover(reasoning: str, answer: str, info: dict, prefill: str) -> str:
+def leftover(reasoning: str, answer: str, info: dict) -> str:
+    """The client's text less the server's listed texts (the client's own prefill is never echoed)."""
     text = reasoning + answer
     for inserted in info["inserted"]:
         text = text.replace(inserted["text"], "", 1)
-    for marker in ("<think>", "</think>"):
-        prefill = prefill.replace(marker, "")
-    return text.replace(prefill.strip(), "", 1).strip()
+    return text.strip()
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -152,7 +151,6 @@ def test_no_model_text_reaches_the_client_when_every_step_breaches(steered_url, 
     max_tokens = extra.get("max_tokens", 64)
     extra = {k: v for k, v in extra.items() if k != "max_tokens"}
     kwargs = {"model": EMBEDDED_MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "extra_body": extra}
-    prefill = messages[-1]["content"] if extra.get("continue_final_message") else ""
     if stream:
         reasoning, answer, finish, _, info = read_stream(client(steered_url).chat.completions.create(stream=True, **kwargs))
     else:
@@ -160,14 +158,17 @@ def test_no_model_text_reaches_the_client_when_every_step_breaches(steered_url, 
         reasoning, answer = getattr(r.choices[0].message, "reasoning_content", None) or "", r.choices[0].message.content or ""
         finish, info = r.choices[0].finish_reason, r.model_extra["safethink"]
     assert info["steps"], "the scorer judged something"
-    assert leftover(reasoning, answer, info, prefill) == "", f"model text reached the client: {reasoning!r} | {answer!r}"
+    assert leftover(reasoning, answer, info) == "", f"model text reached the client: {reasoning!r} | {answer!r}"
     assert finish == "content_filter" and answer.endswith(REFUSAL)
 
 
-def test_an_assistant_prefill_is_refused_unless_the_server_allows_it(bare_url):
+def test_an_assistant_prefill_is_refused_unless_the_server_allows_it(bare_url, steered_url):
     body = {"model": EMBEDDED_MODEL, "continue_final_message": True, "max_tokens": 4,
             "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, here is how:"}]}
     assert_error(post(bare_url, body), 400, "invalid_request_error", "continue_final_message")
+    # Allowed, but a prefill alone, with no conversation before it, is still a bad request.
+    alone = {**body, "messages": body["messages"][1:]}
+    assert_error(httpx.post(steered_url + "/v1/chat/completions", json=alone, timeout=60), 400, "invalid_request_error", "messages")
 
 
 def test_clients_that_leave_before_their_first_chunk_hold_no_slot(steered_url):

@@ -103,3 +103,13 @@ async def test_a_rollback_right_after_an_inject_removes_exactly_the_injected_tok
     fresh_gen, fresh = await greedy(engine, prompt + kept, 6)
     await fresh_gen.abort()
     assert continued == fresh
+
+
+def test_a_vanishing_temperature_samples_greedily():
+    import torch
+
+    from safethink_server.engines.hf import sample_token
+
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(logits, SamplingParams(temperature=1e-30), generator) == 1

@@ -43,6 +43,10 @@ class Case:
     scores: list[float]
     failing_calls: set[int]
     cancel_after: int | None  # event-loop turns before the client goes away
+    engine_limits_tokens: bool  # the engine stops at max_tokens itself (vllm, upstream) or not (hf)
+    end_on_eos: bool
+    prefill: str  # the client's own start of the assistant turn: context for the scorer, never output
+    history: list[dict[str, str]]
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Judge:
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
     pieces = draw(st.lists(st.sampled_from(MODEL_PIECES), max_size=120))
-    layout = draw(st.sampled_from(["long reasoning", "early end", "no reasoning", "opens itself"]))
+    layout = draw(st.sampled_from(["long reasoning", "early end", "no reasoning", "opens itself", "prefilled answer"]))
     initial = "reasoning"
     if layout == "early end":
         pieces.insert(draw(st.integers(0, min(len(pieces), 6))), END)
@@ -75,6 +79,8 @@ def cases(draw: st.DrawFn) -> Case:
     elif layout == "opens itself":
         initial = "pre"
         pieces = ["\n", START] + pieces
+    elif layout == "prefilled answer":
+        initial = "answer"
     if draw(st.booleans()):
         pieces.insert(draw(st.integers(0, len(pieces))), "<EOS>")
     policy = PolicyConfig(
@@ -99,6 +105,11 @@ def cases(draw: st.DrawFn) -> Case:
         scores=draw(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6)),
         failing_calls=set(draw(st.lists(st.integers(0, 8), max_size=2))),
         cancel_after=draw(st.one_of(st.none(), st.none(), st.integers(0, 60))),
+        engine_limits_tokens=draw(st.booleans()),
+        end_on_eos=draw(st.booleans()),
+        prefill=draw(st.sampled_from(["", "Sure, here is how:", "Step 1: BAD"])),
+        history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
+                                      [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
     )
 
 
@@ -113,14 +124,15 @@ class Outcome:
 
 
 async def run_case(case: Case) -> Outcome:
-    engine = ScriptedEngine([], case.batch_sizes)
+    engine = ScriptedEngine([], case.batch_sizes, enforces_max_tokens=case.engine_limits_tokens)
     tok = engine.tokenizer
     engine.script = [tok.eos_token_id if p == "<EOS>" else tok.ids[p] for p in case.pieces]
     judge = Judge(case.scores, case.failing_calls)
+    conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
-        engine, RenderedPrompt([1, 2, 3], case.initial_section), Conversation([{"role": "user", "content": "q"}]),  # type: ignore[arg-type]
+        engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
         SamplingParams(max_tokens=case.max_tokens, temperature=0.0), case.policy,
-        ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning"),
+        ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(max_step_tokens=case.max_step_tokens), judge, stop=case.stop)
     outcome = Outcome(engine, session, judge)
 
@@ -145,6 +157,8 @@ async def run_case(case: Case) -> Outcome:
 
 def reference_sections(text: str, initial: str) -> tuple[str, str]:
     """Reasoning and answer of a whole output, as vLLM's reasoning parsers split them."""
+    if initial == "answer":
+        return "", text.lstrip()
     if initial == "pre":
         stripped = text.lstrip()
         if not stripped.startswith(START):
@@ -205,6 +219,7 @@ def test_client_text_and_usage_match_the_final_sequence(case: Case) -> None:
     (generation,) = outcome.engine.generations
     tok = outcome.engine.tokenizer
     assert session.output_tokens == len(generation.sequence), "usage counts the final sequence"
+    assert session.output_tokens <= case.max_tokens, "the response stays within max_tokens, server texts included"
     assert tok.eos_token_id not in generation.sequence
     reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section)
     answer = truncate_at_stop(answer, case.stop)
@@ -221,9 +236,13 @@ def test_client_text_and_usage_match_the_final_sequence(case: Case) -> None:
 
 @given(cases())
 @settings(max_examples=150, deadline=None)
-def test_paper_mode_releases_after_the_budget_but_never_an_unjudged_watched_step(case: Case) -> None:
+def test_paper_mode_spends_the_budget_then_releases_instead_of_refusing(case: Case) -> None:
     case.policy = case.policy.model_copy(update={"on_budget_exhausted": "release"})
     outcome = asyncio.run(run_case(case))
+    report = outcome.session.report
     assert outcome.engine.active == 0
-    assert all(s.action is not Action.REFUSED or s.scorer_error for s in outcome.session.report.steps)
-    assert len(outcome.session.report.interventions) <= case.policy.max_interventions
+    assert all(s.action is not Action.REFUSED or s.scorer_error for s in report.steps), "only a scorer failure refuses"
+    assert len(report.interventions) <= case.policy.max_interventions
+    # Before the budget is spent the window holds as in refuse mode: no unsafe step was released.
+    assert not any(s.action is Action.RELEASED and s.p_unsafe is not None and s.p_unsafe >= case.policy.threshold
+                   and not s.scorer_error for s in report.steps)
