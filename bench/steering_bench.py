@@ -88,28 +88,35 @@ async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, round
     return ratio
 
 
-async def intervention_cost(engine: Engine, contexts: list[int]) -> None:
-    """One rollback + inject until the next token, against a fresh request over the same ids with a cold cache."""
+async def intervention_cost(engine: Engine, contexts: list[int], repeats: int) -> None:
+    """One rollback + inject until the next token, against a fresh request over the same ids with a cold
+    cache; the median of `repeats` pairs, measured alternately."""
     tok = engine.tokenizer
     filler = tok.encode(" the quick brown fox jumps over the lazy dog." * 400, add_special_tokens=False)
     prefix = tok.encode("Wait, think safely.", add_special_tokens=False)
     print(f"{'context':>8} {'intervention ms':>16} {'cold re-prefill ms':>19} {'ratio':>7}")
     for n in contexts:
-        gen = await engine.start(RenderedPrompt(filler[:n], "reasoning"), SamplingParams(max_tokens=16, temperature=0.0), NO_CONVERSATION)
-        for _ in range(9):
+        steer_s, prefill_s = [], []
+        for _ in range(repeats):
+            gen = await engine.start(RenderedPrompt(filler[:n], "reasoning"), SamplingParams(max_tokens=16, temperature=0.0),
+                                     NO_CONVERSATION)
+            for _ in range(9):
+                await gen.next_tokens()
+            t = time.perf_counter()
+            await gen.rollback(8)
+            await gen.inject(prefix)
             await gen.next_tokens()
-        t = time.perf_counter()
-        await gen.rollback(8)
-        await gen.inject(prefix)
-        await gen.next_tokens()
-        steer = time.perf_counter() - t
-        await gen.abort()
-        await reset_prefix_cache(engine)
-        fresh = await engine.start(RenderedPrompt(filler[:n] + prefix, "reasoning"), SamplingParams(max_tokens=1, temperature=0.0), NO_CONVERSATION)
-        t = time.perf_counter()
-        await fresh.next_tokens()
-        prefill = time.perf_counter() - t
-        await fresh.abort()
+            steer_s.append(time.perf_counter() - t)
+            await gen.abort()
+            await reset_prefix_cache(engine)
+            fresh = await engine.start(RenderedPrompt(filler[:n] + prefix, "reasoning"), SamplingParams(max_tokens=1, temperature=0.0),
+                                       NO_CONVERSATION)
+            t = time.perf_counter()
+            await fresh.next_tokens()
+            prefill_s.append(time.perf_counter() - t)
+            await fresh.abort()
+            await reset_prefix_cache(engine)
+        steer, prefill = statistics.median(steer_s), statistics.median(prefill_s)
         print(f"{n:8d} {steer * 1000:16.0f} {prefill * 1000:19.0f} {prefill / steer:7.1f}x")
 
 
@@ -140,7 +147,7 @@ async def main(args: argparse.Namespace) -> None:
     await run_one(engine, batcher, PROMPTS[0], PolicyConfig(), 16)  # warm-up
     print(f"{'conc':>5} {'mode':8} {'tok/s':>8} {'ttft p50':>10} {'ttft p99':>10} {'interv':>8}")
     ratios = {c: await compare(engine, batcher, c, args.rounds, args.max_tokens) for c in args.concurrency}
-    await intervention_cost(engine, args.contexts)
+    await intervention_cost(engine, args.contexts, args.repeats)
     print("summary steered/bare tokens/s: " + ", ".join(f"{c} streams {r:.3f}" for c, r in ratios.items()))
     await batcher.aclose()
     await engine.close()
@@ -156,5 +163,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="rounds per mode and concurrency level")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--repeats", type=int, default=3, help="intervention/re-prefill pairs per context (median)")
     parser.add_argument("--scorer-device", default="cpu")
     asyncio.run(main(parser.parse_args()))
