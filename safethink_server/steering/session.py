@@ -65,7 +65,8 @@ class _HeldStep:
 
     @property
     def section(self) -> Section:
-        return self.deltas[0].section if self.deltas else "reasoning"
+        """The section of the step's first text."""
+        return next((d.section for d in self.deltas if d.text.strip()), self.deltas[0].section if self.deltas else "reasoning")
 
     def ended_by_section(self, now: Section) -> bool:
         """A step ends where its section does: at the reasoning's end marker."""
@@ -187,7 +188,9 @@ class SteeringSession:
                 held.checkpoint, held.tokens = self.output.checkpoint(), 0
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, or where the section changed.
-            if self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
+            # A blank step does not end: its whitespace goes with the next text, judged together.
+            if self.output.settled and held.text.strip() and (
+                    held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
                 await self._judge()
         else:
             self._release(deltas)
