@@ -98,6 +98,11 @@ class SequenceCursor:
     def finished_by_length(self) -> bool:
         return self.generation.finished_by_length
 
+    @property
+    def unread(self) -> int:
+        """Tokens of the current batch not read yet: the next read will not wait for the engine."""
+        return len(self._batch) - self._read
+
     def _take_unread(self) -> int:
         unread = len(self._batch) - self._read
         self._batch, self._read = [], 0

@@ -142,17 +142,26 @@ class SteeringSession:
             await self.start()
             while self.finish_reason is None:
                 await self._on_token(await self.cursor.next())
-                if self._out:
-                    out, self._out = self._out, []
-                    for delta in out:
+                if self._out and not self.cursor.unread:
+                    # A whole engine batch is processed: its text goes out together, one delta per section.
+                    for delta in self._take_out():
                         yield delta
             await self._finish()
             await self.cursor.rollback(0)  # the unread rest of the last batch is not part of the sequence
-            for delta in self._out:
+            for delta in self._take_out():
                 yield delta
-            self._out = []
         finally:
             await self.close()
+
+    def _take_out(self) -> list[Delta]:
+        merged: list[Delta] = []
+        for delta in self._out:
+            if merged and merged[-1].section == delta.section and merged[-1].server == delta.server:
+                merged[-1] = Delta(delta.section, merged[-1].text + delta.text, delta.server)
+            elif delta.text:
+                merged.append(delta)
+        self._out = []
+        return merged
 
     @property
     def cursor(self) -> SequenceCursor:

@@ -120,6 +120,7 @@ class Outcome:
     judge: Judge
     reasoning: str = ""
     answer: str = ""
+    deltas: int = 0
     cancelled: bool = False
 
 
@@ -138,6 +139,7 @@ async def run_case(case: Case) -> Outcome:
 
     async def consume() -> None:
         async for delta in session.run():
+            outcome.deltas += 1
             if delta.section == "reasoning":
                 outcome.reasoning += delta.text
             else:
@@ -220,6 +222,9 @@ def test_client_text_and_usage_match_the_final_sequence(case: Case) -> None:
     tok = outcome.engine.tokenizer
     assert session.output_tokens == len(generation.sequence), "usage counts the final sequence"
     assert session.output_tokens <= case.max_tokens, "the response stays within max_tokens, server texts included"
+    # Text is coalesced per engine batch: a few deltas a batch (model text per section, server texts), never one a token.
+    # Each group of deltas handed out at once has one delta per run of section and origin.
+    assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)
     assert tok.eos_token_id not in generation.sequence
     reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section)
     answer = truncate_at_stop(answer, case.stop)
