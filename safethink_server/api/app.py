@@ -137,18 +137,22 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         tracker = RequestTracker(state)
+        session: SteeringSession | None = None
         streaming = False
         try:
             session = await build_session(state, body)
             if not body.stream:
                 return await complete(state, session, tracker, request)
             await session.start()  # a full queue answers 503 before the stream begins
+            response = SessionStream(session, tracker, stream(state, body, session, tracker))
             streaming = True  # from here the response owns the slot and the count
-            return SessionStream(session, tracker, stream(state, body, session, tracker))
+            return response
         except Exception as exc:
             return tracker.failed(exc).response()
         finally:
             if not streaming:
+                if session is not None:
+                    await session.close()
                 tracker.close()
 
     return app

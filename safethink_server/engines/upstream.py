@@ -313,7 +313,7 @@ class UpstreamEngine(Engine):
                                       timeout=httpx.Timeout(config.chunk_timeout_s, connect=config.connect_timeout_s,
                                                             read=config.first_byte_timeout_s))
         self._active = 0
-        self._template_opens_reasoning: bool | None = None
+        self._template_opens_reasoning: dict[str, bool] = {}
         self._discovery: asyncio.Task[None] | None = None
         self.upstream_models: list[dict[str, Any]] = []
 
@@ -372,10 +372,10 @@ class UpstreamEngine(Engine):
             return RenderedPrompt([], section, without_markers(text, reasoning), extra={"opening": text})
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
-        if reasoning.prefill_start and self._template_opens_reasoning is None:  # the same for every prompt: ask once
+        if model not in self._template_opens_reasoning:  # the same for every prompt of a model: ask once
             tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
-            self._template_opens_reasoning = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
-        text, section = opening(conversation, reasoning, bool(self._template_opens_reasoning))
+            self._template_opens_reasoning[model] = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
+        text, section = opening(conversation, reasoning, self._template_opens_reasoning[model])
         if text:
             tokens += await self.tokenize_text(model, text)
         return RenderedPrompt(tokens, section, without_markers(text, reasoning) if conversation.prefill is not None else "")

@@ -180,8 +180,13 @@ class SteeringSession:
         if self.finish_reason is None and self._out_of_tokens():
             self.finish_reason = "length"
 
-    def _out_of_tokens(self, more: int = 0) -> bool:
-        return self.engine.counts_tokens and self.output.output_tokens + more >= self.sampling.max_tokens
+    def _out_of_tokens(self) -> bool:
+        """The session's own stop at max_tokens (an engine whose ids are not tokens stops itself)."""
+        return self.engine.counts_tokens and self.output.output_tokens >= self.sampling.max_tokens
+
+    def _fits(self, n_ids: int) -> bool:
+        """Whether `n_ids` more ids stay within max_tokens (estimated where ids are not tokens)."""
+        return (self.output.output_tokens + n_ids) / self.engine.ids_per_token <= self.sampling.max_tokens
 
     async def _on_model_token(self, token: int) -> None:
         if self._held is None and self._watching():
@@ -191,15 +196,15 @@ class SteeringSession:
         if held is not None:
             held.tokens += 1
             held.add(deltas)
-            if not held.deltas and self.output.settled:
-                # Tokens that made no text (a reasoning marker, an answer's leading blank) belong to no
-                # step: a rollback must not undo the marker that opened the section.
-                held.checkpoint, held.tokens = self.output.checkpoint(), 0
+            if not held.text.strip() and self.output.settled:
+                # A step starts at its first text. Tokens before it (a reasoning marker, blank lines)
+                # belong to no step: their whitespace goes out as is, and a rollback never undoes the
+                # marker that opened the section.
+                self._release(held.deltas)
+                self._held = held = _HeldStep(self.output.checkpoint())
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, or where the section changed.
-            # A blank step does not end: its whitespace goes with the next text, judged together.
-            if self.output.settled and held.text.strip() and (
-                    held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
+            elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
                 await self._judge()
         else:
             self._release(deltas)
@@ -219,7 +224,9 @@ class SteeringSession:
         by_length = self.cursor.finished_by_length
         await self.cursor.rollback(1)
         in_reasoning = self.output.section == "reasoning"
-        if self._held is not None:
+        if self._held is None:
+            self._release(self.output.end_of_text())  # text held back for a marker: after the window
+        else:
             self._held.add(self.output.end_of_text())
             action = await self._judge(final=by_length)
             if action in (Action.REPLACED, Action.APPENDED) or self.finish_reason is not None:
@@ -255,7 +262,10 @@ class SteeringSession:
             self._release(step.deltas)
             self._step_index += 1
             if action is Action.APPENDED:
+                before = len(self.report.interventions)
                 await self._intervene(self._step_index - 1, p_unsafe, discarded=0)
+                if len(self.report.interventions) == before:  # no room for the prefix: released as is
+                    record.action = action = Action.RELEASED
             return action
         await self._discard(step)
         if action is Action.REPLACED:
@@ -320,7 +330,7 @@ class SteeringSession:
         is judged or discarded before this."""
         assert self._held is None
         ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
-        if self._out_of_tokens(more=len(ids) - 1):
+        if not self._fits(len(ids)):
             return None
         await self.cursor.inject(ids)
         self.report.injected_tokens += len(ids)

@@ -67,7 +67,8 @@ class ScriptedGeneration(Generation):
         self._calls += 1
         batch: list[int] = []
         while len(batch) < size:
-            if self.engine.enforces_max_tokens and len(self.sequence) + len(batch) >= self.sampling.max_tokens:
+            limit = self.engine.limit(self.sampling)
+            if limit is not None and len(self.sequence) + len(batch) >= limit:
                 self.finished_by_length = True
                 batch.append(eos)
                 break
@@ -104,13 +105,21 @@ class ScriptedEngine(Engine):
     name = "scripted"
     model_name = "scripted"
 
-    def __init__(self, script: list[int], batch_sizes: list[int], enforces_max_tokens: bool = True) -> None:
+    def __init__(self, script: list[int], batch_sizes: list[int], enforces_max_tokens: bool = True,
+                 own_limit: int | None = None) -> None:
         self.tokenizer = ScriptedTokenizer()
         self.script = script
         self.batch_sizes = batch_sizes
         self.enforces_max_tokens = enforces_max_tokens  # vllm and upstream stop at max_tokens themselves, hf does not
+        self.own_limit = own_limit  # a limit of the engine's own below max_tokens (an upstream's count, a context)
+
         self.active = 0
         self.generations: list[ScriptedGeneration] = []
+
+    def limit(self, sampling: SamplingParams) -> int | None:
+        if self.own_limit is not None:
+            return self.own_limit
+        return sampling.max_tokens if self.enforces_max_tokens else None
 
     async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:

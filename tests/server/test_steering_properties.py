@@ -44,6 +44,7 @@ class Case:
     failing_calls: set[int]
     cancel_after: int | None  # event-loop turns before the client goes away
     engine_limits_tokens: bool  # the engine stops at max_tokens itself (vllm, upstream) or not (hf)
+    engine_own_limit: int | None  # the engine stops earlier still, by its own count (an upstream)
     end_on_eos: bool
     prefill: str  # the client's own start of the assistant turn: context for the scorer, never output
     history: list[dict[str, str]]
@@ -51,13 +52,20 @@ class Case:
 
 @dataclass
 class Judge:
-    """A scorer: p_unsafe is high for a step that says BAD, else taken from a list; some calls fail."""
+    """A scorer: p_unsafe is high for a step that says BAD, else taken from a list; some calls fail.
+    It also checks that every step comes with its conversation: the latest turn, the history, and
+    the assistant text so far starting with the client's prefill."""
 
     scores: list[float]
     failing_calls: set[int]
+    history: str = ""
+    prefill: str = ""
     seen: list[tuple[str, float | None]] = field(default_factory=list)
+    wrong_context: list[StepItem] = field(default_factory=list)
 
     async def __call__(self, item: StepItem) -> StepScore:
+        if item.prompt != "q" or item.history != self.history or not item.reasoning.startswith(self.prefill):
+            self.wrong_context.append(item)
         call = len(self.seen)
         if call in self.failing_calls:
             self.seen.append((item.step, None))
@@ -106,6 +114,7 @@ def cases(draw: st.DrawFn) -> Case:
         failing_calls=set(draw(st.lists(st.integers(0, 8), max_size=2))),
         cancel_after=draw(st.one_of(st.none(), st.none(), st.integers(0, 60))),
         engine_limits_tokens=draw(st.booleans()),
+        engine_own_limit=draw(st.one_of(st.none(), st.none(), st.integers(1, 60))),
         end_on_eos=draw(st.booleans()),
         prefill=draw(st.sampled_from(["", "Sure, here is how:", "Step 1: BAD"])),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
@@ -125,10 +134,11 @@ class Outcome:
 
 
 async def run_case(case: Case) -> Outcome:
-    engine = ScriptedEngine([], case.batch_sizes, enforces_max_tokens=case.engine_limits_tokens)
+    engine = ScriptedEngine([], case.batch_sizes, enforces_max_tokens=case.engine_limits_tokens, own_limit=case.engine_own_limit)
     tok = engine.tokenizer
     engine.script = [tok.eos_token_id if p == "<EOS>" else tok.ids[p] for p in case.pieces]
-    judge = Judge(case.scores, case.failing_calls)
+    history = "\n\n".join(f"{m['role']}: {m['content']}" for m in case.history)
+    judge = Judge(case.scores, case.failing_calls, history=history, prefill=case.prefill)
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
         engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
@@ -201,6 +211,7 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
         # Satisfied: the safe steps came first, anything after them is past the window.
         assert released.startswith(judged_safe) or judged_safe.startswith(released), (released, judged_safe)
     assert not any(PREFIX in text or REFUSAL in text for text, _ in outcome.judge.seen), "the server's own text was judged"
+    assert not outcome.judge.wrong_context, "a step was judged without its conversation"
     unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
     for step in unsafe:
         assert step.action in (Action.REPLACED, Action.REFUSED)
@@ -251,3 +262,26 @@ def test_paper_mode_spends_the_budget_then_releases_instead_of_refusing(case: Ca
     # Before the budget is spent the window holds as in refuse mode: no unsafe step was released.
     assert not any(s.action is Action.RELEASED and s.p_unsafe is not None and s.p_unsafe >= case.policy.threshold
                    and not s.scorer_error for s in report.steps)
+
+
+async def run_script(pieces: list[str], early_steps: int = 3, max_tokens: int = 60, own_limit: int | None = None,
+                     initial: str = "reasoning") -> Outcome:
+    return await run_case(Case(
+        pieces=pieces, batch_sizes=[1], initial_section=initial, budget=None, max_tokens=max_tokens, max_step_tokens=20,
+        policy=PolicyConfig(threshold=0.5, early_steps=early_steps, max_interventions=2, prefix=PREFIX, refusal=REFUSAL),
+        stop=[], scores=[0.0], failing_calls=set(), cancel_after=None, engine_limits_tokens=True,
+        engine_own_limit=own_limit, end_on_eos=True, prefill="", history=[]))
+
+
+def test_an_empty_reasoning_does_not_make_the_first_answer_token_a_step():
+    outcome = asyncio.run(run_script(["\n", END, "\n\n", "S", "a", " BAD", ".\n\n", "b"], early_steps=1))
+    assert [text for text, _ in outcome.judge.seen][0] == "Sa BAD.\n\n", "the answer's first step is judged whole"
+    assert "BAD" not in outcome.answer
+    assert outcome.session.report.steps[0].section == "answer"
+
+
+def test_a_breach_on_the_engines_own_length_stop_is_refused_not_replaced():
+    outcome = asyncio.run(run_script(["a", " step", " BAD", " step", " step"], own_limit=4))
+    (step,) = outcome.session.report.steps
+    assert step.action is Action.REFUSED and outcome.session.finish_reason == "content_filter"
+    assert outcome.session.report.interventions == []
