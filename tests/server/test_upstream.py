@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -109,6 +110,16 @@ def test_all_three_reasoning_formats_split_the_same_way(faulty_proxy, model):
     assert r.usage.completion_tokens == 6
     reasoning, answer, _ = read_stream(client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=True))
     assert (reasoning, answer) == ("Two plus two. It is four.", "4")
+
+
+@pytest.mark.parametrize("model", ["ok", "reasoning-field", "think-inline"])
+def test_the_proxy_sends_no_more_text_events_than_the_upstream(faulty_proxy, model):
+    """Text is relayed per upstream event, never one event per byte."""
+    body = {"model": model, "messages": MATH, "stream": True}
+    with httpx.stream("POST", faulty_proxy + "/v1/chat/completions", json=body, timeout=30) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    text_events = [e for e in events if any((c["delta"].get("content") or c["delta"].get("reasoning_content")) for c in e["choices"])]
+    assert 1 <= len(text_events) <= 3, [e["choices"] for e in text_events]  # the upstream sent 2 or 3 text events
 
 
 @pytest.mark.parametrize(("model", "status", "kind"), [
