@@ -1,0 +1,185 @@
+"""The proxy's own cost per relayed token, in front of a minimal upstream that streams as fast as it can.
+
+    python bench/gateway_cost.py --concurrency 8 --requests 64 --tokens 250
+
+Three real processes on this machine: the upstream (a tiny ASGI app that streams `--tokens` chat
+chunks per request, reasoning first, one token per event), and two gateways in front of it
+(`safethink serve --engine upstream`), one with steering off and one with the defaults. Each route
+gets the same requests, interleaved route by route. Reported per route:
+- CPU seconds of the serving process (utime + stime from /proc) per relayed token;
+- text events per request, against the upstream's own;
+- time to first text p50 / p99, and what the gateway adds to the direct route;
+- with steering on, the scorer's forward time from the gateway's metrics, reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import free_port  # noqa: E402  the same port helper the tests use
+
+WORDS = ["First", " we", " look", " at", " the", " numbers", " and", " add", " them", " up", "."]
+
+
+def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped-def]
+    """A minimal OpenAI-style streaming server: no model, no framework, as fast as it can go."""
+
+    def event(delta: dict[str, str], finish: str | None = None) -> bytes:
+        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    usage = json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": tokens + 10}}).encode()
+    # Steps of 24 tokens: a paragraph break ends each one, as reasoning models write.
+    pieces = [("\n\n" if i % 24 == 23 else WORDS[i % len(WORDS)]) for i in range(tokens)]
+    body = [event({"reasoning_content": p} if i < reasoning_tokens else {"content": p}) for i, p in enumerate(pieces)]
+    body[-1] = event({"content": pieces[-1]}, "stop")
+    models = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "bench"}]}).encode()
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if scope["path"].endswith("/models"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": models})
+            return
+        if not scope["path"].endswith("/chat/completions"):
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+def serve_upstream(port: int, tokens: int, reasoning_tokens: int) -> None:
+    import uvicorn
+
+    uvicorn.run(upstream_app(tokens, reasoning_tokens), host="127.0.0.1", port=port, log_level="warning")
+
+
+def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command} exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(health, timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{command} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scorer_seconds(base: str) -> float:
+    text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("safethink_scorer_latency_seconds_sum"))
+
+
+async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Add the numbers."}], "stream": True, "max_tokens": 4096}
+    started, ttft, events = time.perf_counter(), None, 0
+    async with client.stream("POST", base + "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
+            if delta.get("content") or delta.get("reasoning_content"):
+                events += 1
+                ttft = ttft if ttft is not None else time.perf_counter() - started
+    return (ttft or 0.0) * 1000, events
+
+
+async def run_route(base: str, concurrency: int, requests: int) -> tuple[list[float], list[int], float]:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one(client, base)  # warm-up: connections, the scorer's first forward
+        gate = asyncio.Semaphore(concurrency)
+
+        async def bounded() -> tuple[float, int]:
+            async with gate:
+                return await one(client, base)
+
+        t = time.perf_counter()
+        results = await asyncio.gather(*(bounded() for _ in range(requests)))
+        return [r[0] for r in results], [r[1] for r in results], time.perf_counter() - t
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    logs = Path("/tmp")
+    up_port, off_port, on_port = free_port(), free_port(), free_port()
+    upstream = start([sys.executable, __file__, "--serve-upstream", str(up_port), "--tokens", str(args.tokens),
+                      "--reasoning-tokens", str(args.reasoning_tokens)], f"http://127.0.0.1:{up_port}/v1/models",
+                     logs / f"gateway-cost-upstream-{up_port}.log")
+    url = f"http://127.0.0.1:{up_port}/v1"
+
+    def gateway(port: int, *flags: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "safethink_server.cli", "serve", "--engine", "upstream", "--upstream-url", url,
+                   "--upstream-mode", "chat", "--port", str(port), "--log-level", "warning", *flags]
+        return start(command, f"http://127.0.0.1:{port}/health", logs / f"gateway-cost-{port}.log")
+
+    procs = {"direct": upstream, "steering off": gateway(off_port, "--early-steps", "0"), "steering on": gateway(on_port)}
+    bases = {"direct": url, "steering off": f"http://127.0.0.1:{off_port}/v1", "steering on": f"http://127.0.0.1:{on_port}/v1"}
+    try:
+        print(f"{args.requests} requests of {args.tokens} tokens, {args.concurrency} streams; CPU of the process serving each route")
+        print(f"{'route':13} {'CPU µs/token':>13} {'events/req':>11} {'ttft p50':>9} {'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
+        direct_p50 = None
+        for route, base in bases.items():
+            pid = procs[route].pid
+            cpu, scored = cpu_seconds(pid), scorer_seconds(base) if route != "direct" else 0.0
+            ttfts, events, wall = await run_route(base, args.concurrency, args.requests)
+            cpu, scored = cpu_seconds(pid) - cpu, (scorer_seconds(base) - scored) if route != "direct" else 0.0
+            relayed = args.requests * args.tokens
+            p50 = statistics.median(ttfts)
+            direct_p50 = p50 if direct_p50 is None else direct_p50
+            print(f"{route:13} {cpu / relayed * 1e6:13.1f} {statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} "
+                  f"{p50 - direct_p50:+10.1f} {relayed / wall:8.0f} {scored:9.2f}")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=250, help="tokens the upstream streams per request")
+    parser.add_argument("--reasoning-tokens", type=int, default=150, help="of which reasoning")
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    if cli.serve_upstream:
+        serve_upstream(cli.serve_upstream, cli.tokens, cli.reasoning_tokens)
+    else:
+        asyncio.run(main(cli))
