@@ -41,10 +41,14 @@ def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float,
     return tr, ca, te
 
 
+def step_item(item: LabelledStep) -> StepItem:
+    return StepItem(prompt=item.prompt, reasoning=item.reasoning, step=item.step)
+
+
 def embed_all(items: list[LabelledStep], embedder: SentenceEmbedder, chunk: int = 256) -> np.ndarray:
     rows = []
     for start in tqdm(range(0, len(items), chunk), desc="embedding", unit="chunk"):
-        batch = [StepItem(prompt=i.prompt, reasoning=i.reasoning, step=i.step) for i in items[start : start + chunk]]
+        batch = [step_item(i) for i in items[start : start + chunk]]
         rows.append(features(embedder, batch).numpy())
     return np.concatenate(rows)
 
@@ -181,7 +185,7 @@ def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0) -> dict[str, 
     scorer = ProbeScorer(head_path, device="cpu")
     p: list[float] = []
     for start in tqdm(range(0, len(test_items), 64), desc="scoring", unit="batch"):
-        batch = [StepItem(prompt=i.prompt, reasoning=i.reasoning, step=i.step) for i in test_items[start : start + 64]]
+        batch = [step_item(i) for i in test_items[start : start + 64]]
         p += [s.p_unsafe for s in scorer.score_batch(batch)]
     y = np.array([i.unsafe for i in test_items], dtype=np.int64)
     scores = np.array(p)

@@ -6,7 +6,7 @@ own /tokenize."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from safethink_server.schema import ReasoningConfig
@@ -33,7 +33,7 @@ class RenderedPrompt:
     ids: list[int]  # empty where the engine renders the messages itself (upstream chat mode)
     initial_section: Section  # the section the first generated token falls in
     assistant_text: str = ""  # the prefill as the assistant's text so far, markers removed: scorer context
-    extra: dict[str, Any] = field(default_factory=dict)
+    opening: str = ""  # the text after the rendered conversation: the reasoning's start marker, or the prefill
 
 
 def split_conversation(messages: list[dict[str, str]], continue_final_message: bool) -> Conversation:
@@ -63,8 +63,12 @@ def opening(conversation: Conversation, reasoning: ReasoningConfig, template_ope
     return prefill, section
 
 
-def without_markers(text: str, reasoning: ReasoningConfig) -> str:
-    return text.replace(reasoning.start_marker, "").replace(reasoning.end_marker, "").strip()
+def open_turn(conversation: Conversation, reasoning: ReasoningConfig, template_opens_reasoning: bool) -> RenderedPrompt:
+    """The assistant turn's opening, its section and the scorer's view of the prefill; the engine
+    fills in the ids of the rendered conversation followed by the opening."""
+    text, section = opening(conversation, reasoning, template_opens_reasoning)
+    prefill = text.replace(reasoning.start_marker, "").replace(reasoning.end_marker, "").strip()
+    return RenderedPrompt([], section, prefill if conversation.prefill is not None else "", text)
 
 
 def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
@@ -73,10 +77,10 @@ def render_chat(tokenizer: Any, conversation: Conversation, reasoning: Reasoning
         prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
     except Exception as exc:
         raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
-    opens = prompt.rstrip().endswith(reasoning.start_marker)  # DeepSeek-R1-style templates open it themselves
-    appended, section = opening(conversation, reasoning, opens)
-    ids = tokenizer.encode(prompt + appended, add_special_tokens=False)
-    return RenderedPrompt(ids, section, without_markers(appended, reasoning) if conversation.prefill is not None else "")
+    # DeepSeek-R1-style templates open the reasoning themselves.
+    rendered = open_turn(conversation, reasoning, prompt.rstrip().endswith(reasoning.start_marker))
+    rendered.ids = tokenizer.encode(prompt + rendered.opening, add_special_tokens=False)
+    return rendered
 
 
 def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> None:

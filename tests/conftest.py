@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,29 @@ def running_server(*flags: str, env: dict[str, str] | None = None, timeout_s: fl
     command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
     with running_process(command, url + "/health", LOG_DIR / f"safethink-serve-{port}.log", env, timeout_s):
         yield url
+
+
+@dataclass
+class Streamed:
+    """What the official client read from one streamed chat completion."""
+
+    reasoning: str = ""
+    answer: str = ""
+    finish: str | None = None
+    usage: object = None
+    info: dict | None = None  # the `safethink` report
+
+
+def read_stream(stream) -> Streamed:  # type: ignore[no-untyped-def]
+    out = Streamed()
+    for chunk in stream:
+        out.usage = chunk.usage if chunk.usage is not None else out.usage
+        out.info = chunk.model_extra.get("safethink") or out.info
+        for choice in chunk.choices:
+            out.reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            out.answer += choice.delta.content or ""
+            out.finish = choice.finish_reason or out.finish
+    return out
 
 
 @pytest.fixture(scope="session")

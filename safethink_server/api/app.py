@@ -275,11 +275,9 @@ async def complete(state: ServerState, session: SteeringSession, tracker: Reques
         return tracker.failed(exc).response()
     finally:
         if not task.done():
-            task.cancel()
+            task.cancel()  # the session's own `finally` frees the slot; chat() closes it again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
                 await task
-        with anyio.CancelScope(shield=True):
-            await session.close()
     usage = _usage(session)
     tracker.finished(session, usage.completion_tokens)
     reasoning = "".join(parts["reasoning"]) or None

@@ -8,9 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from safethink_server.schema import SteeringOverrides, SteeringReport
+from safethink_server.schema import INT64_MAX, INT64_MIN, SteeringOverrides, SteeringReport
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_CHARS = 256
 
 

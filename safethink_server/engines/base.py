@@ -28,9 +28,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from safethink_server.prompt import Conversation, RenderedPrompt, render_chat
-from safethink_server.schema import ReasoningConfig
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from safethink_server.schema import INT64_MAX, INT64_MIN, ReasoningConfig
 
 
 class SamplingParams(BaseModel):
@@ -104,7 +102,7 @@ class SequenceCursor:
         return len(self._batch) - self._read
 
     def _take_unread(self) -> int:
-        unread = len(self._batch) - self._read
+        unread = self.unread
         self._batch, self._read = [], 0
         return unread
 

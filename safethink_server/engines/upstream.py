@@ -28,7 +28,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
-from safethink_server.prompt import Conversation, RenderedPrompt, opening, without_markers
+from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
 from safethink_server.schema import ReasoningConfig
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class UpstreamGeneration(Generation):
         self.engine = engine
         self.model = model
         self.messages = conversation.messages
-        self.opening: str = prompt.extra.get("opening", "")  # chat mode: the client's prefill, continued upstream
+        self.opening = prompt.opening if engine.mode == "chat" else ""  # chat mode: the prefill, continued upstream
         self.sampling = sampling
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
         self.kept_tokens = 0  # tokens of `kept` when the current request was sent
@@ -129,6 +129,7 @@ class UpstreamGeneration(Generation):
         self._in_reasoning = False  # chat mode: inside a <think> section this engine opened
         self._reasoned = False
         self._closed = False
+        self._resync_sections()
 
     @property
     def prefilled_tokens(self) -> int:
@@ -368,17 +369,15 @@ class UpstreamEngine(Engine):
         messages itself; only the opening is known here."""
         model = self.upstream_name(model)
         if self.mode == "chat":
-            text, section = opening(conversation, reasoning, template_opens_reasoning=False)
-            return RenderedPrompt([], section, without_markers(text, reasoning), extra={"opening": text})
+            return open_turn(conversation, reasoning, template_opens_reasoning=False)
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
         if model not in self._template_opens_reasoning:  # the same for every prompt of a model: ask once
             tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
             self._template_opens_reasoning[model] = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
-        text, section = opening(conversation, reasoning, self._template_opens_reasoning[model])
-        if text:
-            tokens += await self.tokenize_text(model, text)
-        return RenderedPrompt(tokens, section, without_markers(text, reasoning) if conversation.prefill is not None else "")
+        rendered = open_turn(conversation, reasoning, self._template_opens_reasoning[model])
+        rendered.ids = tokens + (await self.tokenize_text(model, rendered.opening) if rendered.opening else [])
+        return rendered
 
     async def tokenize_text(self, model: str, text: str) -> list[int]:
         body = {"model": model, "prompt": text, "add_special_tokens": False}
@@ -420,7 +419,6 @@ class UpstreamEngine(Engine):
             raise EngineOverloaded(f"{self._active} requests are in flight upstream")
         self._active += 1
         generation = UpstreamGeneration(self, self.upstream_name(model), conversation, prompt, sampling)
-        generation._resync_sections()
         try:
             await generation.open()
         except BaseException:

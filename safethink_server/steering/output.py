@@ -4,6 +4,7 @@ checkpoint so that a rolled-back step leaves no trace."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,19 @@ class Delta:
     section: Section  # "reasoning" or "answer"
     text: str
     server: bool = False  # text the server inserted (prefix, end marker, refusal), not the model's
+
+
+def merged(deltas: Iterable[Delta]) -> list[Delta]:
+    """Consecutive deltas of one section and origin joined into one; empty ones dropped."""
+    out: list[Delta] = []
+    for delta in deltas:
+        if not delta.text:
+            continue
+        if out and out[-1].section == delta.section and out[-1].server == delta.server:
+            out[-1] = Delta(delta.section, out[-1].text + delta.text, delta.server)
+        else:
+            out.append(delta)
+    return out
 
 
 @dataclass(frozen=True)
@@ -52,14 +66,7 @@ class OutputProcessor:
 
     def push_all(self, ids: list[int], server: bool) -> list[Delta]:
         """Several tokens at once, their text merged per section."""
-        deltas: list[Delta] = []
-        for token in ids:
-            for delta in self.push(token):
-                if deltas and deltas[-1].section == delta.section:
-                    deltas[-1].text += delta.text
-                else:
-                    deltas.append(Delta(delta.section, delta.text, server))
-        return deltas
+        return merged(Delta(d.section, d.text, server) for token in ids for d in self.push(token))
 
     def checkpoint(self) -> OutputCheckpoint:
         return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens)

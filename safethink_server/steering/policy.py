@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from safethink_server.schema import DEFAULT_PREFIX, Action, PolicyConfig
-
-__all__ = ["DEFAULT_PREFIX", "Action", "PolicyConfig", "decide", "is_watching"]
+from safethink_server.schema import Action, PolicyConfig
 
 
 def is_watching(config: PolicyConfig, step_index: int, interventions: int) -> bool:

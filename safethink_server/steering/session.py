@@ -30,7 +30,7 @@ from safethink_server.schema import (
     SteeringReport,
     StepRecord,
 )
-from safethink_server.steering.output import Delta, OutputCheckpoint, OutputProcessor
+from safethink_server.steering.output import Delta, OutputCheckpoint, OutputProcessor, merged
 from safethink_server.steering.policy import decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.steering.text import Section
@@ -154,14 +154,8 @@ class SteeringSession:
             await self.close()
 
     def _take_out(self) -> list[Delta]:
-        merged: list[Delta] = []
-        for delta in self._out:
-            if merged and merged[-1].section == delta.section and merged[-1].server == delta.server:
-                merged[-1] = Delta(delta.section, merged[-1].text + delta.text, delta.server)
-            elif delta.text:
-                merged.append(delta)
-        self._out = []
-        return merged
+        out, self._out = self._out, []
+        return merged(out)
 
     @property
     def cursor(self) -> SequenceCursor:
@@ -238,10 +232,12 @@ class SteeringSession:
         else:
             self.finish_reason = "stop"
 
-    def _release(self, deltas: list[Delta], final: bool = False) -> None:
-        self._out += self.output.release(deltas, final=final)
+    def _release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
+        released = self.output.release(deltas, final=final)
+        self._out += released
         if self.output.stopped and self.finish_reason is None:
             self.finish_reason = "stop"
+        return released
 
     # --- judging ------------------------------------------------------------------------------
     async def _judge(self, final: bool = False) -> Action:
@@ -261,17 +257,12 @@ class SteeringSession:
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas)
             self._step_index += 1
-            if action is Action.APPENDED:
-                before = len(self.report.interventions)
-                await self._intervene(self._step_index - 1, p_unsafe, discarded=0)
-                if len(self.report.interventions) == before:  # no room for the prefix: released as is
-                    record.action = action = Action.RELEASED
+            if action is Action.APPENDED and not await self._intervene(self._step_index - 1, p_unsafe, discarded=0):
+                record.action = action = Action.RELEASED  # no room for the prefix: released as is
             return action
         await self._discard(step)
         if action is Action.REPLACED:
-            before = len(self.report.interventions)
-            await self._intervene(self._step_index, p_unsafe, discarded=step.tokens)  # the replacement keeps the index
-            if len(self.report.interventions) > before:
+            if await self._intervene(self._step_index, p_unsafe, discarded=step.tokens):  # the replacement keeps the index
                 self.report.discarded_tokens += step.tokens
                 return action
             record.action = action = Action.REFUSED if self.finish_reason == "content_filter" else Action.WITHHELD
@@ -299,18 +290,20 @@ class SteeringSession:
         return result.p_unsafe, False
 
     # --- the server's own texts ---------------------------------------------------------------
-    async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> None:
+    async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> bool:
+        """Inject the prefix; False when it does not fit under max_tokens (the response then ends)."""
         injected = await self._insert(self._separated(self.policy.prefix), "prefix")
-        if injected is None:  # no room left under max_tokens for the prefix: nothing can replace the step
+        if injected is None:  # nothing can replace the step
             if discarded and self.policy.on_budget_exhausted == "refuse":
                 self._refuse()
             else:
                 self.finish_reason = "length"
-            return
+            return False
         self.report.interventions.append(InterventionRecord(
             step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
             discarded_tokens=discarded, injected_tokens=injected))
         self.observer.intervention(step_index)
+        return True
 
     def _separated(self, prefix: str) -> str:
         """The prefix starts a new paragraph when the released text does not end in one."""
@@ -335,13 +328,10 @@ class SteeringSession:
         await self.cursor.inject(ids)
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))
-        released = self.output.release(self.output.push_all(ids, server=True))
-        self._out += released
+        released = self._release(self.output.push_all(ids, server=True))
         # Listed as the client sees it (markers removed, an answer's leading whitespace stripped).
         for delta in released or [Delta("answer" if self.output.section == "answer" else "reasoning", "")]:
             self.report.inserted.append(InsertedText(kind=kind, section=delta.section, text=delta.text))  # type: ignore[arg-type]
-        if self.output.stopped and self.finish_reason is None:
-            self.finish_reason = "stop"
         return len(ids)
 
     def _refuse(self) -> None:

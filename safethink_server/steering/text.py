@@ -21,23 +21,21 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        return self._new_text(final=False)
+
+    def _new_text(self, final: bool) -> str:
+        """The text the ids after `read_offset` add; unless `final`, none while it ends mid-character."""
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if final or (len(full) > len(prefix) and not full.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (a character never completed comes out as U+FFFD), at the end."""
-        if self.read_offset == len(self.ids):
-            return ""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix) :]
+        return "" if self.settled else self._new_text(final=True)
 
     @property
     def settled(self) -> bool:

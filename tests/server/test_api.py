@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EMBEDDED_MODEL, running_server
+from tests.conftest import EMBEDDED_MODEL, read_stream, running_server
 
 API_KEY = "test-key"
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
@@ -79,40 +79,27 @@ def test_a_breach_with_no_intervention_left_ends_with_the_refusal(steered_url):
     assert metric(steered_url, "safethink_withheld_tokens_total") >= info["withheld_tokens"]
 
 
-def read_stream(stream) -> tuple[str, str, str | None, object, dict | None]:  # type: ignore[no-untyped-def]
-    reasoning, answer, finish, usage, info = "", "", None, None, None
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        if chunk.model_extra.get("safethink"):
-            info = chunk.model_extra["safethink"]
-        for choice in chunk.choices:
-            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
-            answer += choice.delta.content or ""
-            finish = choice.finish_reason or finish
-    return reasoning, answer, finish, usage, info
-
-
 def test_streaming_parses_and_splits_reasoning_from_answer(steered_url):
     stream = client(steered_url).chat.completions.create(
         model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0, stream=True, stream_options={"include_usage": True},
         extra_body=UNSTEERED)
-    reasoning, answer, finish, usage, info = read_stream(stream)
-    assert finish in ("stop", "length")
-    assert reasoning and "<think>" not in reasoning + answer and "</think>" not in reasoning + answer
-    assert usage is not None and usage.completion_tokens > 0
-    assert info is not None and info["steps"] == []
+    streamed = read_stream(stream)
+    text = streamed.reasoning + streamed.answer
+    assert streamed.finish in ("stop", "length")
+    assert streamed.reasoning and "<think>" not in text and "</think>" not in text
+    assert streamed.usage is not None and streamed.usage.completion_tokens > 0
+    assert streamed.info is not None and streamed.info["steps"] == []
     # Streamed and non-streamed greedy runs of one request agree.
     full = client(steered_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0,
                                                        extra_body=UNSTEERED)
-    assert (full.choices[0].message.reasoning_content or "") == reasoning
-    assert (full.choices[0].message.content or "") == answer
+    assert (full.choices[0].message.reasoning_content or "") == streamed.reasoning
+    assert (full.choices[0].message.content or "") == streamed.answer
     steered = client(steered_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0,
                                                           stream=True, extra_body={"safethink": {"max_interventions": 1}})
-    s_reasoning, s_answer, s_finish, _, s_info = read_stream(steered)
-    assert s_reasoning.startswith("Wait, think safely.") and len(s_info["interventions"]) == 1
-    assert s_finish in ("stop", "content_filter")
-    assert s_finish == "stop" or s_answer.endswith(REFUSAL)
+    s = read_stream(steered)
+    assert s.reasoning.startswith("Wait, think safely.") and len(s.info["interventions"]) == 1
+    assert s.finish in ("stop", "content_filter")
+    assert s.finish == "stop" or s.answer.endswith(REFUSAL)
 
 
 # Request shapes that once got model text past the scorer. At τ = 0 every watched step breaches, so
@@ -152,7 +139,8 @@ def test_no_model_text_reaches_the_client_when_every_step_breaches(steered_url, 
     extra = {k: v for k, v in extra.items() if k != "max_tokens"}
     kwargs = {"model": EMBEDDED_MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "extra_body": extra}
     if stream:
-        reasoning, answer, finish, _, info = read_stream(client(steered_url).chat.completions.create(stream=True, **kwargs))
+        s = read_stream(client(steered_url).chat.completions.create(stream=True, **kwargs))
+        reasoning, answer, finish, info = s.reasoning, s.answer, s.finish, s.info
     else:
         r = client(steered_url).chat.completions.create(**kwargs)
         reasoning, answer = getattr(r.choices[0].message, "reasoning_content", None) or "", r.choices[0].message.content or ""

@@ -1,4 +1,5 @@
-from safethink_server.steering.policy import Action, PolicyConfig, decide, is_watching
+from safethink_server.schema import Action, PolicyConfig
+from safethink_server.steering.policy import decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.steering.text import SectionSplitter, StopMatcher
 

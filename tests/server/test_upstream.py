@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_process, running_server
+from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, read_stream, running_process, running_server
 from tests.server.faulty_upstream import FaultyUpstream
 
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
@@ -31,16 +31,6 @@ def metric(url: str, name: str) -> float:
 def labelled(url: str, name: str, label: str) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*{re.escape(label)}[^}}]*}} (\S+)$", text, re.M))
-
-
-def read_stream(stream) -> tuple[str, str, dict | None]:  # type: ignore[no-untyped-def]
-    reasoning, answer, info = "", "", None
-    for chunk in stream:
-        info = chunk.model_extra.get("safethink") or info
-        for choice in chunk.choices:
-            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
-            answer += choice.delta.content or ""
-    return reasoning, answer, info
 
 
 # --- in front of this project's own server (chat mode, continue_final_message) -------------------
@@ -75,10 +65,10 @@ def test_proxy_steers_an_upstream_that_does_not_steer(proxy, own_upstream):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # Streaming through the proxy gives the same text.
     stream = client(proxy).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0, stream=True)
-    reasoning, answer, streamed_info = read_stream(stream)
-    assert reasoning == r.choices[0].message.reasoning_content
-    assert answer == (r.choices[0].message.content or "")
-    assert streamed_info is not None and len(streamed_info["interventions"]) == 2
+    streamed = read_stream(stream)
+    assert streamed.reasoning == r.choices[0].message.reasoning_content
+    assert streamed.answer == (r.choices[0].message.content or "")
+    assert streamed.info is not None and len(streamed.info["interventions"]) == 2
 
 
 def test_continue_final_message_resumes_inside_the_reasoning(own_upstream):
@@ -108,8 +98,8 @@ def test_all_three_reasoning_formats_split_the_same_way(faulty_proxy, model):
     assert r.choices[0].message.reasoning_content == "Two plus two. It is four."
     assert r.choices[0].message.content == "4"
     assert r.usage.completion_tokens == 6
-    reasoning, answer, _ = read_stream(client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=True))
-    assert (reasoning, answer) == ("Two plus two. It is four.", "4")
+    streamed = read_stream(client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=True))
+    assert (streamed.reasoning, streamed.answer) == ("Two plus two. It is four.", "4")
 
 
 @pytest.mark.parametrize("model", ["ok", "reasoning-field", "think-inline"])
@@ -156,9 +146,7 @@ def test_mid_stream_faults_end_cleanly_and_are_counted(faulty_proxy, model, stat
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_upstream_length_stop_stays_a_length_stop(faulty_proxy, stream):
     if stream:
-        finish = None
-        for chunk in client(faulty_proxy).chat.completions.create(model="length", messages=MATH, stream=True):
-            finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+        finish = read_stream(client(faulty_proxy).chat.completions.create(model="length", messages=MATH, stream=True)).finish
     else:
         r = client(faulty_proxy).chat.completions.create(model="length", messages=MATH)
         finish = r.choices[0].finish_reason
