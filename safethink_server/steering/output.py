@@ -48,7 +48,7 @@ class OutputProcessor:
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
         self.reasoning_tokens = 0
         self.stopped = False  # a stop string was hit: nothing more is released
-        self.released = ""  # every text released so far, all sections, server texts included
+        self._released: list[str] = []  # every text released so far, all sections, server texts included
 
     @property
     def section(self) -> Section:
@@ -94,9 +94,20 @@ class OutputProcessor:
             text, _ = self.stop.feed("", final=True)
             if text:
                 out.append(Delta("answer", text))
-        for delta in out:
-            self.released += delta.text
+        self._released += (delta.text for delta in out)
         return out
+
+    def add_released(self, text: str) -> None:
+        """Text that goes to the client past the stop strings (the refusal)."""
+        self._released.append(text)
+
+    @property
+    def released(self) -> str:
+        """Everything released so far; joined only when read (while steps are judged), so that
+        streaming past the window appends without copying the whole text each time."""
+        if len(self._released) > 1:
+            self._released[:] = ["".join(self._released)]
+        return self._released[0] if self._released else ""
 
     @property
     def settled(self) -> bool:

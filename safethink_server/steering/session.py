@@ -342,7 +342,7 @@ class SteeringSession:
         self.report.refusal = self.policy.refusal
         self.report.inserted.append(InsertedText(kind="refusal", section="answer", text=text))
         self._out.append(Delta("answer", text, server=True))
-        self.output.released += text
+        self.output.add_released(text)
         self.finish_reason = "content_filter"
         self.observer.refused()
 
