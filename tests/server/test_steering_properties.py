@@ -222,8 +222,10 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
 
 
 @SETTINGS
-@given(cases())
-def test_client_text_and_usage_match_the_final_sequence(case: Case) -> None:
+@given(cases(), st.sampled_from(["replace", "append"]), st.sampled_from(["refuse", "release"]))
+def test_client_text_and_usage_match_the_final_sequence(case: Case, mode: str, on_budget_exhausted: str) -> None:
+    """Whatever the policy, in the modes outside the guarantee too."""
+    case.policy = case.policy.model_copy(update={"mode": mode, "on_budget_exhausted": on_budget_exhausted})
     outcome = asyncio.run(run_case(case))
     assert outcome.engine.active == 0, "a slot is still held after the request ended"
     if outcome.cancelled:
