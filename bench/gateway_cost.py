@@ -76,20 +76,26 @@ def serve_upstream(port: int, tokens: int, reasoning_tokens: int) -> None:
 
 
 def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]:
+    """A server process, once `health` answers; stopped again if it never does."""
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command} exited:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(health, timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{command} did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command} exited:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(health, timeout=1).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command} did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def cpu_seconds(pid: int) -> float:
@@ -98,7 +104,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def scorer_seconds(base: str) -> float:
-    text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10).text
+    """The scorer's forward time so far, from a gateway's metrics (0 for a server without them)."""
+    response = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10)
+    if response.status_code != 200:
+        return 0.0
+    text = response.text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("safethink_scorer_latency_seconds_sum"))
 
 
@@ -116,19 +126,22 @@ async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int]:
     return (ttft or 0.0) * 1000, events
 
 
-async def run_route(base: str, concurrency: int, requests: int) -> tuple[list[float], list[int], float]:
+async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float]:
+    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds), the
+    warm-up request (connections, the scorer's first forward) left out of every figure."""
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one(client, base)  # warm-up: connections, the scorer's first forward
+        await one(client, base)
         gate = asyncio.Semaphore(concurrency)
 
         async def bounded() -> tuple[float, int]:
             async with gate:
                 return await one(client, base)
 
-        t = time.perf_counter()
+        cpu, scored, t = cpu_seconds(pid), scorer_seconds(base), time.perf_counter()
         results = await asyncio.gather(*(bounded() for _ in range(requests)))
-        return [r[0] for r in results], [r[1] for r in results], time.perf_counter() - t
+        wall = time.perf_counter() - t
+        return ([r[0] for r in results], [r[1] for r in results], wall, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -139,9 +152,6 @@ def pct(values: list[float], q: float) -> float:
 async def main(args: argparse.Namespace) -> None:
     logs = Path("/tmp")
     up_port, off_port, on_port = free_port(), free_port(), free_port()
-    upstream = start([sys.executable, __file__, "--serve-upstream", str(up_port), "--tokens", str(args.tokens),
-                      "--reasoning-tokens", str(args.reasoning_tokens)], f"http://127.0.0.1:{up_port}/v1/models",
-                     logs / f"gateway-cost-upstream-{up_port}.log")
     url = f"http://127.0.0.1:{up_port}/v1"
 
     def gateway(port: int, *flags: str) -> subprocess.Popen[bytes]:
@@ -149,17 +159,19 @@ async def main(args: argparse.Namespace) -> None:
                    "--upstream-mode", "chat", "--port", str(port), "--log-level", "warning", *flags]
         return start(command, f"http://127.0.0.1:{port}/health", logs / f"gateway-cost-{port}.log")
 
-    procs = {"direct": upstream, "steering off": gateway(off_port, "--early-steps", "0"), "steering on": gateway(on_port)}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     bases = {"direct": url, "steering off": f"http://127.0.0.1:{off_port}/v1", "steering on": f"http://127.0.0.1:{on_port}/v1"}
     try:
+        procs["direct"] = start([sys.executable, __file__, "--serve-upstream", str(up_port), "--tokens", str(args.tokens),
+                                 "--reasoning-tokens", str(args.reasoning_tokens)], f"http://127.0.0.1:{up_port}/v1/models",
+                                logs / f"gateway-cost-upstream-{up_port}.log")
+        procs["steering off"] = gateway(off_port, "--early-steps", "0")
+        procs["steering on"] = gateway(on_port)
         print(f"{args.requests} requests of {args.tokens} tokens, {args.concurrency} streams; CPU of the process serving each route")
         print(f"{'route':13} {'CPU µs/token':>13} {'events/req':>11} {'ttft p50':>9} {'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
         direct_p50 = None
         for route, base in bases.items():
-            pid = procs[route].pid
-            cpu, scored = cpu_seconds(pid), scorer_seconds(base) if route != "direct" else 0.0
-            ttfts, events, wall = await run_route(base, args.concurrency, args.requests)
-            cpu, scored = cpu_seconds(pid) - cpu, (scorer_seconds(base) - scored) if route != "direct" else 0.0
+            ttfts, events, wall, cpu, scored = await run_route(base, procs[route].pid, args.concurrency, args.requests)
             relayed = args.requests * args.tokens
             p50 = statistics.median(ttfts)
             direct_p50 = p50 if direct_p50 is None else direct_p50

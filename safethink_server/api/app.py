@@ -151,9 +151,11 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
             return tracker.failed(exc).response()
         finally:
             if not streaming:
-                if session is not None:
-                    await session.close()
-                tracker.close()
+                try:
+                    if session is not None:
+                        await session.close()
+                finally:
+                    tracker.close()
 
     return app
 

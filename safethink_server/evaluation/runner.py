@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from safethink_server.engines.upstream import UpstreamError, sse_events
 from safethink_server.evaluation.suites import EvalPrompt, PromptKind
-from safethink_server.schema import InsertedText
 from safethink_server.steering.text import SectionSplitter
 
 
@@ -49,6 +48,15 @@ class InterventionTrace(BaseModel):
     prefix: str = ""
 
 
+class InsertedTrace(BaseModel):
+    """One server-inserted text as a server reports it; plain strings, so that a server with other
+    kinds of text is still evaluated (the server's own model is `schema.InsertedText`)."""
+
+    kind: str
+    section: str
+    text: str
+
+
 class Completion(BaseModel):
     """What one request produced (or how it failed), before judging."""
 
@@ -66,7 +74,7 @@ class Completion(BaseModel):
     steered: bool = Field(default=False, description="the server reported steering (a `safethink` object)")
     steps: list[StepTrace] = []
     interventions: list[InterventionTrace] = []
-    inserted: list[InsertedText] = Field(default=[], description="the server's own texts in the output, as listed by it")
+    inserted: list[InsertedTrace] = Field(default=[], description="the server's own texts in the output, as listed by it")
     error: str | None = None
     error_status: int | None = None
 
@@ -154,7 +162,7 @@ async def complete(client: httpx.AsyncClient, arm: Arm, prompt: EvalPrompt, sett
                     result.steered = True
                     result.steps = [StepTrace.model_validate(s) for s in report.get("steps", [])]
                     result.interventions = [InterventionTrace.model_validate(i) for i in report.get("interventions", [])]
-                    result.inserted = [InsertedText.model_validate(i) for i in report.get("inserted", [])]
+                    result.inserted = [InsertedTrace.model_validate(i) for i in report.get("inserted", [])]
     except UpstreamError as exc:
         result.error, result.error_status = str(exc), exc.status
     except httpx.HTTPError as exc:
