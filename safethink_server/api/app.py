@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -37,9 +38,10 @@ from safethink_server.api.protocol import (
 )
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams
-from safethink_server.engines.upstream import UpstreamError
+from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError, check_context_length, split_conversation
+from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
 logger = logging.getLogger(__name__)
@@ -322,6 +324,23 @@ def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
     return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
 
+class DeltaEvents:
+    """The SSE events of text deltas, from templates of the chunk model dumped once per stream with
+    a mark where the text goes: a delta then costs one JSON string encoding, not a model dump."""
+
+    _MARK = "\x00"
+
+    def __init__(self, chunk: Callable[[DeltaMessage], ChatCompletionChunk]) -> None:
+        mark = json.dumps(self._MARK)
+        self._templates = {
+            "reasoning": _sse(chunk(DeltaMessage(reasoning_content=self._MARK, reasoning=self._MARK))).split(mark),
+            "answer": _sse(chunk(DeltaMessage(content=self._MARK))).split(mark),
+        }
+
+    def __call__(self, delta: Delta) -> str:
+        return json.dumps(delta.text, ensure_ascii=False).join(self._templates[delta.section])
+
+
 async def stream(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, tracker: RequestTracker) -> AsyncIterator[str]:
     chunk_id, created, model = completion_id(), int(time.time()), state.engine.model_name
 
@@ -329,14 +348,12 @@ async def stream(state: ServerState, body: ChatCompletionRequest, session: Steer
         return ChatCompletionChunk(id=chunk_id, created=created, model=model,
                                    choices=[StreamChoice(delta=delta, finish_reason=finish)], **extra)
 
+    event = DeltaEvents(chunk)
     try:
         yield _sse(chunk(DeltaMessage(role="assistant", content="")))
         async for delta in session.run():
             tracker.saw(delta.text)
-            if delta.section == "reasoning":
-                yield _sse(chunk(DeltaMessage(reasoning_content=delta.text, reasoning=delta.text)))
-            else:
-                yield _sse(chunk(DeltaMessage(content=delta.text)))
+            yield event(delta)
     except Exception as exc:
         yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"

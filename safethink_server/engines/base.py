@@ -92,6 +92,17 @@ class SequenceCursor:
         self._read += 1
         return token
 
+    async def peek(self) -> list[int]:
+        """The unread rest of the batch (the next batch once it is all read), not read yet."""
+        if self._read == len(self._batch):
+            self._batch, self._read = await self.generation.next_tokens(), 0
+        return self._batch[self._read :]
+
+    def advance(self, n_tokens: int) -> None:
+        """Read `n_tokens` of what `peek` returned."""
+        assert 0 < n_tokens <= self.unread
+        self._read += n_tokens
+
     @property
     def finished_by_length(self) -> bool:
         return self.generation.finished_by_length

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.engines.upstream_stream import EventReader, UpstreamError
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
 from safethink_server.schema import ReasoningConfig
 
@@ -50,15 +50,6 @@ class UpstreamConfig(BaseModel):
     max_connections: int = Field(default=256, ge=1)
 
 
-class UpstreamError(EngineError):
-    """An upstream failure, with the status the gateway answers and a kind for the metrics."""
-
-    def __init__(self, message: str, status: int, kind: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-
-
 class ByteTokenizer:
     """Tokens are UTF-8 bytes: exact round trips, and no tokenizer of the upstream model needed here."""
 
@@ -69,41 +60,16 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i < END).decode("utf-8", errors="replace")
+        try:
+            data = bytes(ids)
+        except ValueError:  # the end id
+            data = bytes(i for i in ids if i < END)
+        return data.decode("utf-8", errors="replace")
 
 
 class UpstreamUsage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-async def sse_events(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:
-    """Parsed `data:` events of an SSE stream until `[DONE]`; malformed data and silence raise."""
-    lines = response.aiter_lines()
-    timeout = first_byte_timeout
-    while True:
-        try:
-            line = await asyncio.wait_for(anext(lines), timeout)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise UpstreamError(f"the upstream sent nothing for {timeout:g} s", 504, "timeout") from None
-        timeout = chunk_timeout
-        if not line.startswith("data:"):
-            continue  # comments, event names, keep-alives
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
-        if not isinstance(event, dict):
-            raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
-        if "error" in event:
-            message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
-            raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
-        yield event
 
 
 class UpstreamGeneration(Generation):
@@ -125,7 +91,7 @@ class UpstreamGeneration(Generation):
         self.continuations = 0
         self._end_returned = False
         self._response: httpx.Response | None = None
-        self._events: AsyncIterator[dict[str, Any]] | None = None
+        self._events: EventReader | None = None
         self._in_reasoning = False  # chat mode: inside a <think> section this engine opened
         self._reasoned = False
         self._closed = False
@@ -164,7 +130,7 @@ class UpstreamGeneration(Generation):
             return
         body["max_tokens"] = remaining
         self._response = await e.send(path, body)
-        self._events = sse_events(self._response, e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
+        self._events = EventReader(self._response, e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
 
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens of the final sequence. The prompt is exact in token_ids mode and
@@ -182,9 +148,13 @@ class UpstreamGeneration(Generation):
         return prompt, round(len(self.kept) / bytes_per_token)
 
     async def _close(self) -> None:
-        response, self._response, self._events = self._response, None, None
-        if response is not None:
-            await response.aclose()  # closing the connection makes the upstream abort the request
+        response, events, self._response, self._events = self._response, self._events, None, None
+        try:
+            if events is not None:
+                await events.aclose()
+        finally:
+            if response is not None:
+                await response.aclose()  # closing the connection makes the upstream abort the request
 
     # --- the Generation protocol --------------------------------------------------------------
     async def next_tokens(self) -> list[int]:
@@ -198,29 +168,38 @@ class UpstreamGeneration(Generation):
             return [END]
         while True:
             try:
-                event = await anext(self._events)
+                events = await self._events.take()
             except StopAsyncIteration:
                 await self._close()
                 raise UpstreamError("the upstream ended the stream without a finish reason", 502, "closed") from None
             except httpx.HTTPError as exc:
                 await self._close()
                 raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
-            self._take_usage(event)
-            choices = event.get("choices") or []
-            if not choices:
-                continue
-            choice = choices[0]
-            text = (choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {})
-            data = list(text.encode("utf-8"))
-            self.kept += bytes(data)
-            self._request_bytes += len(data)
-            if choice.get("finish_reason") is not None:
-                self.finished_by_length = choice["finish_reason"] == "length"
-                await self._read_final_usage()
-                self._end_returned = True
-                return data + [END]
+            text: list[str] = []
+            for at, event in enumerate(events):
+                self._take_usage(event)
+                choices = event.get("choices") or []
+                if not choices:
+                    continue
+                choice = choices[0]
+                text.append((choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
+                if choice.get("finish_reason") is not None:
+                    self.finished_by_length = choice["finish_reason"] == "length"
+                    data = self._keep(text)
+                    for rest in events[at + 1 :]:
+                        self._take_usage(rest)
+                    await self._read_final_usage()
+                    self._end_returned = True
+                    return data + [END]
+            data = self._keep(text)
             if data:
                 return data
+
+    def _keep(self, text: list[str]) -> list[int]:
+        data = "".join(text).encode("utf-8")
+        self.kept += data
+        self._request_bytes += len(data)
+        return list(data)
 
     def _take_usage(self, event: dict[str, Any]) -> None:
         if event.get("usage"):
@@ -229,13 +208,11 @@ class UpstreamGeneration(Generation):
 
     async def _read_final_usage(self) -> None:
         """After the finish reason only the usage event and [DONE] follow: read them, then close."""
-        events = self._events
-        self._events = None
         try:
-            if events is not None:
-                async for event in events:
+            while self._events is not None:
+                for event in await self._events.take():
                     self._take_usage(event)
-        except (UpstreamError, httpx.HTTPError):
+        except (StopAsyncIteration, UpstreamError, httpx.HTTPError):
             pass  # the answer is complete; a missing usage event only loses the counts
         finally:
             await self._close()

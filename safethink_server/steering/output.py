@@ -64,6 +64,23 @@ class OutputProcessor:
             return []
         return [Delta(s.section, s.text) for s in self.splitter.feed(text)]  # type: ignore[arg-type]
 
+    def push_through(self, ids: list[int]) -> list[Delta] | None:
+        """Several model tokens as one piece, when that changes nothing a token-by-token push would
+        decide: the section stays the same (so the reasoning count is exact), no partial character is
+        left (it could end in a marker) and no stop string is hit (so the count ends at the right
+        token). Otherwise nothing is pushed and None is returned."""
+        section, checkpoint = self.splitter.section, self.checkpoint()
+        self.output_tokens += len(ids)
+        if section == "reasoning":
+            self.reasoning_tokens += len(ids)
+        text = self.detok.push_many(ids)
+        segments = self.splitter.feed(text) if text else []
+        if (self.splitter.section != section or not self.detok.settled  # a partial character may hide a marker
+                or self.stop.would_stop("".join(s.text for s in segments if s.section == "answer"))):
+            self.restore(checkpoint)
+            return None
+        return [Delta(s.section, s.text) for s in segments]  # type: ignore[arg-type]
+
     def push_all(self, ids: list[int], server: bool) -> list[Delta]:
         """Several tokens at once, their text merged per section."""
         return merged(Delta(d.section, d.text, server) for token in ids for d in self.push(token))

@@ -64,6 +64,10 @@ class _HeldStep:
         self.deltas += deltas
 
     @property
+    def answer_text(self) -> str:
+        return "".join(d.text for d in self.deltas if d.section == "answer")
+
+    @property
     def section(self) -> Section:
         """The section of the step's first text."""
         return next((d.section for d in self.deltas if d.text.strip()), self.deltas[0].section if self.deltas else "reasoning")
@@ -141,7 +145,8 @@ class SteeringSession:
         try:
             await self.start()
             while self.finish_reason is None:
-                await self._on_token(await self.cursor.next())
+                if not self._pass_through(await self.cursor.peek()):
+                    await self._on_token(await self.cursor.next())
                 if self._out and not self.cursor.unread:
                     # A whole engine batch is processed: its text goes out together, one delta per section.
                     for delta in self._take_out():
@@ -174,6 +179,32 @@ class SteeringSession:
         if self.finish_reason is None and self._out_of_tokens():
             self.finish_reason = "length"
 
+    def _pass_through(self, tokens: list[int]) -> bool:
+        """Past the watched window, a batch's model tokens go out as one piece: no per-token work.
+        A token that needs a decision of its own (a section change, a stop string) is found by
+        halving the piece; False (nothing read) when the next token needs one (that, the end, or
+        the reasoning budget)."""
+        if self._held is not None or self._watching():
+            return False
+        n = next((i for i, token in enumerate(tokens) if token in self._eos), len(tokens))
+        if self.engine.counts_tokens:
+            n = min(n, self.sampling.max_tokens - self.output.output_tokens)
+        budget = self.reasoning_cfg.budget_tokens
+        if budget is not None and self.output.section == "reasoning":
+            n = min(n, budget - 1 - self.output.reasoning_tokens)  # the token that reaches it goes alone
+        while n > 1:
+            deltas = self.output.push_through(tokens[:n])
+            if deltas is not None:
+                break
+            n //= 2
+        else:
+            return False
+        self.cursor.advance(n)
+        self._release(deltas)
+        if self.finish_reason is None and self._out_of_tokens():
+            self.finish_reason = "length"
+        return True
+
     def _out_of_tokens(self) -> bool:
         """The session's own stop at max_tokens (an engine whose ids are not tokens stops itself)."""
         return self.engine.counts_tokens and self.output.output_tokens >= self.sampling.max_tokens
@@ -197,8 +228,10 @@ class SteeringSession:
                 self._release(held.deltas)
                 self._held = held = _HeldStep(self.output.checkpoint())
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
-            # at a delimiter, at max_step_tokens, or where the section changed.
-            elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)):
+            # at a delimiter, at max_step_tokens, where the section changed, or at a stop string
+            # (so that the sequence ends at the token that completes it).
+            elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)
+                                          or self.output.stop.would_stop(held.answer_text)):
                 await self._judge()
         else:
             self._release(deltas)

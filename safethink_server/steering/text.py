@@ -23,6 +23,10 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         return self._new_text(final=False)
 
+    def push_many(self, token_ids: list[int]) -> str:
+        self.ids += token_ids
+        return self._new_text(final=False)
+
     def _new_text(self, final: bool) -> str:
         """The text the ids after `read_offset` add; unless `final`, none while it ends mid-character."""
         decode = self.tokenizer.decode
@@ -126,6 +130,13 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self.buffer = ""
+
+    def would_stop(self, text: str) -> bool:
+        """Whether feeding `text` next would hit a stop string."""
+        if not self.stops or not text:
+            return False
+        tail = self.buffer + text
+        return any(s in tail for s in self.stops)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
         """(text safe to release, whether a stop string was hit)."""

@@ -22,6 +22,7 @@ from reward_models.base import StepItem, StepScore
 from safethink_server.engines.base import SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
+from safethink_server.steering.output import OutputProcessor
 from safethink_server.steering.session import SteeringSession
 from safethink_server.steering.steps import StepBoundaryDetector
 from tests.server.scripted_engine import MODEL_PIECES, ScriptedEngine
@@ -187,6 +188,29 @@ def truncate_at_stop(answer: str, stops: list[str]) -> str:
     return answer[: min(hits)] if hits else answer
 
 
+@dataclass
+class Replay:
+    reasoning_tokens: int
+    up_to_stop: int  # tokens up to the one that completes a stop string
+    at_budget: int | None  # tokens up to the first point where the reasoning budget is reached, the text settled
+
+
+def token_by_token(outcome: Outcome, case: Case, sequence: list[int]) -> Replay:
+    """A final sequence replayed one token at a time: what the loop counts and decides when it takes
+    a batch as one piece must agree."""
+    session = outcome.session
+    replay = OutputProcessor(outcome.engine.tokenizer, session.reasoning_cfg, case.initial_section, case.stop)  # type: ignore[arg-type]
+    at_budget = None
+    for n, token in enumerate(sequence, 1):
+        replay.release(replay.push(token))
+        if (at_budget is None and case.budget is not None and replay.section == "reasoning"
+                and replay.reasoning_tokens >= case.budget and replay.settled):
+            at_budget = n
+        if replay.stopped:
+            return Replay(replay.reasoning_tokens, n, at_budget)
+    return Replay(replay.reasoning_tokens, len(sequence), at_budget)
+
+
 def model_text(outcome: Outcome) -> str:
     """The client's text less the server's own texts (prefix, refusal) and whitespace."""
     text = (outcome.reasoning + outcome.answer).replace(PREFIX, "").replace(REFUSAL, "")
@@ -235,6 +259,14 @@ def test_client_text_and_usage_match_the_final_sequence(case: Case, mode: str, o
     tok = outcome.engine.tokenizer
     assert session.output_tokens == len(generation.sequence), "usage counts the final sequence"
     assert session.output_tokens <= case.max_tokens, "the response stays within max_tokens, server texts included"
+    replay = token_by_token(outcome, case, generation.sequence)
+    assert session.reasoning_tokens == replay.reasoning_tokens, "reasoning tokens are counted exactly"
+    if not session.report.inserted:  # (a server text may itself hold a stop string)
+        assert replay.up_to_stop == len(generation.sequence), "the sequence ends at the token that completes a stop string"
+    if not session.report.interventions and any(i.kind == "end_marker" for i in session.report.inserted):
+        marker = tok.encode("\n" + END + "\n\n")
+        at = replay.at_budget  # None: the reasoning ended at the model's EOS, before its budget
+        assert at is None or generation.sequence[at : at + len(marker)] == marker, "the reasoning closes at its budget"
     # Text is coalesced per engine batch: a few deltas a batch (model text per section, server texts), never one a token.
     # Each group of deltas handed out at once has one delta per run of section and origin.
     assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)

@@ -1,0 +1,136 @@
+"""Reading an upstream's SSE stream: events parsed as whole network reads bring them, read ahead by
+a background task so that a fast upstream's events are relayed together, with the upstream's
+silences and malformed data turned into errors the gateway answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from safethink_server.engines.base import EngineError
+
+
+class UpstreamError(EngineError):
+    """An upstream failure, with the status the gateway answers and a kind for the metrics."""
+
+    def __init__(self, message: str, status: int, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class SSEDecoder:
+    """The `data` of each complete event in an SSE byte stream; an event split across network reads
+    is joined. Comments, event names and keep-alives carry no data and are skipped."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk
+        if b"\r" in data:  # CRLF or CR line ends; a CR at the very end may be half of a CRLF
+            held = data.endswith(b"\r")
+            data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
+        *events, self._buffer = data.split(b"\n\n")
+        out = []
+        for event in events:
+            lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if lines:
+                out.append(b"\n".join(lines))
+        return out
+
+
+async def sse_batches(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
+    """The parsed events of an SSE stream until `[DONE]`, as many at a time as one network read
+    brings: a fast upstream's events are relayed together instead of one by one. Malformed data and
+    silence raise."""
+    chunks = response.aiter_bytes()
+    decoder = SSEDecoder()
+    timeout = first_byte_timeout
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UpstreamError(f"the upstream sent nothing for {timeout:g} s", 504, "timeout") from None
+        timeout = chunk_timeout
+        events = []
+        for data in decoder.feed(chunk):
+            if data.strip() == b"[DONE]":
+                if events:
+                    yield events
+                return
+            try:
+                event = json.loads(data)
+            except ValueError:
+                raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
+            if not isinstance(event, dict):
+                raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
+            if "error" in event:
+                message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
+                raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
+            events.append(event)
+        if events:
+            yield events
+
+
+async def sse_events(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:
+    """The parsed events of an SSE stream until `[DONE]`, one at a time."""
+    async for batch in sse_batches(response, first_byte_timeout, chunk_timeout):
+        for event in batch:
+            yield event
+
+
+class EventReader:
+    """Reads an SSE stream ahead in a background task. `take` returns every event read since the
+    last call, so events that arrive while the reader's consumer is busy (judging a step, writing to
+    a slow client) go out together. At most `max_buffered` events are read ahead."""
+
+    def __init__(self, response: httpx.Response, first_byte_timeout: float, chunk_timeout: float,
+                 max_buffered: int = 4096) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._ended = False
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._max_buffered = max_buffered
+        self._task = asyncio.get_running_loop().create_task(self._read(sse_batches(response, first_byte_timeout, chunk_timeout)))
+
+    async def _read(self, batches: AsyncIterator[list[dict[str, Any]]]) -> None:
+        try:
+            async for batch in batches:
+                self._events += batch
+                self._arrived.set()
+                while len(self._events) >= self._max_buffered:
+                    self._room.clear()
+                    await self._room.wait()
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._ended = True
+            self._arrived.set()
+
+    async def take(self) -> list[dict[str, Any]]:
+        """The events read so far and not taken (waiting for one); StopAsyncIteration after [DONE]."""
+        while not self._events and not self._ended:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._events:
+            events, self._events = self._events, []
+            self._room.set()
+            return events
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
