@@ -23,7 +23,7 @@ import json
 import logging
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, Field
 
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
@@ -90,7 +90,7 @@ class UpstreamGeneration(Generation):
         self.finished_by_length = False
         self.continuations = 0
         self._end_returned = False
-        self._response: httpx.Response | None = None
+        self._response: aiohttp.ClientResponse | None = None
         self._events: EventReader | None = None
         self._in_reasoning = False  # chat mode: inside a <think> section this engine opened
         self._reasoned = False
@@ -130,7 +130,7 @@ class UpstreamGeneration(Generation):
             return
         body["max_tokens"] = remaining
         self._response = await e.send(path, body)
-        self._events = EventReader(self._response, e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
+        self._events = EventReader(self._response.content.iter_any(), e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
 
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens of the final sequence. The prompt is exact in token_ids mode and
@@ -154,7 +154,7 @@ class UpstreamGeneration(Generation):
                 await events.aclose()
         finally:
             if response is not None:
-                await response.aclose()  # closing the connection makes the upstream abort the request
+                response.close()  # closing the connection makes the upstream abort the request
 
     # --- the Generation protocol --------------------------------------------------------------
     async def next_tokens(self) -> list[int]:
@@ -172,7 +172,7 @@ class UpstreamGeneration(Generation):
             except StopAsyncIteration:
                 await self._close()
                 raise UpstreamError("the upstream ended the stream without a finish reason", 502, "closed") from None
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 await self._close()
                 raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
             text: list[str] = []
@@ -212,7 +212,7 @@ class UpstreamGeneration(Generation):
             while self._events is not None:
                 for event in await self._events.take():
                     self._take_usage(event)
-        except (StopAsyncIteration, UpstreamError, httpx.HTTPError):
+        except (StopAsyncIteration, UpstreamError, aiohttp.ClientError):
             pass  # the answer is complete; a missing usage event only loses the counts
         finally:
             await self._close()
@@ -285,11 +285,8 @@ class UpstreamEngine(Engine):
         self.max_queued = max_queued_requests
         self.root = config.url.rstrip("/").removesuffix("/v1")
         self.base = config.url.rstrip("/")
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
-        self.http = httpx.AsyncClient(headers=headers, limits=limits,
-                                      timeout=httpx.Timeout(config.chunk_timeout_s, connect=config.connect_timeout_s,
-                                                            read=config.first_byte_timeout_s))
+        self._headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._http: aiohttp.ClientSession | None = None
         self._active = 0
         self._template_opens_reasoning: dict[str, bool] = {}
         self._discovery: asyncio.Task[None] | None = None
@@ -298,6 +295,16 @@ class UpstreamEngine(Engine):
     @property
     def eos_token_ids(self) -> set[int]:
         return {END}
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """aiohttp for its C HTTP parser, and because a read returns every event that has arrived."""
+        if self._http is None:  # created on the serving event loop
+            c = self.config
+            self._http = aiohttp.ClientSession(
+                headers=self._headers, connector=aiohttp.TCPConnector(limit=c.max_connections),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.chunk_timeout_s))
+        return self._http
 
     async def open(self) -> None:
         """Learn the upstream's models and, in auto mode, whether it can render and take token ids.
@@ -311,10 +318,10 @@ class UpstreamEngine(Engine):
 
     async def _discover(self) -> bool:
         try:
-            response = await self.http.get(self.base + "/models")
-            response.raise_for_status()
-            self.upstream_models = list(response.json().get("data", []))
-        except (httpx.HTTPError, ValueError) as exc:
+            async with self.http.get(self.base + "/models") as response:
+                response.raise_for_status()
+                self.upstream_models = list((await response.json(content_type=None)).get("data", []))
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
             logger.warning("upstream %s: could not list models yet (%r)", self.base, exc)
             return False
         if not self.upstream_model and self.upstream_models:
@@ -327,9 +334,9 @@ class UpstreamEngine(Engine):
 
     async def _has_tokenize(self) -> bool:
         try:
-            response = await self.http.post(self.root + "/tokenize", json={"model": self.upstream_model, "prompt": "ok"})
-            return response.status_code == 200 and "tokens" in response.json()
-        except (httpx.HTTPError, ValueError):
+            async with self.http.post(self.root + "/tokenize", json={"model": self.upstream_model, "prompt": "ok"}) as response:
+                return response.status == 200 and "tokens" in await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
             return False
 
     def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
@@ -362,23 +369,30 @@ class UpstreamEngine(Engine):
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self.http.post(url, json=body)
-        except httpx.HTTPError as exc:
+            async with self.http.post(url, json=body) as response:
+                status, text = response.status, await response.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(exc) from exc
-        if response.status_code != 200:
-            raise _status_error(response.status_code, response.text)
-        return response.json()
+        if status != 200:
+            raise _status_error(status, text)
+        return json.loads(text)
 
-    async def send(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        request = self.http.build_request("POST", self.base + path, json=body)
+    async def send(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """A streamed request, once the upstream answered with its status (within the first-byte timeout)."""
         try:
-            response = await self.http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            async with asyncio.timeout(self.config.first_byte_timeout_s):
+                response = await self.http.post(self.base + path, json=body, timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.config.connect_timeout_s, sock_read=None))
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(exc) from exc
-        if response.status_code != 200:
-            text = (await response.aread()).decode("utf-8", errors="replace")
-            await response.aclose()
-            raise _status_error(response.status_code, text)
+        if response.status != 200:
+            try:
+                text = await response.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError):
+                text = ""
+            finally:
+                response.close()
+            raise _status_error(response.status, text)
         return response
 
     def model_ids(self) -> list[str]:
@@ -418,7 +432,8 @@ class UpstreamEngine(Engine):
     async def close(self) -> None:
         if self._discovery is not None:
             self._discovery.cancel()
-        await self.http.aclose()
+        if self._http is not None:
+            await self._http.close()
 
 
 def _upstream_message(text: str) -> str:
@@ -443,9 +458,9 @@ def _status_error(status: int, text: str) -> UpstreamError:
                          f"status_{status}")
 
 
-def _transport_error(exc: httpx.HTTPError) -> UpstreamError:
-    if isinstance(exc, httpx.TimeoutException):
+def _transport_error(exc: Exception) -> UpstreamError:
+    if isinstance(exc, TimeoutError):
         return UpstreamError(f"the upstream timed out: {exc!r}", 504, "timeout")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(f"the upstream is unreachable: {exc!r}", 503, "connect")
     return UpstreamError(f"the upstream connection failed: {exc!r}", 502, "closed")

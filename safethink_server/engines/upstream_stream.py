@@ -10,8 +10,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from safethink_server.engines.base import EngineError
 
 
@@ -45,11 +43,10 @@ class SSEDecoder:
         return out
 
 
-async def sse_batches(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
-    """The parsed events of an SSE stream until `[DONE]`, as many at a time as one network read
+async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
+    """The parsed events of an SSE body until `[DONE]`, as many at a time as one read of `chunks`
     brings: a fast upstream's events are relayed together instead of one by one. Malformed data and
     silence raise."""
-    chunks = response.aiter_bytes()
     decoder = SSEDecoder()
     timeout = first_byte_timeout
     while True:
@@ -81,9 +78,9 @@ async def sse_batches(response: httpx.Response, first_byte_timeout: float, chunk
             yield events
 
 
-async def sse_events(response: httpx.Response, first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:
-    """The parsed events of an SSE stream until `[DONE]`, one at a time."""
-    async for batch in sse_batches(response, first_byte_timeout, chunk_timeout):
+async def sse_events(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:
+    """The parsed events of an SSE body until `[DONE]`, one at a time."""
+    async for batch in sse_batches(chunks, first_byte_timeout, chunk_timeout):
         for event in batch:
             yield event
 
@@ -93,7 +90,7 @@ class EventReader:
     last call, so events that arrive while the reader's consumer is busy (judging a step, writing to
     a slow client) go out together. At most `max_buffered` events are read ahead."""
 
-    def __init__(self, response: httpx.Response, first_byte_timeout: float, chunk_timeout: float,
+    def __init__(self, chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float,
                  max_buffered: int = 4096) -> None:
         self._events: list[dict[str, Any]] = []
         self._error: BaseException | None = None
@@ -101,7 +98,7 @@ class EventReader:
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._max_buffered = max_buffered
-        self._task = asyncio.get_running_loop().create_task(self._read(sse_batches(response, first_byte_timeout, chunk_timeout)))
+        self._task = asyncio.get_running_loop().create_task(self._read(sse_batches(chunks, first_byte_timeout, chunk_timeout)))
 
     async def _read(self, batches: AsyncIterator[list[dict[str, Any]]]) -> None:
         try:

@@ -143,7 +143,7 @@ async def complete(client: httpx.AsyncClient, arm: Arm, prompt: EvalPrompt, sett
                 result.error_status = response.status_code
                 result.error = _error_message(response, await response.aread())
                 return result
-            async for event in sse_events(response, settings.request_timeout_s, settings.request_timeout_s):
+            async for event in sse_events(response.aiter_bytes(), settings.request_timeout_s, settings.request_timeout_s):
                 for choice in event.get("choices") or []:
                     delta = choice.get("delta") or {}
                     piece_r = delta.get("reasoning_content") or delta.get("reasoning") or ""

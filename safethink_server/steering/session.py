@@ -145,7 +145,7 @@ class SteeringSession:
         try:
             await self.start()
             while self.finish_reason is None:
-                if not self._pass_through(await self.cursor.peek()):
+                if not self._in_one_piece(await self.cursor.peek()):
                     await self._on_token(await self.cursor.next())
                 if self._out and not self.cursor.unread:
                     # A whole engine batch is processed: its text goes out together, one delta per section.
@@ -179,13 +179,16 @@ class SteeringSession:
         if self.finish_reason is None and self._out_of_tokens():
             self.finish_reason = "length"
 
-    def _pass_through(self, tokens: list[int]) -> bool:
-        """Past the watched window, a batch's model tokens go out as one piece: no per-token work.
-        A token that needs a decision of its own (a section change, a stop string) is found by
-        halving the piece; False (nothing read) when the next token needs one (that, the end, or
-        the reasoning budget)."""
-        if self._held is not None or self._watching():
-            return False
+    def _in_one_piece(self, tokens: list[int]) -> bool:
+        """A batch's model tokens taken as one piece, with no per-token work, where that decides
+        nothing differently: past the watched window, or inside a held step that has begun and does
+        not end in the piece (a step's end is monotone: once its text holds a delimiter, a stop
+        string, or max_step_tokens, more text keeps it so). A token that needs a decision of its own
+        (a step's end, a section change, a stop string) is found by halving the piece; False (nothing
+        read) when it is the next token, as are the end and the reasoning budget."""
+        held = self._held
+        if (held is None and self._watching()) or (held is not None and not held.text.strip()):
+            return False  # a step starts at its first text, token by token
         n = next((i for i, token in enumerate(tokens) if token in self._eos), len(tokens))
         if self.engine.counts_tokens:
             n = min(n, self.sampling.max_tokens - self.output.output_tokens)
@@ -193,17 +196,30 @@ class SteeringSession:
         if budget is not None and self.output.section == "reasoning":
             n = min(n, budget - 1 - self.output.reasoning_tokens)  # the token that reaches it goes alone
         while n > 1:
+            checkpoint = self.output.checkpoint()
             deltas = self.output.push_through(tokens[:n])
-            if deltas is not None:
+            if deltas is not None and (held is None or not self._ends_step(held, deltas, n)):
                 break
+            if deltas is not None:
+                self.output.restore(checkpoint)
             n //= 2
         else:
             return False
         self.cursor.advance(n)
-        self._release(deltas)
+        if held is None:
+            self._release(deltas)
+        else:
+            held.tokens += n
+            held.add(deltas)
         if self.finish_reason is None and self._out_of_tokens():
             self.finish_reason = "length"
         return True
+
+    def _ends_step(self, held: _HeldStep, deltas: list[Delta], n_tokens: int) -> bool:
+        """Whether `deltas` (of one section, the step's) would end the held step."""
+        text = "".join(d.text for d in deltas)
+        answer = text if deltas and deltas[0].section == "answer" else ""
+        return self.detector.is_complete(held.text + text, held.tokens + n_tokens) or self.output.stop.would_stop(held.answer_text + answer)
 
     def _out_of_tokens(self) -> bool:
         """The session's own stop at max_tokens (an engine whose ids are not tokens stops itself)."""
@@ -290,7 +306,8 @@ class SteeringSession:
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas)
             self._step_index += 1
-            if action is Action.APPENDED and not await self._intervene(self._step_index - 1, p_unsafe, discarded=0):
+            if action is Action.APPENDED and (self.finish_reason is not None  # the step hit a stop string
+                                              or not await self._intervene(self._step_index - 1, p_unsafe, discarded=0)):
                 record.action = action = Action.RELEASED  # no room for the prefix: released as is
             return action
         await self._discard(step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 from hypothesis import HealthCheck, given, settings
@@ -77,8 +78,9 @@ class Judge:
 
 
 @st.composite
-def cases(draw: st.DrawFn) -> Case:
-    pieces = draw(st.lists(st.sampled_from(MODEL_PIECES), max_size=120))
+def cases(draw: st.DrawFn, long: bool = False) -> Case:
+    """`long`: long outputs read in big batches, which the loop takes in pieces rather than token by token."""
+    pieces = draw(st.lists(st.sampled_from(MODEL_PIECES), max_size=300 if long else 120))
     layout = draw(st.sampled_from(["long reasoning", "early end", "no reasoning", "opens itself", "prefilled answer"]))
     initial = "reasoning"
     if layout == "early end":
@@ -104,13 +106,13 @@ def cases(draw: st.DrawFn) -> Case:
     )
     return Case(
         pieces=pieces,
-        batch_sizes=draw(st.lists(st.integers(1, 16), min_size=1, max_size=4)),
+        batch_sizes=draw(st.lists(st.integers(8, 64) if long else st.integers(1, 16), min_size=1, max_size=4)),
         initial_section=initial,
         policy=policy,
         budget=draw(st.one_of(st.none(), st.integers(1, 40))),
-        max_tokens=draw(st.integers(1, 80)),
+        max_tokens=draw(st.integers(40, 320) if long else st.integers(1, 80)),
         max_step_tokens=draw(st.integers(1, 20)),
-        stop=draw(st.sampled_from([[], ["STOP"], ["ok"], ["\n"]])),
+        stop=draw(st.sampled_from([[], ["STOP"], ["ok"], ["\n"], ["step ok"]])),
         scores=draw(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=6)),
         failing_calls=set(draw(st.lists(st.integers(0, 8), max_size=2))),
         cancel_after=draw(st.one_of(st.none(), st.none(), st.integers(0, 60))),
@@ -211,6 +213,19 @@ def token_by_token(outcome: Outcome, case: Case, sequence: list[int]) -> Replay:
     return Replay(replay.reasoning_tokens, len(sequence), at_budget)
 
 
+LONGEST_PIECE = max(len(p) for p in MODEL_PIECES)
+
+
+def assert_steps_end_where_they_should(outcome: Outcome, case: Case) -> None:
+    """A step ends at the token that completes its first delimiter after some text, or at
+    max_step_tokens (a few more while a character or marker is incomplete), never later."""
+    for text, _ in outcome.judge.seen:
+        first = next((m.end() for m in re.finditer("\n\n", text) if text[: m.start()].strip()), None)
+        assert first is None or len(text) - first < LONGEST_PIECE, f"a step went on past its end: {text!r}"
+        assert not text.startswith("\n"), f"a step starts at its first text, not at a blank token: {text!r}"
+    assert all(s.tokens <= case.max_step_tokens + 4 for s in outcome.session.report.steps), "a step went on past max_step_tokens"
+
+
 def model_text(outcome: Outcome) -> str:
     """The client's text less the server's own texts (prefix, refusal) and whitespace."""
     text = (outcome.reasoning + outcome.answer).replace(PREFIX, "").replace(REFUSAL, "")
@@ -235,6 +250,7 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
         # Satisfied: the safe steps came first, anything after them is past the window.
         assert released.startswith(judged_safe) or judged_safe.startswith(released), (released, judged_safe)
     assert not any(PREFIX in text or REFUSAL in text for text, _ in outcome.judge.seen), "the server's own text was judged"
+    assert_steps_end_where_they_should(outcome, case)
     assert not outcome.judge.wrong_context, "a step was judged without its conversation"
     unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
     for step in unsafe:
@@ -250,6 +266,18 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
 def test_client_text_and_usage_match_the_final_sequence(case: Case, mode: str, on_budget_exhausted: str) -> None:
     """Whatever the policy, in the modes outside the guarantee too."""
     case.policy = case.policy.model_copy(update={"mode": mode, "on_budget_exhausted": on_budget_exhausted})
+    check_final_sequence(case)
+
+
+@SETTINGS
+@given(cases(long=True))
+def test_batches_taken_in_pieces_decide_as_token_by_token(case: Case) -> None:
+    """Long outputs in big batches: the loop takes tokens in pieces where no token in them needs a
+    decision of its own; counts, stops, the reasoning budget and step ends come out the same."""
+    check_final_sequence(case)
+
+
+def check_final_sequence(case: Case) -> None:
     outcome = asyncio.run(run_case(case))
     assert outcome.engine.active == 0, "a slot is still held after the request ended"
     if outcome.cancelled:
@@ -257,16 +285,18 @@ def test_client_text_and_usage_match_the_final_sequence(case: Case, mode: str, o
     session = outcome.session
     (generation,) = outcome.engine.generations
     tok = outcome.engine.tokenizer
+    assert_steps_end_where_they_should(outcome, case)
     assert session.output_tokens == len(generation.sequence), "usage counts the final sequence"
     assert session.output_tokens <= case.max_tokens, "the response stays within max_tokens, server texts included"
     replay = token_by_token(outcome, case, generation.sequence)
     assert session.reasoning_tokens == replay.reasoning_tokens, "reasoning tokens are counted exactly"
-    if not session.report.inserted:  # (a server text may itself hold a stop string)
+    if not session.report.inserted or "\n" not in case.stop:  # (else the prefix's separator may have stopped it)
         assert replay.up_to_stop == len(generation.sequence), "the sequence ends at the token that completes a stop string"
     if not session.report.interventions and any(i.kind == "end_marker" for i in session.report.inserted):
         marker = tok.encode("\n" + END + "\n\n")
-        at = replay.at_budget  # None: the reasoning ended at the model's EOS, before its budget
-        assert at is None or generation.sequence[at : at + len(marker)] == marker, "the reasoning closes at its budget"
+        inserted_at = next(i for i in range(len(generation.sequence)) if generation.sequence[i : i + len(marker)] == marker)
+        # No model token past the budget: the server's marker comes first (or the EOS closed the reasoning earlier).
+        assert replay.at_budget is None or inserted_at <= replay.at_budget, "the reasoning closes at its budget"
     # Text is coalesced per engine batch: a few deltas a batch (model text per section, server texts), never one a token.
     # Each group of deltas handed out at once has one delta per run of section and origin.
     assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)
@@ -319,3 +349,14 @@ def test_a_breach_on_the_engines_own_length_stop_is_refused_not_replaced():
     (step,) = outcome.session.report.steps
     assert step.action is Action.REFUSED and outcome.session.finish_reason == "content_filter"
     assert outcome.session.report.interventions == []
+
+
+def test_a_stop_string_across_a_held_step_and_the_next_piece_ends_the_sequence_there():
+    outcome = asyncio.run(run_case(Case(
+        pieces=["a", END, "b", " step", " ok", " step", "a", ".\n\n"], batch_sizes=[4], initial_section="reasoning",
+        budget=None, max_tokens=60, max_step_tokens=20, stop=["step ok"], scores=[0.0], failing_calls=set(), cancel_after=None,
+        policy=PolicyConfig(threshold=0.5, early_steps=3, max_interventions=2, prefix=PREFIX, refusal=REFUSAL),
+        engine_limits_tokens=True, engine_own_limit=None, end_on_eos=True, prefill="", history=[])))
+    tok = outcome.engine.tokenizer
+    assert outcome.answer == "b "
+    assert outcome.engine.generations[0].sequence == [tok.ids[p] for p in ["a", END, "b", " step", " ok"]]
