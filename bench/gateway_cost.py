@@ -1,12 +1,13 @@
 """The proxy's own cost per relayed token, in front of a minimal upstream that streams as fast as it can.
 
-    python bench/gateway_cost.py --concurrency 8 --requests 64 --tokens 250
+    python bench/gateway_cost.py --concurrency 8 32 --requests 128 --tokens 250
 
 Three real processes on this machine: the upstream (a tiny ASGI app that streams `--tokens` chat
 chunks per request, reasoning first, one token per event), and two gateways in front of it
 (`safethink serve --engine upstream`), one with steering off and one with the defaults. Each route
 gets the same requests, interleaved route by route. Reported per route:
-- CPU seconds of the serving process (utime + stime from /proc) per relayed token;
+- CPU seconds of the serving process (utime + stime from /proc) per relayed token, and the same less
+  the scorer's forward time (the scorer runs in the gateway's process);
 - text events per request, against the upstream's own;
 - time to first text p50 / p99, and what the gateway adds to the direct route;
 - with steering on, the scorer's forward time from the gateway's metrics, reported apart.
@@ -167,16 +168,19 @@ async def main(args: argparse.Namespace) -> None:
                                 logs / f"gateway-cost-upstream-{up_port}.log")
         procs["steering off"] = gateway(off_port, "--early-steps", "0")
         procs["steering on"] = gateway(on_port)
-        print(f"{args.requests} requests of {args.tokens} tokens, {args.concurrency} streams; CPU of the process serving each route")
-        print(f"{'route':13} {'CPU µs/token':>13} {'events/req':>11} {'ttft p50':>9} {'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
-        direct_p50 = None
-        for route, base in bases.items():
-            ttfts, events, wall, cpu, scored = await run_route(base, procs[route].pid, args.concurrency, args.requests)
-            relayed = args.requests * args.tokens
-            p50 = statistics.median(ttfts)
-            direct_p50 = p50 if direct_p50 is None else direct_p50
-            print(f"{route:13} {cpu / relayed * 1e6:13.1f} {statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} "
-                  f"{p50 - direct_p50:+10.1f} {relayed / wall:8.0f} {scored:9.2f}")
+        print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
+        print(f"{'streams':>7} {'route':13} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
+              f"{'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
+        for concurrency in args.concurrency:
+            direct_p50 = None
+            for route, base in bases.items():
+                ttfts, events, wall, cpu, scored = await run_route(base, procs[route].pid, concurrency, args.requests)
+                relayed = args.requests * args.tokens
+                p50 = statistics.median(ttfts)
+                direct_p50 = p50 if direct_p50 is None else direct_p50
+                print(f"{concurrency:7} {route:13} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
+                      f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
+                      f"{relayed / wall:8.0f} {scored:9.2f}")
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -185,7 +189,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=250, help="tokens the upstream streams per request")
     parser.add_argument("--reasoning-tokens", type=int, default=150, help="of which reasoning")

@@ -145,7 +145,8 @@ class SteeringSession:
         try:
             await self.start()
             while self.finish_reason is None:
-                if not self._in_one_piece(await self.cursor.peek()):
+                tokens = await self.cursor.peek()
+                if len(tokens) == 1 or not self._in_one_piece(tokens):
                     await self._on_token(await self.cursor.next())
                 if self._out and not self.cursor.unread:
                     # A whole engine batch is processed: its text goes out together, one delta per section.
@@ -189,7 +190,7 @@ class SteeringSession:
         held = self._held
         if (held is None and self._watching()) or (held is not None and not held.text.strip()):
             return False  # a step starts at its first text, token by token
-        n = next((i for i, token in enumerate(tokens) if token in self._eos), len(tokens))
+        n = min((tokens.index(eos) for eos in self._eos if eos in tokens), default=len(tokens))
         if self.engine.counts_tokens:
             n = min(n, self.sampling.max_tokens - self.output.output_tokens)
         budget = self.reasoning_cfg.budget_tokens

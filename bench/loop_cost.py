@@ -1,0 +1,186 @@
+"""The in-process server's own cost per token: the steering loop, output processing and SSE, with the
+model taken out of the measurement.
+
+    python bench/loop_cost.py --concurrency 8 32 --requests 64 --tokens 256
+
+The server is the real app (`create_app`) with the real SmolLM2 tokenizer, the real probe scorer and
+the real HTTP stack, in its own process; only the engine is replaced, by one that replays tokenized
+text through the engine contract the way vLLM hands tokens out:
+- `--step-ms 0`: one token per `next_tokens` call, at once (the loop is the only work);
+- `--step-ms N`: one token per sequence every N ms, as a continuously batched engine decodes, and a
+  call returns every token decoded since the last one (vLLM's delta outputs).
+
+Reported per route (steering off: --early-steps 0; steering on: the defaults), side by side in one run:
+CPU of the serving process per token (utime + stime from /proc), the same less the scorer's forward
+time, and SSE text events per request. `--slow-client-ms` makes every client pause after each event it
+reads: with a paced engine, tokens that arrive meanwhile go out together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gateway_cost import cpu_seconds, scorer_seconds, start  # noqa: E402
+from safethink_server.engines.base import Engine, Generation, SamplingParams  # noqa: E402
+from safethink_server.prompt import Conversation, RenderedPrompt  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+PARAGRAPH = ("First we look at the numbers in the list and add them up one by one, keeping a running total so that "
+             "nothing is counted twice.\n\n")
+ANSWER = "The total is 42, found by adding the numbers in order."
+
+
+class ReplayGeneration(Generation):
+    def __init__(self, engine: ReplayEngine) -> None:
+        self.engine = engine
+        self.sequence: list[int] = []
+        self._at = 0
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._handed_out = 0  # paced: tokens decoded so far by the engine's clock
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return 0
+
+    async def next_tokens(self) -> list[int]:
+        step = self.engine.step_s
+        if step == 0:
+            await asyncio.sleep(0)
+            n = 1
+        else:
+            while (n := int((self._loop.time() - self._started) / step) - self._handed_out) <= 0:
+                await asyncio.sleep(self._started + (self._handed_out + 1) * step - self._loop.time())
+        self._handed_out += n
+        script = self.engine.script
+        batch = script[self._at : self._at + n]
+        self._at += len(batch)
+        if self._at >= len(script):
+            batch.append(self.engine.eos)
+        self.sequence += batch
+        return batch
+
+    async def rollback(self, n_tokens: int) -> None:
+        del self.sequence[len(self.sequence) - n_tokens :]
+
+    async def inject(self, token_ids: list[int]) -> None:
+        self.sequence += token_ids
+
+    async def abort(self) -> None:
+        return None
+
+
+class ReplayEngine(Engine):
+    name = "replay"
+
+    def __init__(self, tokenizer_dir: Path, tokens: int, step_ms: float) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.model_name = "replay"
+        self.eos = self.tokenizer.eos_token_id
+        paragraph = self.tokenizer.encode(PARAGRAPH, add_special_tokens=False)
+        reasoning = (paragraph * (tokens // len(paragraph) + 1))[: max(0, tokens - 40)]
+        self.script = reasoning + self.tokenizer.encode("</think>\n\n" + ANSWER, add_special_tokens=False)
+        self.step_s = step_ms / 1000
+
+    async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
+                    model: str | None = None) -> Generation:
+        return ReplayGeneration(self)
+
+
+def serve(port: int, tokens: int, step_ms: float, flags: list[str]) -> None:
+    import uvicorn
+
+    from reward_models.registry import build_scorer
+    from safethink_server.api.app import create_app
+    from safethink_server.config import ServerSettings
+    from safethink_server.engines.model_store import embedded_model_dir
+
+    settings = ServerSettings(**dict(zip(flags[::2], flags[1::2], strict=True)))  # type: ignore[arg-type]
+    app = create_app(settings, ReplayEngine(embedded_model_dir(), tokens, step_ms), build_scorer(settings.scorer_config()))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def one(client: httpx.AsyncClient, base: str, pause_s: float) -> tuple[int, int]:
+    """(text events, completion tokens) of one streamed request."""
+    body = {"model": "replay", "messages": [{"role": "user", "content": "Add the numbers."}], "stream": True,
+            "max_tokens": 4096, "stream_options": {"include_usage": True}}
+    events, tokens = 0, 0
+    async with client.stream("POST", base + "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+            if delta.get("content") or delta.get("reasoning_content"):
+                events += 1
+                if pause_s:
+                    await asyncio.sleep(pause_s)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return events, tokens
+
+
+async def run_route(base: str, pid: int, concurrency: int, requests: int, pause_s: float) -> tuple[float, float, float, int]:
+    """(CPU seconds, scorer seconds, mean events per request, tokens), the warm-up request left out."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await one(client, base, 0)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def bounded() -> tuple[int, int]:
+            async with gate:
+                return await one(client, base, pause_s)
+
+        cpu, scored = cpu_seconds(pid), scorer_seconds(base)
+        results = await asyncio.gather(*(bounded() for _ in range(requests)))
+        return (cpu_seconds(pid) - cpu, scorer_seconds(base) - scored, statistics.mean(r[0] for r in results),
+                sum(r[1] for r in results))
+
+
+async def main(args: argparse.Namespace) -> None:
+    routes = {"steering off": ["early_steps", "0"], "steering on": []}
+    procs, bases = {}, {}
+    try:
+        for route, flags in routes.items():
+            port = free_port()
+            command = [sys.executable, __file__, "--serve", str(port), "--tokens", str(args.tokens), "--step-ms", str(args.step_ms), *flags]
+            procs[route] = start(command, f"http://127.0.0.1:{port}/health", Path(f"/tmp/loop-cost-{port}.log"))
+            bases[route] = f"http://127.0.0.1:{port}/v1"
+        print(f"{args.requests} requests of about {args.tokens} tokens, engine step {args.step_ms} ms, "
+              f"client pause {args.slow_client_ms} ms an event")
+        print(f"{'streams':>7} {'route':13} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'tokens/req':>11} {'time s':>7}")
+        for concurrency in args.concurrency:
+            for route, base in bases.items():
+                t = time.perf_counter()
+                cpu, scored, events, tokens = await run_route(base, procs[route].pid, concurrency, args.requests, args.slow_client_ms / 1000)
+                print(f"{concurrency:7} {route:13} {cpu / tokens * 1e6:13.1f} {(cpu - scored) / tokens * 1e6:12.1f} {events:11.1f} "
+                      f"{tokens / args.requests:11.1f} {time.perf_counter() - t:7.1f}")
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens the engine replays per request")
+    parser.add_argument("--step-ms", type=float, default=0.0, help="0: a token per call at once; N: a token per sequence every N ms")
+    parser.add_argument("--slow-client-ms", type=float, default=0.0, help="each client pauses this long after every event")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    cli, rest = parser.parse_known_args()
+    if cli.serve:
+        serve(cli.serve, cli.tokens, cli.step_ms, rest)
+    else:
+        asyncio.run(main(cli))
