@@ -4,7 +4,8 @@
 
 Three real processes on this machine: the upstream (a tiny ASGI app that streams `--tokens` chat
 chunks per request, reasoning first, one token per event), and two gateways in front of it
-(`safethink serve --engine upstream`), one with steering off and one with the defaults. Each route
+(`safethink serve --engine upstream`), one with steering off and one with the defaults (and with
+`--workers N`, a third: the defaults with N worker processes). Each route
 gets the same requests, interleaved route by route. Reported per route:
 - CPU seconds of the serving process (utime + stime from /proc) per relayed token, and the same less
   the scorer's forward time (the scorer runs in the gateway's process);
@@ -100,8 +101,13 @@ def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]
 
 
 def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and every process under it (the workers of `serve --workers N`)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def scorer_seconds(base: str) -> float:
@@ -168,8 +174,13 @@ async def main(args: argparse.Namespace) -> None:
                                 logs / f"gateway-cost-upstream-{up_port}.log")
         procs["steering off"] = gateway(off_port, "--early-steps", "0")
         procs["steering on"] = gateway(on_port)
+        if args.workers > 1:
+            port = free_port()
+            route = f"on, {args.workers} workers"
+            procs[route] = gateway(port, "--workers", str(args.workers))
+            bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
-        print(f"{'streams':>7} {'route':13} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
+        print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
               f"{'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
@@ -178,7 +189,7 @@ async def main(args: argparse.Namespace) -> None:
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50
-                print(f"{concurrency:7} {route:13} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
+                print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
                       f"{relayed / wall:8.0f} {scored:9.2f}")
     finally:
@@ -192,6 +203,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=250, help="tokens the upstream streams per request")
+    parser.add_argument("--workers", type=int, default=1, help="also a steered gateway with this many worker processes")
     parser.add_argument("--reasoning-tokens", type=int, default=150, help="of which reasoning")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     cli = parser.parse_args()

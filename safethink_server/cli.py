@@ -54,10 +54,37 @@ def serve(args: argparse.Namespace) -> None:
         settings = load_settings(overrides, args.config)
     except ValidationError as exc:
         for err in exc.errors():
-            print(f"error: --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+            flag = "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"error: --{flag}: {err['msg']}" if flag else f"error: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5)
+    options: dict[str, typing.Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+                                      "timeout_graceful_shutdown": 5}
+    if settings.workers == 1:
+        uvicorn.run(build_app(settings), **options)
+        return
+    with worker_environment(settings):
+        uvicorn.run("safethink_server.server:app_from_environment", factory=True, workers=settings.workers, **options)
+
+
+@contextmanager
+def worker_environment(settings: typing.Any) -> Iterator[None]:
+    """What worker processes read at start: the settings, and a fresh folder where prometheus_client
+    keeps every worker's metric values for /metrics to sum (its multiprocess mode)."""
+    import os
+    import shutil
+    import tempfile
+
+    from safethink_server.server import SETTINGS_ENV
+
+    own_folder = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    folder = tempfile.mkdtemp(prefix="safethink-metrics-") if own_folder else os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    try:
+        yield
+    finally:
+        if own_folder:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def score(args: argparse.Namespace) -> None:

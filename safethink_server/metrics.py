@@ -5,7 +5,9 @@ Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safet
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from safethink_server.steering.session import SteeringObserver
 
@@ -32,7 +34,17 @@ class Metrics(SteeringObserver):
         self.withheld = Counter("safethink_withheld_tokens", "Sampled tokens judged unsafe and never released (refusals, token limit).", registry=r)
         self.refusals = Counter("safethink_refusals", "Responses ended with the refusal (content_filter): a breach with no intervention left, or a scorer failure under fail_closed.", registry=r)
         self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
-        self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r)
+        self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r,
+                            multiprocess_mode="livesum")
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's metrics, or under `serve --workers N` (prometheus_client's
+        multiprocess mode) every worker's, summed."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
     def initialise(self, engine: str, early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI
 
@@ -12,6 +13,8 @@ from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine
 
 logger = logging.getLogger(__name__)
+
+SETTINGS_ENV = "SAFETHINK_WORKER_SETTINGS"  # `serve --workers N`: the settings, as JSON, for each worker process
 
 
 def build_engine(settings: ServerSettings) -> Engine:
@@ -39,3 +42,8 @@ def build_app(settings: ServerSettings) -> FastAPI:
     scorer = build_scorer(settings.scorer_config())
     logger.info("serving %s with engine %s and scorer %s", engine.model_name, engine.name, scorer.name)
     return create_app(settings, engine, scorer)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of `serve --workers N`."""
+    return build_app(ServerSettings.model_validate_json(os.environ[SETTINGS_ENV]))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reward_models.base import Scorer, StepItem, StepScore
@@ -130,7 +130,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(require_api_key)])
     async def models() -> ModelList:

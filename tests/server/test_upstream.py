@@ -92,6 +92,33 @@ def faulty_proxy():
         yield url
 
 
+def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
+    """`--workers 2`: two processes serve one port, each with its own loop; /metrics (from either)
+    counts every request once, whichever worker served it (prometheus_client's multiprocess mode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.mmap_dict import MmapedDict
+
+    with FaultyUpstream(free_port()) as upstream, running_server(
+        "--engine", "upstream", "--upstream-url", upstream.url, "--upstream-mode", "chat", "--workers", "2",
+        env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    ) as url:
+        def ask(_: int) -> str:
+            return client(url).chat.completions.create(model="ok", messages=MATH, max_tokens=32).choices[0].message.content
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(24)))
+        assert answers == ["4"] * 24
+        assert labelled(url, "safethink_requests_total", 'status="success"') == 24
+        assert metric(url, "safethink_active_requests") == 0
+        served_by = {}
+        for db in tmp_path.glob("counter_*.db"):
+            served_by[db.stem] = sum(value for key, value, *_ in MmapedDict.read_all_values_from_file(str(db))
+                                     if json.loads(key)[1] == "safethink_requests_total" and 'success' in key)
+        assert len(served_by) == 2, f"one metrics file per worker: {served_by}"
+        assert sum(served_by.values()) == 24
+
+
 @pytest.mark.parametrize("model", ["ok", "reasoning-field", "think-inline"])
 def test_all_three_reasoning_formats_split_the_same_way(faulty_proxy, model):
     r = client(faulty_proxy).chat.completions.create(model=model, messages=MATH, max_tokens=32)
