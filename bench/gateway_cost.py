@@ -10,7 +10,9 @@ gets the same requests, interleaved route by route. Reported per route:
 - CPU seconds of the serving process (utime + stime from /proc) per relayed token, and the same less
   the scorer's forward time (the scorer runs in the gateway's process);
 - text events per request, against the upstream's own;
-- time to first text p50 / p99, and what the gateway adds to the direct route;
+- time to first text p50 / p99, and what the gateway adds to the direct route; with steering on, the
+  first step's scoring wait p50 (from the response's steering record): the rest of the added time is
+  the first step's generation, held back until it is whole;
 - with steering on, the scorer's forward time from the gateway's metrics, reported apart.
 """
 
@@ -119,36 +121,41 @@ def scorer_seconds(base: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("safethink_scorer_latency_seconds_sum"))
 
 
-async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int]:
+async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int, list[float]]:
+    """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request."""
     body = {"model": "m", "messages": [{"role": "user", "content": "Add the numbers."}], "stream": True, "max_tokens": 4096}
-    started, ttft, events = time.perf_counter(), None, 0
+    started, ttft, events, scoring = time.perf_counter(), None, 0, []
     async with client.stream("POST", base + "/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
-            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
+            chunk = json.loads(line[6:])
+            delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
             if delta.get("content") or delta.get("reasoning_content"):
                 events += 1
                 ttft = ttft if ttft is not None else time.perf_counter() - started
-    return (ttft or 0.0) * 1000, events
+            scoring += [step["score_ms"] for step in (chunk.get("safethink") or {}).get("steps", [])]
+    return (ttft or 0.0) * 1000, events, scoring
 
 
-async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float]:
-    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds), the
-    warm-up request (connections, the scorer's first forward) left out of every figure."""
+async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float, list[float]]:
+    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds, first
+    steps' scoring waits), the warm-up request (connections, the scorer's first forward) left out of
+    every figure."""
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one(client, base)
         gate = asyncio.Semaphore(concurrency)
 
-        async def bounded() -> tuple[float, int]:
+        async def bounded() -> tuple[float, int, list[float]]:
             async with gate:
                 return await one(client, base)
 
         cpu, scored, t = cpu_seconds(pid), scorer_seconds(base), time.perf_counter()
         results = await asyncio.gather(*(bounded() for _ in range(requests)))
         wall = time.perf_counter() - t
-        return ([r[0] for r in results], [r[1] for r in results], wall, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored)
+        return ([r[0] for r in results], [r[1] for r in results], wall, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored,
+                [r[2][0] for r in results if r[2]])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -181,17 +188,18 @@ async def main(args: argparse.Namespace) -> None:
             bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
         print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
-              f"{'ttft p99':>9} {'added p50':>10} {'tok/s':>8} {'scorer s':>9}")
+              f"{'ttft p99':>9} {'added p50':>10} {'scoring p50':>12} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
-                ttfts, events, wall, cpu, scored = await run_route(base, procs[route].pid, concurrency, args.requests)
+                ttfts, events, wall, cpu, scored, first_scoring = await run_route(base, procs[route].pid, concurrency, args.requests)
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50
+                scoring = f"{statistics.median(first_scoring):12.1f}" if first_scoring else f"{'':12}"
                 print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
-                      f"{relayed / wall:8.0f} {scored:9.2f}")
+                      f"{scoring} {relayed / wall:8.0f} {scored:9.2f}")
     finally:
         for proc in procs.values():
             proc.terminate()

@@ -68,6 +68,7 @@ class StepRecord(BaseModel):
     action: Action
     scorer_error: bool = False
     tokens: int
+    score_ms: float = Field(default=0.0, description="time the step waited for its score (micro-batch wait and forward)")
 
 
 class InterventionRecord(BaseModel):

@@ -13,6 +13,7 @@ own texts are context for the scorer, never the judged step, and are listed in t
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -297,12 +298,14 @@ class SteeringSession:
         if not step.text.strip():
             self._release(step.deltas)
             return Action.RELEASED
+        started = time.perf_counter()
         p_unsafe, error = await self._score(step.text)
+        score_ms = round((time.perf_counter() - started) * 1000, 3)
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
         record = StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
-                            scorer_error=error, tokens=step.tokens)
+                            scorer_error=error, tokens=step.tokens, score_ms=score_ms)
         self.report.steps.append(record)
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas)
