@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -100,6 +101,12 @@ def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]
         proc.kill()
         proc.wait()
         raise
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -201,9 +208,7 @@ async def main(args: argparse.Namespace) -> None:
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
                       f"{scoring} {relayed / wall:8.0f} {scored:9.2f}")
     finally:
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop_all(procs.values())
 
 
 if __name__ == "__main__":

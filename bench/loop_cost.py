@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gateway_cost import cpu_seconds, scorer_seconds, start  # noqa: E402
+from bench.gateway_cost import cpu_seconds, scorer_seconds, start, stop_all  # noqa: E402
 from safethink_server.engines.base import Engine, Generation, SamplingParams  # noqa: E402
 from safethink_server.prompt import Conversation, RenderedPrompt  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -166,9 +166,7 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"{concurrency:7} {route:13} {cpu / tokens * 1e6:13.1f} {(cpu - scored) / tokens * 1e6:12.1f} {events:11.1f} "
                       f"{tokens / args.requests:11.1f} {time.perf_counter() - t:7.1f}")
     finally:
-        for proc in procs.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop_all(procs.values())
 
 
 if __name__ == "__main__":

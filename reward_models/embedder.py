@@ -61,6 +61,8 @@ class SentenceEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(self.device).eval()
         self.int8 = int8
+        if int8 and self.device.type != "cpu":
+            raise ValueError(f"the int8 encoder runs on CPU only, not {self.device}")
         if int8:
             self.model = int8_linear_layers(self.model)
         self.max_length = max_length

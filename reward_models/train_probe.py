@@ -177,7 +177,7 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
 
 def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0, int8: bool = False) -> dict[str, object]:
     """The held-out metrics of a trained head, scored through the scorer's own path (`ProbeScorer`),
-    with the encoder in full precision or int8 (the CPU default)."""
+    with the encoder in full precision or in int8 (`--scorer-int8`)."""
     from reward_models.probe import ProbeScorer
 
     items = build_dataset(cache_dir, seed=seed)

@@ -68,23 +68,27 @@ def serve(args: argparse.Namespace) -> None:
 
 @contextmanager
 def worker_environment(settings: typing.Any) -> Iterator[None]:
-    """What worker processes read at start: the settings, and a fresh folder where prometheus_client
-    keeps every worker's metric values for /metrics to sum (its multiprocess mode)."""
+    """What worker processes read at start: the settings (a file only this user can read: they may
+    hold API keys), and an empty folder where prometheus_client keeps every worker's metric values
+    for /metrics to sum (its multiprocess mode)."""
     import os
     import shutil
     import tempfile
 
     from safethink_server.server import SETTINGS_ENV
 
-    own_folder = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-    folder = tempfile.mkdtemp(prefix="safethink-metrics-") if own_folder else os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    own = tempfile.mkdtemp(prefix="safethink-workers-")  # private to this user (mode 0700)
+    settings_file = Path(own) / "settings.json"
+    settings_file.write_text(settings.model_dump_json())
+    metrics = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(own) / "metrics"))
+    Path(metrics).mkdir(parents=True, exist_ok=True)
+    for stale in Path(metrics).glob("*.db"):  # values left by an earlier run would be summed in
+        stale.unlink()
+    os.environ[SETTINGS_ENV] = str(settings_file)
     try:
         yield
     finally:
-        if own_folder:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def score(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -14,7 +15,7 @@ from safethink_server.engines.base import Engine
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_ENV = "SAFETHINK_WORKER_SETTINGS"  # `serve --workers N`: the settings, as JSON, for each worker process
+SETTINGS_ENV = "SAFETHINK_WORKER_SETTINGS"  # `serve --workers N`: the file with the settings, as JSON, for each worker
 
 
 def build_engine(settings: ServerSettings) -> Engine:
@@ -45,5 +46,10 @@ def build_app(settings: ServerSettings) -> FastAPI:
 
 
 def app_from_environment() -> FastAPI:
-    """The app of one worker process of `serve --workers N`."""
-    return build_app(ServerSettings.model_validate_json(os.environ[SETTINGS_ENV]))
+    """The app of one worker process of `serve --workers N`; the workers split the cores between
+    their scorers' forwards."""
+    import torch
+
+    settings = ServerSettings.model_validate_json(Path(os.environ[SETTINGS_ENV]).read_text())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    return build_app(settings)

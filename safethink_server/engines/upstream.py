@@ -172,7 +172,7 @@ class UpstreamGeneration(Generation):
             except StopAsyncIteration:
                 await self._close()
                 raise UpstreamError("the upstream ended the stream without a finish reason", 502, "closed") from None
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, OSError) as exc:
                 await self._close()
                 raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
             text: list[str] = []
@@ -212,7 +212,7 @@ class UpstreamGeneration(Generation):
             while self._events is not None:
                 for event in await self._events.take():
                     self._take_usage(event)
-        except (StopAsyncIteration, UpstreamError, aiohttp.ClientError):
+        except (StopAsyncIteration, UpstreamError, aiohttp.ClientError, OSError):
             pass  # the answer is complete; a missing usage event only loses the counts
         finally:
             await self._close()
@@ -302,8 +302,8 @@ class UpstreamEngine(Engine):
         if self._http is None:  # created on the serving event loop
             c = self.config
             self._http = aiohttp.ClientSession(
-                headers=self._headers, connector=aiohttp.TCPConnector(limit=c.max_connections),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.chunk_timeout_s))
+                headers=self._headers, connector=aiohttp.TCPConnector(limit=c.max_connections), trust_env=True,  # HTTPS_PROXY, NO_PROXY
+                timeout=self._timeout(sock_read=c.first_byte_timeout_s))
         return self._http
 
     async def open(self) -> None:
@@ -315,6 +315,11 @@ class UpstreamEngine(Engine):
     async def _discover_until_up(self) -> None:
         while not await self._discover():
             await asyncio.sleep(5.0)
+
+    def _timeout(self, sock_read: float | None) -> aiohttp.ClientTimeout:
+        """`connect` bounds the wait for a pooled connection as well as the connect itself."""
+        c = self.config
+        return aiohttp.ClientTimeout(total=None, connect=c.first_byte_timeout_s, sock_connect=c.connect_timeout_s, sock_read=sock_read)
 
     async def _discover(self) -> bool:
         try:
@@ -371,7 +376,7 @@ class UpstreamEngine(Engine):
         try:
             async with self.http.post(url, json=body) as response:
                 status, text = response.status, await response.text(errors="replace")
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _transport_error(exc) from exc
         if status != 200:
             raise _status_error(status, text)
@@ -381,14 +386,14 @@ class UpstreamEngine(Engine):
         """A streamed request, once the upstream answered with its status (within the first-byte timeout)."""
         try:
             async with asyncio.timeout(self.config.first_byte_timeout_s):
-                response = await self.http.post(self.base + path, json=body, timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.config.connect_timeout_s, sock_read=None))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                response = await self.http.post(self.base + path, json=body, timeout=self._timeout(sock_read=None))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _transport_error(exc) from exc
         if response.status != 200:
             try:
-                text = await response.text(errors="replace")
-            except (aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(self.config.chunk_timeout_s):
+                    text = await response.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError, OSError):
                 text = ""
             finally:
                 response.close()

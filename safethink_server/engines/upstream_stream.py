@@ -5,9 +5,8 @@ silences and malformed data turned into errors the gateway answers."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from safethink_server.engines.base import EngineError
@@ -23,27 +22,27 @@ class UpstreamError(EngineError):
 
 
 class SSEDecoder:
-    """The `data` of each complete event in an SSE byte stream; an event split across network reads
-    is joined. Comments, event names and keep-alives carry no data and are skipped."""
+    """The `data` of each `data:` line of an SSE byte stream (OpenAI-style servers send one JSON
+    document per line, events separated by a blank line or, leniently, by a single line end). A line
+    split across network reads is joined; comments, event names and keep-alives are skipped."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._partial = b""
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = self._buffer + chunk
-        if b"\r" in data:  # CRLF or CR line ends; a CR at the very end may be half of a CRLF
-            held = data.endswith(b"\r")
-            data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (b"\r" if held else b"")
-        *events, self._buffer = data.split(b"\n\n")
-        out = []
-        for event in events:
-            lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if lines:
-                out.append(b"\n".join(lines))
-        return out
+        if not self._started and chunk:
+            self._started = True
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte order mark before the first event
+        end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+        if end < 0:
+            self._partial += chunk
+            return []
+        complete, self._partial = self._partial + chunk[: end + 1], chunk[end + 1 :]
+        return [line[5:].removeprefix(b" ") for line in complete.splitlines() if line.startswith(b"data:")]
 
 
-async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[list[dict[str, Any]]]:
+async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncGenerator[list[dict[str, Any]], None]:
     """The parsed events of an SSE body until `[DONE]`, as many at a time as one read of `chunks`
     brings: a fast upstream's events are relayed together instead of one by one. Malformed data and
     silence raise."""
@@ -60,6 +59,8 @@ async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, c
         timeout = chunk_timeout
         events = []
         for data in decoder.feed(chunk):
+            if not data.strip():
+                continue
             if data.strip() == b"[DONE]":
                 if events:
                     yield events
@@ -100,7 +101,7 @@ class EventReader:
         self._max_buffered = max_buffered
         self._task = asyncio.get_running_loop().create_task(self._read(sse_batches(chunks, first_byte_timeout, chunk_timeout)))
 
-    async def _read(self, batches: AsyncIterator[list[dict[str, Any]]]) -> None:
+    async def _read(self, batches: AsyncGenerator[list[dict[str, Any]], None]) -> None:
         try:
             async for batch in batches:
                 self._events += batch
@@ -113,6 +114,7 @@ class EventReader:
         finally:
             self._ended = True
             self._arrived.set()
+            await batches.aclose()
 
     async def take(self) -> list[dict[str, Any]]:
         """The events read so far and not taken (waiting for one); StopAsyncIteration after [DONE]."""
@@ -129,5 +131,4 @@ class EventReader:
 
     async def aclose(self) -> None:
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait({self._task})  # unlike awaiting the task, this leaves a cancellation of the caller alone

@@ -184,13 +184,15 @@ class SteeringSession:
     def _in_one_piece(self, tokens: list[int]) -> bool:
         """A batch's model tokens taken as one piece, with no per-token work, where that decides
         nothing differently: past the watched window, or inside a held step that has begun and does
-        not end in the piece (a step's end is monotone: once its text holds a delimiter, a stop
-        string, or max_step_tokens, more text keeps it so). A token that needs a decision of its own
+        not end in the piece (where a step's end is monotone: once its text holds a delimiter, a stop
+        string, or max_step_tokens, more text keeps it so; a step regex is followed token by token). A token that needs a decision of its own
         (a step's end, a section change, a stop string) is found by halving the piece; False (nothing
         read) when it is the next token, as are the end and the reasoning budget."""
         held = self._held
-        if (held is None and self._watching()) or (held is not None and not held.text.strip()):
+        if held is None and self._watching():
             return False  # a step starts at its first text, token by token
+        if held is not None and (not held.text.strip() or not self.detector.monotone):
+            return False
         n = min((tokens.index(eos) for eos in self._eos if eos in tokens), default=len(tokens))
         if self.engine.counts_tokens:
             n = min(n, self.sampling.max_tokens - self.output.output_tokens)

@@ -2,7 +2,7 @@
 contract (`safethink_server.engines.base`): batches of any size, exact rollback and injection, an
 EOS at the end, its own token limit, and a slot held from `start` to `abort`. Its "model" plays a
 token script forward, whatever was rolled back or injected, so that every request shape can be
-generated. A unit-test device only: the end-to-end tests run the real model."""
+generated (or, `by_position`, reads the script at each output position, as a deterministic model). A unit-test device only: the end-to-end tests run the real model."""
 
 from __future__ import annotations
 
@@ -72,10 +72,11 @@ class ScriptedGeneration(Generation):
                 self.finished_by_length = True
                 batch.append(eos)
                 break
-            if self._script_at >= len(self.engine.script):
+            at = len(self.sequence) + len(batch) if self.engine.by_position else self._script_at
+            if at >= len(self.engine.script):
                 batch.append(eos)
                 break
-            token = self.engine.script[self._script_at]
+            token = self.engine.script[at]
             self._script_at += 1
             batch.append(token)
             if token == eos:
@@ -106,8 +107,11 @@ class ScriptedEngine(Engine):
     model_name = "scripted"
 
     def __init__(self, script: list[int], batch_sizes: list[int], enforces_max_tokens: bool = True,
-                 own_limit: int | None = None) -> None:
+                 own_limit: int | None = None, by_position: bool = False) -> None:
         self.tokenizer = ScriptedTokenizer()
+        # by_position: the token at each position of the output is the script's, whatever came before
+        # (a deterministic model), so that runs with different batch sizes can be compared.
+        self.by_position = by_position
         self.script = script
         self.batch_sizes = batch_sizes
         self.enforces_max_tokens = enforces_max_tokens  # vllm and upstream stop at max_tokens themselves, hf does not

@@ -116,6 +116,7 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
             served_by[db.stem] = sum(value for key, value, *_ in MmapedDict.read_all_values_from_file(str(db))
                                      if json.loads(key)[1] == "safethink_requests_total" and 'success' in key)
         assert len(served_by) == 2, f"one metrics file per worker: {served_by}"
+        assert all(served_by.values()), f"both workers served requests: {served_by}"
         assert sum(served_by.values()) == 24
 
 
