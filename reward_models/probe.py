@@ -118,10 +118,10 @@ class ProbeScorer(Scorer):
     name = "probe"
 
     def __init__(self, head_path: Path | None = None, device: str | None = None, embedder: SentenceEmbedder | None = None,
-                 int8: bool = False):
+                 dtype: str | None = None):
         super().__init__()
         self.head = ProbeHead.load(head_path or DEFAULT_HEAD_PATH)
-        self.embedder = embedder or SentenceEmbedder(device=device, int8=int8)
+        self.embedder = embedder or SentenceEmbedder(device=device, dtype=dtype)
 
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:

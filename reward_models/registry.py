@@ -17,8 +17,8 @@ class ScorerConfig(BaseModel):
     model_path: Path | None = Field(default=None, description="classifier/guard: local model folder")
     head_path: Path | None = Field(default=None, description="probe: head weights (default: the shipped head)")
     device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
-    dtype: str = Field(default="auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    int8: bool = Field(default=False, description="probe on CPU: int8 encoder (faster, a little less accurate)")
+    dtype: str = Field(default="auto", description="auto (bf16 on GPU; on CPU fp32, but the probe's encoder bf16 where the CPU "
+                       "has it natively), float32, bfloat16, float16")
     unsafe_labels: list[str] | None = Field(default=None, description="classifier: labels (names or indices) that mean unsafe")
     unsafe_token: str = "unsafe"
     safe_token: str = "safe"
@@ -36,7 +36,7 @@ def build_scorer(config: ScorerConfig) -> Scorer:
     if config.kind == "probe":
         from reward_models.probe import ProbeScorer
 
-        return ProbeScorer(head_path=config.head_path, device=device, int8=config.int8)
+        return ProbeScorer(head_path=config.head_path, device=device, dtype=dtype)
     if config.kind in ("classifier", "guard") and config.model_path is None:
         raise ValueError(f"the {config.kind} scorer needs a model path")
     if config.kind == "classifier":

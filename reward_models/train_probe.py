@@ -141,7 +141,7 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     np.random.seed(seed)
     torch.manual_seed(seed)
     items = build_dataset(cache_dir, seed=seed)
-    embedder = SentenceEmbedder(device="cpu", int8=False)  # the head learns the full-precision features
+    embedder = SentenceEmbedder(device="cpu", dtype="float32")  # the head learns the full-precision features
     x = embed_all(items, embedder)
     y = np.array([i.unsafe for i in items], dtype=np.int64)
     tr, ca, te = split_by_group(items, seed, fractions=(0.15, 0.2))
@@ -175,15 +175,15 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     return metrics
 
 
-def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0, int8: bool = False) -> dict[str, object]:
+def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0, dtype: str = "float32") -> dict[str, object]:
     """The held-out metrics of a trained head, scored through the scorer's own path (`ProbeScorer`),
-    with the encoder in full precision or in int8 (`--scorer-int8`)."""
+    with the encoder in `dtype`."""
     from reward_models.probe import ProbeScorer
 
     items = build_dataset(cache_dir, seed=seed)
     _, _, te = split_by_group(items, seed, fractions=(0.15, 0.2))
     test_items = [items[i] for i in te]
-    scorer = ProbeScorer(head_path, device="cpu", int8=int8)
+    scorer = ProbeScorer(head_path, device="cpu", dtype=dtype)
     p: list[float] = []
     for start in tqdm(range(0, len(test_items), 64), desc="scoring", unit="batch"):
         batch = [step_item(i) for i in test_items[start : start + 64]]
@@ -201,11 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=3.0, help="L2 strength of the MLP head")
     parser.add_argument("--cross-validate", action="store_true", help="also print grouped 5-fold AUROC per slice (slower)")
     parser.add_argument("--evaluate", type=Path, metavar="HEAD",
-                        help="only score the held-out split with a trained head, encoder in float32 and in int8")
+                        help="only score the held-out split with a trained head, encoder in float32 and in bfloat16")
     args = parser.parse_args(argv)
     if args.evaluate:
-        metrics = {precision: evaluate_head(args.cache_dir, args.evaluate, args.seed, int8=precision == "int8")
-                   for precision in ("float32", "int8")}
+        metrics = {dtype: evaluate_head(args.cache_dir, args.evaluate, args.seed, dtype) for dtype in ("float32", "bfloat16")}
         print(json.dumps(metrics, indent=2))
         return
     metrics = train(args.cache_dir, args.output, args.seed, args.alpha, args.cross_validate)

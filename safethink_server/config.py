@@ -55,8 +55,9 @@ class ServerSettings(BaseSettings, PolicyConfig):
     scorer_model: Path | None = Field(default=None, description="classifier/guard model folder, or probe head file")
     scorer_url: str | None = Field(default=None, description="remote scorer: base URL of a vLLM classify server")
     scorer_device: str = Field(default="auto", description="scorer device: auto, cpu, cuda, cuda:N")
-    scorer_int8: bool = Field(default=False, description="probe on CPU: int8 encoder, about 1.7x the steps/s at a small "
-                              "cost in held-out AUROC (docs/evaluation.md)")
+    scorer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="scorer weights dtype (auto: bf16 on a GPU; on CPU float32, but the probe's encoder in bf16 "
+        "where the CPU has it natively)")
     scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
 
@@ -136,7 +137,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     def scorer_config(self) -> ScorerConfig:
         return ScorerConfig(
-            kind=self.scorer, device=self.scorer_device, url=self.scorer_url, int8=self.scorer_int8,
+            kind=self.scorer, device=self.scorer_device, url=self.scorer_url, dtype=self.scorer_dtype,
             head_path=self.scorer_model if self.scorer == "probe" else None,
             model_path=self.scorer_model if self.scorer in ("classifier", "guard") else None,
         )
