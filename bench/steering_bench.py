@@ -6,7 +6,7 @@ several concurrency levels; then the cost of one intervention against a cold re-
     python bench/steering_bench.py --engine vllm --model DIR --scorer-device cuda   # on a GPU
 
 Both modes run through the same SteeringSession on the same engine; rounds alternate between the modes
-so both see the same machine load. tokens/s is all output tokens of a round over the round's wall time.
+(each from an empty prefix cache, the order swapped every round) so both see the same machine load. tokens/s is all output tokens of a round over the round's wall time.
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, round
     wall: dict[str, float] = {m: 0.0 for m in MODES}
     for r in range(rounds):
         prompts = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
-        for mode, policy in MODES.items():
+        # Each mode starts from an empty prefix cache, and the order alternates by round: neither mode
+        # gets the prompts the other has just prefilled.
+        for mode, policy in list(MODES.items())[:: 1 if r % 2 == 0 else -1]:
+            await reset_prefix_cache(engine)
             t = time.perf_counter()
             results[mode] += await asyncio.gather(*(run_one(engine, batcher, p, policy, max_tokens) for p in prompts))
             wall[mode] += time.perf_counter() - t
