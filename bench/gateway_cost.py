@@ -11,8 +11,8 @@ gets the same requests, interleaved route by route. Reported per route:
   the scorer's forward time (the scorer runs in the gateway's process);
 - text events per request, against the upstream's own;
 - time to first text p50 / p99, and what the gateway adds to the direct route; with steering on, the
-  first step's scoring wait p50 (from the response's steering record): the rest of the added time is
-  the first step's generation, held back until it is whole;
+  scoring wait p50 of the first step and of every judged step (from the response's steering record):
+  the rest of the added time is the first step's generation, held back until it is whole;
 - with steering on, the scorer's forward time from the gateway's metrics, reported apart.
 """
 
@@ -145,9 +145,9 @@ async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int, list[fl
     return (ttft or 0.0) * 1000, events, scoring
 
 
-async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float, list[float]]:
-    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds, first
-    steps' scoring waits), the warm-up request (connections, the scorer's first forward) left out of
+async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float, list[list[float]]]:
+    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds, each
+    request's steps' scoring waits), the warm-up request (connections, the scorer's first forward) left out of
     every figure."""
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -162,7 +162,7 @@ async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tup
         results = await asyncio.gather(*(bounded() for _ in range(requests)))
         wall = time.perf_counter() - t
         return ([r[0] for r in results], [r[1] for r in results], wall, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored,
-                [r[2][0] for r in results if r[2]])
+                [r[2] for r in results if r[2]])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -195,18 +195,19 @@ async def main(args: argparse.Namespace) -> None:
             bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
         print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
-              f"{'ttft p99':>9} {'added p50':>10} {'scoring p50':>12} {'tok/s':>8} {'scorer s':>9}")
+              f"{'ttft p99':>9} {'added p50':>10} {'1st step scoring':>17} {'step scoring':>13} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
-                ttfts, events, wall, cpu, scored, first_scoring = await run_route(base, procs[route].pid, concurrency, args.requests)
+                ttfts, events, wall, cpu, scored, scoring = await run_route(base, procs[route].pid, concurrency, args.requests)
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50
-                scoring = f"{statistics.median(first_scoring):12.1f}" if first_scoring else f"{'':12}"
+                first = f"{statistics.median(r[0] for r in scoring):17.1f}" if scoring else f"{'':17}"
+                every = f"{statistics.median(ms for r in scoring for ms in r):13.1f}" if scoring else f"{'':13}"
                 print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
-                      f"{scoring} {relayed / wall:8.0f} {scored:9.2f}")
+                      f"{first} {every} {relayed / wall:8.0f} {scored:9.2f}")
     finally:
         stop_all(procs.values())
 
