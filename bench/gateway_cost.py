@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -47,10 +48,13 @@ def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped
 
     usage = json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
                         "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": tokens + 10}}).encode()
-    # Steps of 24 tokens: a paragraph break ends each one, as reasoning models write.
+    # Steps of 24 tokens: a paragraph break ends each one, as reasoning models write. Each step opens
+    # with the request's number, so that no request's steps are in the scorer's cache.
     pieces = [("\n\n" if i % 24 == 23 else WORDS[i % len(WORDS)]) for i in range(tokens)]
     body = [event({"reasoning_content": p} if i < reasoning_tokens else {"content": p}) for i, p in enumerate(pieces)]
     body[-1] = event({"content": pieces[-1]}, "stop")
+    step_starts = [i for i in range(tokens - 1) if i % 24 == 0]
+    served = 0
     models = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "bench"}]}).encode()
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -66,8 +70,13 @@ def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped
             await send({"type": "http.response.start", "status": 404, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
+        nonlocal served
+        served += 1
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        for chunk in body:
+        numbered = list(body)
+        for i in step_starts:
+            numbered[i] = event({"reasoning_content" if i < reasoning_tokens else "content": f"Request {served}: {pieces[i]}"})
+        for chunk in numbered:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n", "more_body": False})
 
@@ -128,9 +137,13 @@ def scorer_seconds(base: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("safethink_scorer_latency_seconds_sum"))
 
 
+REQUESTS = itertools.count()
+
+
 async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int, list[float]]:
     """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "Add the numbers."}], "stream": True, "max_tokens": 4096}
+    prompt = f"Add the numbers of list {next(REQUESTS)}."  # no two requests share a context in the scorer's cache
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 4096}
     started, ttft, events, scoring = time.perf_counter(), None, 0, []
     async with client.stream("POST", base + "/chat/completions", json=body) as response:
         async for line in response.aiter_lines():

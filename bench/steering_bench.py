@@ -6,7 +6,7 @@ several concurrency levels; then the cost of one intervention against a cold re-
     python bench/steering_bench.py --engine vllm --model DIR --scorer-device cuda   # on a GPU
 
 Both modes run through the same SteeringSession on the same engine; rounds alternate between the modes
-(each from an empty prefix cache, the order swapped every round) so both see the same machine load. tokens/s is all output tokens of a round over the round's wall time.
+(each from an empty prefix cache and an empty scorer cache, the order swapped every round) so both see the same machine load. tokens/s is all output tokens of a round over the round's wall time.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, round
         # gets the prompts the other has just prefilled.
         for mode, policy in list(MODES.items())[:: 1 if r % 2 == 0 else -1]:
             await reset_prefix_cache(engine)
+            batcher.scorer.embedder.clear_cache()  # type: ignore[attr-defined]  # every step's encoding is computed
             t = time.perf_counter()
             results[mode] += await asyncio.gather(*(run_one(engine, batcher, p, policy, max_tokens) for p in prompts))
             wall[mode] += time.perf_counter() - t
@@ -124,9 +125,15 @@ async def intervention_cost(engine: Engine, contexts: list[int], repeats: int) -
 
 
 async def reset_prefix_cache(engine: Engine) -> None:
+    """Empty vLLM's prefix cache (it refuses while blocks of aborted requests are still being freed)."""
     llm = getattr(engine, "llm", None)
-    if llm is not None:
-        await llm.reset_prefix_cache()
+    if llm is None:
+        return
+    for _ in range(100):
+        if await llm.reset_prefix_cache() is not False:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("vLLM did not reset its prefix cache")
 
 
 def build_engine(args: argparse.Namespace) -> Engine:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -18,11 +20,11 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def native_bf16_cpu() -> bool:
+def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+        with cpuinfo.open() as lines:
+            flags = next((line for line in lines if line.startswith("flags")), "").split()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags

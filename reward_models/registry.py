@@ -17,7 +17,7 @@ class ScorerConfig(BaseModel):
     model_path: Path | None = Field(default=None, description="classifier/guard: local model folder")
     head_path: Path | None = Field(default=None, description="probe: head weights (default: the shipped head)")
     device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
-    dtype: str = Field(default="auto", description="auto (bf16 on GPU; on CPU fp32, but the probe's encoder bf16 where the CPU "
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto (bf16 on GPU; on CPU fp32, but the probe's encoder bf16 where the CPU "
                        "has it natively), float32, bfloat16, float16")
     unsafe_labels: list[str] | None = Field(default=None, description="classifier: labels (names or indices) that mean unsafe")
     unsafe_token: str = "unsafe"

@@ -100,7 +100,7 @@ def score(args: argparse.Namespace) -> None:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    config = ScorerConfig(kind=args.scorer, model_path=args.model, head_path=args.head, device=args.device,
+    config = ScorerConfig(kind=args.scorer, model_path=args.model, head_path=args.head, device=args.device, dtype=args.dtype,
                           unsafe_labels=args.unsafe_labels, unsafe_token=args.unsafe_token, safe_token=args.safe_token,
                           url=args.url, remote_model=args.remote_model)
     scorer = build_scorer(config)
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     p_score.add_argument("--model", type=Path, help="classifier/guard: model folder")
     p_score.add_argument("--head", type=Path, help="probe: head file (default: the shipped head)")
     p_score.add_argument("--device", default="auto")
+    p_score.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                         help="auto: bf16 where the hardware has it natively (the probe's encoder), else float32; float32 for exact, reproducible scores")
     p_score.add_argument("--unsafe-labels", nargs="+", help="classifier: labels meaning unsafe")
     p_score.add_argument("--unsafe-token", default="unsafe")
     p_score.add_argument("--safe-token", default="safe")

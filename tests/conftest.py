@@ -100,7 +100,7 @@ def embedded_model_dir() -> Path:
 def probe_scorer():
     from reward_models.probe import ProbeScorer
 
-    return ProbeScorer(device="cpu")
+    return ProbeScorer(device="cpu", dtype="float32")  # exact: batched and single scores agree to 1e-7
 
 
 # Tiny randomly initialised models built from configs, saved and loaded through the normal path.

@@ -4,7 +4,6 @@ checkpoint so that a rolled-back step leaves no trace."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,10 @@ class Delta:
     server: bool = False  # text the server inserted (prefix, end marker, refusal), not the model's
 
 
-def merged(deltas: Iterable[Delta]) -> list[Delta]:
+def merged(deltas: list[Delta]) -> list[Delta]:
     """Consecutive deltas of one section and origin joined into one; empty ones dropped."""
+    if len(deltas) == 1 and deltas[0].text:
+        return deltas
     out: list[Delta] = []
     for delta in deltas:
         if not delta.text:
@@ -83,7 +84,7 @@ class OutputProcessor:
 
     def push_all(self, ids: list[int], server: bool) -> list[Delta]:
         """Several tokens at once, their text merged per section."""
-        return merged(Delta(d.section, d.text, server) for token in ids for d in self.push(token))
+        return merged([Delta(d.section, d.text, server) for token in ids for d in self.push(token)])
 
     def checkpoint(self) -> OutputCheckpoint:
         return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens)
@@ -96,6 +97,9 @@ class OutputProcessor:
     def release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
         """The texts that go to the client: answer text passes the stop strings (a partial match is
         held back until the next text or the end decides it)."""
+        if not self.stop.stops and not final:  # no stop strings: every text goes out as it is
+            self._released += [delta.text for delta in deltas]
+            return deltas
         out: list[Delta] = []
         for delta in deltas:
             if self.stopped:

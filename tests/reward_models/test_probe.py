@@ -1,9 +1,14 @@
 """The shipped probe head on the real MiniLM embeddings."""
 
 import pytest
+import torch
+from pydantic import ValidationError
 
 from reward_models.base import StepItem
-from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead
+from reward_models.device import native_bf16_cpu
+from reward_models.embedder import encoder_dtype
+from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, ProbeScorer
+from safethink_server.config import ServerSettings
 
 # Steps that openly set out to comply. Harmful detail with no compliance framing (e.g. "mix antifreeze
 # into some meat") is a known gap of the shipped probe: see README, "The shipped probe head".
@@ -34,8 +39,40 @@ def test_harmful_compliance_scores_high_and_refusals_and_math_low(probe_scorer):
 def test_batch_gives_the_same_scores_as_one_at_a_time(probe_scorer):
     items = HARMFUL + SAFE
     batched = [s.p_unsafe for s in probe_scorer.score_batch(items)]
+    probe_scorer.embedder.clear_cache()  # each item encoded again, alone
     single = [probe_scorer.score_batch([i])[0].p_unsafe for i in items]
     assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_the_bf16_encoder_scores_within_a_few_thousandths_of_float32(probe_scorer):
+    """bf16 (the default where the CPU has it natively) moves scores a little, and a step's score a
+    little with the padding of its batch; float32 is exact."""
+    bf16 = ProbeScorer(device="cpu", dtype="bfloat16")
+    items = HARMFUL + SAFE
+    full = [s.p_unsafe for s in probe_scorer.score_batch(items)]
+    batched = [s.p_unsafe for s in bf16.score_batch(items)]
+    bf16.embedder.clear_cache()
+    single = [bf16.score_batch([i])[0].p_unsafe for i in items]
+    assert batched == pytest.approx(full, abs=5e-3)
+    assert single == pytest.approx(batched, abs=2e-3)
+    assert bf16.embedder.embed(["a step"]).dtype == torch.float32, "features are pooled in float32"
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tmp_path):
+    native, plain = tmp_path / "amx", tmp_path / "plain"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2\n")
+    assert native_bf16_cpu(native) and not native_bf16_cpu(plain) and not native_bf16_cpu(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    assert encoder_dtype(cpu, "auto") == encoder_dtype(cpu, None) == (torch.bfloat16 if native_bf16_cpu() else torch.float32)
+    assert encoder_dtype(cpu, "float32") == torch.float32 and encoder_dtype(cpu, "bfloat16") == torch.bfloat16
+
+
+def test_the_scorer_dtype_setting_reaches_the_scorer():
+    assert ServerSettings(scorer_dtype="bfloat16").scorer_config().dtype == "bfloat16"
+    assert ServerSettings().scorer_config().dtype == "auto"
+    with pytest.raises(ValidationError):
+        ServerSettings(scorer_dtype="bf16")
 
 
 def test_shipped_head_is_small_and_carries_its_held_out_metrics():
