@@ -72,10 +72,11 @@ def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped
             return
         nonlocal served
         served += 1
+        number = served
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         numbered = list(body)
         for i in step_starts:
-            numbered[i] = event({"reasoning_content" if i < reasoning_tokens else "content": f"Request {served}: {pieces[i]}"})
+            numbered[i] = event({"reasoning_content" if i < reasoning_tokens else "content": f"Request {number}: {pieces[i]}"})
         for chunk in numbered:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n", "more_body": False})

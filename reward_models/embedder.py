@@ -40,8 +40,8 @@ def encoder_dtype(device: torch.device, requested: str | None = None) -> torch.d
     bf16 score moves by up to about 1e-3 with the padding of the batch it is scored in."""
     if requested and requested != "auto":
         return pick_dtype(device, requested)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda":  # native bf16 from Ampere (compute capability 8) on
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
     return torch.bfloat16 if native_bf16_cpu() else torch.float32
 
 

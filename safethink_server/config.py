@@ -57,7 +57,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
     scorer_device: str = Field(default="auto", description="scorer device: auto, cpu, cuda, cuda:N")
     scorer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="scorer weights dtype (auto: bf16 on a GPU; on CPU float32, but the probe's encoder in bf16 "
-        "where the CPU has it natively)")
+        "where the CPU has it natively; a bf16 score moves by up to about 1e-3 with its batch's padding, float32 is exact)")
     scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
 
