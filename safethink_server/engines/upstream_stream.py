@@ -31,14 +31,14 @@ class SSEDecoder:
         self._started = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if not self._started and chunk:
-            self._started = True
-            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte order mark before the first event
         end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
         if end < 0:
             self._partial += chunk
             return []
         complete, self._partial = self._partial + chunk[: end + 1], chunk[end + 1 :]
+        if not self._started:  # the stream's first whole lines: a byte order mark may open them
+            self._started = True
+            complete = complete.removeprefix(b"\xef\xbb\xbf")
         return [line[5:].removeprefix(b" ") for line in complete.splitlines() if line.startswith(b"data:")]
 
 

@@ -35,7 +35,7 @@ async def chunks_of(parts: list[bytes]):  # type: ignore[no-untyped-def]
         yield part
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(st.fixed_dictionaries({"text": texts}), max_size=8), st.sampled_from([b"\n", b"\r\n", b"\r"]),
        st.sampled_from(["blank line", "single line end"]), st.booleans(), st.lists(st.integers(0, 400), max_size=12),
        st.booleans())
@@ -56,6 +56,9 @@ def test_a_line_split_across_reads_is_joined():
     assert decoder.feed(b'data: {"a"') == []
     assert decoder.feed(b': 1}\n\nda') == [b'{"a": 1}']
     assert decoder.feed(b"ta: [DONE]\n\n") == [b"[DONE]"]
+    split_mark = SSEDecoder()  # a byte order mark cut across two reads
+    assert split_mark.feed(b"\xef") == []
+    assert split_mark.feed(b"\xbb\xbfdata: [DONE]\n\n") == [b"[DONE]"]
 
 
 def test_the_reader_hands_out_every_event_before_an_error():
