@@ -149,6 +149,8 @@ class SteeringSession:
                 tokens = await self.cursor.peek()
                 if len(tokens) == 1 or not self._in_one_piece(tokens):
                     await self._on_token(await self.cursor.next())
+                if self.finish_reason is None and self._out_of_tokens():
+                    self.finish_reason = "length"
                 if self._out and not self.cursor.unread:
                     # A whole engine batch is processed: its text goes out together, one delta per section.
                     for delta in self._take_out():
@@ -178,16 +180,15 @@ class SteeringSession:
             await self._on_end()
         else:
             await self._on_model_token(token)
-        if self.finish_reason is None and self._out_of_tokens():
-            self.finish_reason = "length"
 
     def _in_one_piece(self, tokens: list[int]) -> bool:
         """A batch's model tokens taken as one piece, with no per-token work, where that decides
         nothing differently: past the watched window, or inside a held step that has begun and does
-        not end in the piece (where a step's end is monotone: once its text holds a delimiter, a stop
-        string, or max_step_tokens, more text keeps it so; a step regex is followed token by token). A token that needs a decision of its own
-        (a step's end, a section change, a stop string) is found by halving the piece; False (nothing
-        read) when it is the next token, as are the end and the reasoning budget."""
+        not end in the piece (where a step's end is monotone: once its text holds a delimiter, a
+        stop string, or max_step_tokens, more text keeps it so; a step regex is followed token by
+        token). A token that needs a decision of its own (a step's end, a section change, a stop
+        string) is found by halving the piece; False (nothing read) when it is the next token, as
+        are the end and the reasoning budget."""
         held = self._held
         if held is None and self._watching():
             return False  # a step starts at its first text, token by token
@@ -199,8 +200,8 @@ class SteeringSession:
         budget = self.reasoning_cfg.budget_tokens
         if budget is not None and self.output.section == "reasoning":
             n = min(n, budget - 1 - self.output.reasoning_tokens)  # the token that reaches it goes alone
+        checkpoint = self.output.checkpoint()  # every rejected piece is undone back to it
         while n > 1:
-            checkpoint = self.output.checkpoint()
             deltas = self.output.push_through(tokens[:n])
             if deltas is not None and (held is None or not self._ends_step(held, deltas, n)):
                 break
@@ -215,15 +216,19 @@ class SteeringSession:
         else:
             held.tokens += n
             held.add(deltas)
-        if self.finish_reason is None and self._out_of_tokens():
-            self.finish_reason = "length"
         return True
 
     def _ends_step(self, held: _HeldStep, deltas: list[Delta], n_tokens: int) -> bool:
         """Whether `deltas` (of one section, the step's) would end the held step."""
         text = "".join(d.text for d in deltas)
         answer = text if deltas and deltas[0].section == "answer" else ""
-        return self.detector.is_complete(held.text + text, held.tokens + n_tokens) or self.output.stop.would_stop(held.answer_text + answer)
+        return self.detector.is_complete(held.text + text, held.tokens + n_tokens) or self._reaches_stop(held, answer)
+
+    def _reaches_stop(self, held: _HeldStep, more_answer: str = "") -> bool:
+        """Whether the held step's answer text (and `more_answer`) holds a stop string; the text is
+        joined only when there are stop strings."""
+        stop = self.output.stop
+        return bool(stop.stops) and stop.would_stop(held.answer_text + more_answer)
 
     def _out_of_tokens(self) -> bool:
         """The session's own stop at max_tokens (an engine whose ids are not tokens stops itself)."""
@@ -251,7 +256,7 @@ class SteeringSession:
             # at a delimiter, at max_step_tokens, where the section changed, or at a stop string
             # (so that the sequence ends at the token that completes it).
             elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)
-                                          or self.output.stop.would_stop(held.answer_text)):
+                                          or self._reaches_stop(held)):
                 await self._judge()
         else:
             self._release(deltas)
