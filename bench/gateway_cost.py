@@ -27,14 +27,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import free_port  # noqa: E402  the same port helper the tests use
 
+T = TypeVar("T")
 WORDS = ["First", " we", " look", " at", " the", " numbers", " and", " add", " them", " up", "."]
 
 
@@ -159,24 +162,29 @@ async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int, list[fl
     return (ttft or 0.0) * 1000, events, scoring
 
 
-async def run_route(base: str, pid: int, concurrency: int, requests: int) -> tuple[list[float], list[int], float, float, float, list[list[float]]]:
-    """(TTFTs, text events per request, wall seconds, serving CPU seconds, scorer seconds, each
-    request's steps' scoring waits), the warm-up request (connections, the scorer's first forward) left out of
-    every figure."""
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one(client, base)
+@dataclass
+class Measured(Generic[T]):
+    results: list[T]
+    wall_s: float
+    cpu_s: float  # of the serving process tree
+    scorer_s: float  # the scorer's forward time, from the server's metrics
+
+
+async def measure(base: str, pid: int, concurrency: int, requests: int,
+                  one_request: Callable[[httpx.AsyncClient], Awaitable[T]]) -> Measured[T]:
+    """`requests` calls of `one_request`, `concurrency` at a time, with the serving process's time;
+    a warm-up call first (connections, the scorer's first forward) is left out of every figure."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        await one_request(client)
         gate = asyncio.Semaphore(concurrency)
 
-        async def bounded() -> tuple[float, int, list[float]]:
+        async def bounded() -> T:
             async with gate:
-                return await one(client, base)
+                return await one_request(client)
 
         cpu, scored, t = cpu_seconds(pid), scorer_seconds(base), time.perf_counter()
         results = await asyncio.gather(*(bounded() for _ in range(requests)))
-        wall = time.perf_counter() - t
-        return ([r[0] for r in results], [r[1] for r in results], wall, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored,
-                [r[2] for r in results if r[2]])
+        return Measured(list(results), time.perf_counter() - t, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -213,7 +221,10 @@ async def main(args: argparse.Namespace) -> None:
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
-                ttfts, events, wall, cpu, scored, scoring = await run_route(base, procs[route].pid, concurrency, args.requests)
+                run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base: one(client, base))
+                ttfts, events = [r[0] for r in run.results], [r[1] for r in run.results]
+                scoring = [r[2] for r in run.results if r[2]]
+                wall, cpu, scored = run.wall_s, run.cpu_s, run.scorer_s
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50

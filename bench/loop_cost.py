@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.gateway_cost import cpu_seconds, scorer_seconds, start, stop_all  # noqa: E402
+from bench.gateway_cost import measure, start, stop_all  # noqa: E402
 from safethink_server.engines.base import Engine, Generation, SamplingParams  # noqa: E402
 from safethink_server.prompt import Conversation, RenderedPrompt  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -131,22 +131,6 @@ async def one(client: httpx.AsyncClient, base: str, pause_s: float) -> tuple[int
     return events, tokens
 
 
-async def run_route(base: str, pid: int, concurrency: int, requests: int, pause_s: float) -> tuple[float, float, float, int]:
-    """(CPU seconds, scorer seconds, mean events per request, tokens), the warm-up request left out."""
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
-        await one(client, base, 0)
-        gate = asyncio.Semaphore(concurrency)
-
-        async def bounded() -> tuple[int, int]:
-            async with gate:
-                return await one(client, base, pause_s)
-
-        cpu, scored = cpu_seconds(pid), scorer_seconds(base)
-        results = await asyncio.gather(*(bounded() for _ in range(requests)))
-        return (cpu_seconds(pid) - cpu, scorer_seconds(base) - scored, statistics.mean(r[0] for r in results),
-                sum(r[1] for r in results))
-
-
 async def main(args: argparse.Namespace) -> None:
     routes = {"steering off": ["early_steps", "0"], "steering on": []}
     procs, bases = {}, {}
@@ -162,7 +146,11 @@ async def main(args: argparse.Namespace) -> None:
         for concurrency in args.concurrency:
             for route, base in bases.items():
                 t = time.perf_counter()
-                cpu, scored, events, tokens = await run_route(base, procs[route].pid, concurrency, args.requests, args.slow_client_ms / 1000)
+                pause_s = args.slow_client_ms / 1000
+                run = await measure(base, procs[route].pid, concurrency, args.requests,
+                                    lambda client, base=base, pause_s=pause_s: one(client, base, pause_s))
+                cpu, scored = run.cpu_s, run.scorer_s
+                events, tokens = statistics.mean(r[0] for r in run.results), sum(r[1] for r in run.results)
                 print(f"{concurrency:7} {route:13} {cpu / tokens * 1e6:13.1f} {(cpu - scored) / tokens * 1e6:12.1f} {events:11.1f} "
                       f"{tokens / args.requests:11.1f} {time.perf_counter() - t:7.1f}")
     finally:
