@@ -171,11 +171,13 @@ class Measured(Generic[T]):
 
 
 async def measure(base: str, pid: int, concurrency: int, requests: int,
-                  one_request: Callable[[httpx.AsyncClient], Awaitable[T]]) -> Measured[T]:
+                  one_request: Callable[[httpx.AsyncClient], Awaitable[T]],
+                  warm_up: Callable[[httpx.AsyncClient], Awaitable[object]] | None = None) -> Measured[T]:
     """`requests` calls of `one_request`, `concurrency` at a time, with the serving process's time;
-    a warm-up call first (connections, the scorer's first forward) is left out of every figure."""
+    a warm-up call first (`warm_up`, else `one_request`: connections, the scorer's first forward) is
+    left out of every figure."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
-        await one_request(client)
+        await (warm_up or one_request)(client)
         gate = asyncio.Semaphore(concurrency)
 
         async def bounded() -> T:

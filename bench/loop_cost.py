@@ -148,7 +148,8 @@ async def main(args: argparse.Namespace) -> None:
                 t = time.perf_counter()
                 pause_s = args.slow_client_ms / 1000
                 run = await measure(base, procs[route].pid, concurrency, args.requests,
-                                    lambda client, base=base, pause_s=pause_s: one(client, base, pause_s))
+                                    lambda client, base=base, pause_s=pause_s: one(client, base, pause_s),
+                                    warm_up=lambda client, base=base: one(client, base, 0))  # the warm-up reads at once
                 cpu, scored = run.cpu_s, run.scorer_s
                 events, tokens = statistics.mean(r[0] for r in run.results), sum(r[1] for r in run.results)
                 print(f"{concurrency:7} {route:13} {cpu / tokens * 1e6:13.1f} {(cpu - scored) / tokens * 1e6:12.1f} {events:11.1f} "
