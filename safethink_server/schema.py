@@ -45,6 +45,35 @@ SteeringOverrides: type[BaseModel] = create_model(
 )
 
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields a request may set beyond temperature, top_p and seed, declared once for
+    the wire format and the engines. None or 0 leaves the engine's default."""
+
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1, description="sample from the k likeliest tokens; 0 or -1: all")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="drop tokens below min_p times the likeliest one's probability")
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, description="vLLM's: >1 discourages tokens already seen")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (a string) -> bias added to its logit")
+    min_tokens: int = Field(default=0, ge=0, le=INT64_MAX, description="the end of sequence is not sampled before this many tokens")
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        """The logit bias by token id; ValueError naming the key that is not one."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit() or int(key) > 2**31 - 1:
+                raise ValueError(f"logit_bias keys are token ids, not {key[:40]!r}")
+            out[int(key)] = bias
+        return out
+
+
 class ReasoningConfig(BaseModel):
     start_marker: str = Field(default="<think>", min_length=1)
     end_marker: str = Field(default="</think>", min_length=1)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -21,26 +22,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
 from safethink_server.api.errors import APIError, install_error_handlers
+from safethink_server.api.fields import refused_field
 from safethink_server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     CompletionTokensDetails,
     DeltaMessage,
     ErrorResponse,
     ModelCard,
     ModelList,
     StreamChoice,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
     completion_id,
 )
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams
+from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError, check_context_length, split_conversation
+from safethink_server.schema import INT64_MIN, SamplingFields
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
@@ -139,37 +145,40 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         tracker = RequestTracker(state)
-        session: SteeringSession | None = None
+        sessions: list[SteeringSession] = []
         streaming = False
         try:
-            session = await build_session(state, body)
+            sessions = await build_sessions(state, body)
             if not body.stream:
-                return await complete(state, session, tracker, request)
-            await session.start()  # a full queue answers 503 before the stream begins
-            response = SessionStream(session, tracker, stream(state, body, session, tracker))
-            streaming = True  # from here the response owns the slot and the count
+                return await complete(state, body, sessions, tracker, request)
+            # A full queue answers 503 before the stream begins. The other choices take their slots as
+            # they run: with fewer slots than choices, they wait for the first ones to end.
+            await sessions[0].start()
+            response = SessionStream(sessions, tracker, stream(state, body, sessions, tracker))
+            streaming = True  # from here the response owns the slots and the count
             return response
         except Exception as exc:
             return tracker.failed(exc).response()
         finally:
             if not streaming:
                 try:
-                    if session is not None:
-                        await session.close()
+                    await close_all(sessions)
                 finally:
                     tracker.close()
 
     return app
 
 
-async def build_session(state: ServerState, body: ChatCompletionRequest) -> SteeringSession:
-    """Everything about the request is checked here, before an engine slot is taken."""
+async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> list[SteeringSession]:
+    """One session per choice. Everything about the request is checked here, before an engine slot is taken."""
     s, engine = state.settings, state.engine
     if not engine.accepts_model(body.model):
         raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
                        param="model", code="model_not_found")
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    refused = refused_field(body, engine.honoured_fields)
+    if refused is not None:
+        raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
+                       code="unsupported_parameter")
     if body.continue_final_message and not s.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
     policy = s.policy()
@@ -180,32 +189,71 @@ async def build_session(state: ServerState, body: ChatCompletionRequest) -> Stee
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
     reasoning = engine.reasoning_for(s.reasoning())
-    detector = s.detector()
-    detector.max_step_tokens *= engine.ids_per_token  # the loop's ids may not be tokens (upstream: bytes)
     try:
+        sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
         conversation = split_conversation(messages, body.continue_final_message)
         prompt = await engine.render(conversation, reasoning, body.model)
         if engine.counts_tokens:
             check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
     except PromptError as exc:
         raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)
 
-    return SteeringSession(engine, prompt, conversation, sampling, policy, reasoning, detector, score,
-                           stop=body.stop_list(), observer=state.metrics, model=body.model)
+    def session(choice: int) -> SteeringSession:
+        detector = s.detector()
+        detector.max_step_tokens *= engine.ids_per_token  # the loop's ids may not be tokens (upstream: bytes)
+        seeded = sampling if sampling.seed is None or not choice else sampling.model_copy(
+            update={"seed": (sampling.seed + choice - INT64_MIN) % 2**64 + INT64_MIN})  # each choice its own seed, in 64 bits
+        return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
+                               stop=body.stop_list(), observer=state.metrics, model=body.model)
+
+    return [session(choice) for choice in range(body.n)]
 
 
-def _usage(session: SteeringSession) -> Usage:
+def sampling_params(body: ChatCompletionRequest, max_tokens: int, vocab_size: int | None) -> SamplingParams:
+    try:
+        bias = body.logit_bias_ids()
+    except ValueError as exc:
+        raise PromptError(str(exc), param="logit_bias") from exc
+    if vocab_size is not None and any(token >= vocab_size for token in bias):
+        raise PromptError(f"logit_bias names a token id beyond the vocabulary ({vocab_size} tokens)", param="logit_bias")
+    if vocab_size is not None and any(token >= vocab_size for token in body.stop_token_ids or []):
+        raise PromptError(f"stop_token_ids names a token id beyond the vocabulary ({vocab_size} tokens)", param="stop_token_ids")
+    return SamplingParams(
+        **body.model_dump(include=set(SamplingFields.model_fields)), max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+async def close_all(sessions: list[SteeringSession]) -> None:
+    """Free every session's slot, even when one abort fails."""
+    errors = []
+    for session in sessions:
+        try:
+            await session.close()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _counts(session: SteeringSession) -> tuple[int, int, int]:
+    """(prompt, completion, reasoning) tokens of one session."""
     counted = session.generation.token_usage() if session.generation is not None else None
     if counted is None:
-        prompt, completion, reasoning = session.prompt_tokens, session.output_tokens, session.reasoning_tokens
-    else:  # the engine's ids are not tokens: take its counts, and split off the reasoning share
-        prompt, completion = counted
-        reasoning = round(completion * session.reasoning_tokens / session.output_tokens) if session.output_tokens else 0
+        return session.prompt_tokens, session.output_tokens, session.reasoning_tokens
+    prompt, completion = counted  # the engine's ids are not tokens: take its counts, and split off the reasoning share
+    reasoning = round(completion * session.reasoning_tokens / session.output_tokens) if session.output_tokens else 0
+    return prompt, completion, reasoning
+
+
+def _usage(sessions: list[SteeringSession]) -> Usage:
+    """The prompt once, the completions of every choice summed (as OpenAI counts n > 1)."""
+    counts = [_counts(session) for session in sessions]
+    prompt = counts[0][0]
+    completion, reasoning = sum(c[1] for c in counts), sum(c[2] for c in counts)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
@@ -232,11 +280,11 @@ class RequestTracker:
         error, self.status = _failure(exc, self.metrics)
         return error
 
-    def finished(self, session: SteeringSession, completion_tokens: int) -> None:
+    def finished(self, sessions: list[SteeringSession], completion_tokens: int) -> None:
         self.status = "success"
         self.metrics.generated.inc(completion_tokens)
-        self.metrics.discarded.inc(session.report.discarded_tokens)
-        self.metrics.withheld.inc(session.report.withheld_tokens)
+        self.metrics.discarded.inc(sum(session.report.discarded_tokens for session in sessions))
+        self.metrics.withheld.inc(sum(session.report.withheld_tokens for session in sessions))
 
     def close(self) -> None:
         if not self.closed:
@@ -251,7 +299,7 @@ def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
     if isinstance(exc, UpstreamError):
         metrics.upstream_errors.labels(kind=exc.kind).inc()
         code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"
-        return APIError(exc.status, str(exc), code=code), "upstream_error"
+        return APIError(exc.status, str(exc), param=exc.param, code=code), "upstream_error"
     if isinstance(exc, EngineOverloaded):
         return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
     if isinstance(exc, EngineError):
@@ -260,13 +308,67 @@ def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
     return APIError(500, "internal server error", type_="server_error"), "error"
 
 
-async def complete(state: ServerState, session: SteeringSession, tracker: RequestTracker, request: Request) -> Response:
-    parts: dict[str, list[str]] = {"reasoning": [], "answer": []}
+async def choice_runs(sessions: list[SteeringSession]) -> AsyncIterator[tuple[int, Delta | None]]:
+    """Every choice's deltas tagged with its index as they come, then (index, None) when it ends.
+    One choice runs inline; several run as tasks feeding a bounded queue (a slow reader holds them
+    back rather than letting text pile up)."""
+    if len(sessions) == 1:
+        async for delta in sessions[0].run():
+            yield 0, delta
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None, BaseException | None]] = asyncio.Queue(maxsize=64)
+
+    async def pump(index: int, session: SteeringSession) -> None:
+        try:
+            async for delta in session.run():
+                await queue.put((index, delta, None))
+            await queue.put((index, None, None))
+        except Exception as exc:
+            await queue.put((index, None, exc))
+
+    tasks = [asyncio.create_task(pump(index, session)) for index, session in enumerate(sessions)]
+    try:
+        for _ in range(len(sessions)):
+            while True:
+                index, delta, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield index, delta
+                if delta is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LogprobEntries:
+    """The wire form of a session's logprob entries (vLLM's: each token decoded on its own)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode("utf-8", errors="replace")))
+
+    def __call__(self, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        return ChoiceLogprobs(content=[
+            TokenLogprobEntry(**self._top(e.token_id, e.logprob).model_dump(), top_logprobs=[self._top(i, lp) for i, lp in e.top])
+            for e in entries])
+
+
+async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], tracker: RequestTracker,
+                   request: Request) -> Response:
+    parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
 
     async def collect() -> None:
-        async for delta in session.run():
-            tracker.saw(delta.text)
-            parts[delta.section].append(delta.text)
+        async for index, delta in choice_runs(sessions):
+            if delta is not None:
+                tracker.saw(delta.text)
+                parts[index][delta.section].append(delta.text)
 
     task = asyncio.create_task(collect())
     try:
@@ -279,30 +381,31 @@ async def complete(state: ServerState, session: SteeringSession, tracker: Reques
         return tracker.failed(exc).response()
     finally:
         if not task.done():
-            task.cancel()  # the session's own `finally` frees the slot; chat() closes it again regardless
+            task.cancel()  # the sessions' own `finally` frees the slots; chat() closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
                 await task
-    usage = _usage(session)
-    tracker.finished(session, usage.completion_tokens)
-    reasoning = "".join(parts["reasoning"]) or None
-    response = ChatCompletionResponse(
-        model=state.engine.model_name,
-        choices=[Choice(message=AssistantMessage(content="".join(parts["answer"]), reasoning_content=reasoning, reasoning=reasoning),
-                        finish_reason=session.finish_reason)],
-        usage=usage,
-        safethink=session.report,
-    )
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
+    choices = []
+    for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
+        reasoning = "".join(text["reasoning"]) or None
+        choices.append(Choice(index=index, message=AssistantMessage(content="".join(text["answer"]), reasoning_content=reasoning,
+                                                                    reasoning=reasoning),
+                              finish_reason=session.finish_reason, safethink=session.report,
+                              logprobs=logprobs(session.take_logprobs()) if logprobs else None))
+    response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
 class SessionStream(StreamingResponse):
-    """A streamed response that owns its session's engine slot and its request count: both are
+    """A streamed response that owns its sessions' engine slots and its request count: both are
     released when the response ends, however it ends (finished, failed, cancelled, or a client
     that left before the first chunk, when the body iterator never even starts)."""
 
-    def __init__(self, session: SteeringSession, tracker: RequestTracker, content: AsyncIterator[str]) -> None:
+    def __init__(self, sessions: list[SteeringSession], tracker: RequestTracker, content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.session = session
+        self.sessions = sessions
         self.tracker = tracker
         self.content = content
 
@@ -315,7 +418,7 @@ class SessionStream(StreamingResponse):
                     try:
                         await self.content.aclose()  # type: ignore[attr-defined]
                     finally:
-                        await self.session.close()
+                        await close_all(self.sessions)
             finally:
                 self.tracker.close()
 
@@ -325,42 +428,59 @@ def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
 
 
 class DeltaEvents:
-    """The SSE events of text deltas, from templates of the chunk model dumped once per stream with
-    a mark where the text goes: a delta then costs one JSON string encoding, not a model dump."""
+    """The SSE events of text deltas, from templates of the chunk model dumped once per stream and
+    choice with a mark where the text goes: a delta then costs one JSON string encoding, not a model dump."""
 
     _MARK = "\x00"
 
-    def __init__(self, chunk: Callable[[DeltaMessage], ChatCompletionChunk]) -> None:
+    def __init__(self, chunk: Callable[..., ChatCompletionChunk], choices: int) -> None:
         mark = json.dumps(self._MARK)
-        self._templates = {
-            "reasoning": _sse(chunk(DeltaMessage(reasoning_content=self._MARK, reasoning=self._MARK))).split(mark),
-            "answer": _sse(chunk(DeltaMessage(content=self._MARK))).split(mark),
-        }
+        self._templates = [{
+            "reasoning": _sse(chunk(DeltaMessage(reasoning_content=self._MARK, reasoning=self._MARK), index=index)).split(mark),
+            "answer": _sse(chunk(DeltaMessage(content=self._MARK), index=index)).split(mark),
+        } for index in range(choices)]
 
-    def __call__(self, delta: Delta) -> str:
-        return json.dumps(delta.text, ensure_ascii=False).join(self._templates[delta.section])
+    def __call__(self, delta: Delta, index: int = 0) -> str:
+        return json.dumps(delta.text, ensure_ascii=False).join(self._templates[index][delta.section])
 
 
-async def stream(state: ServerState, body: ChatCompletionRequest, session: SteeringSession, tracker: RequestTracker) -> AsyncIterator[str]:
+def _delta_message(delta: Delta) -> DeltaMessage:
+    if delta.section == "reasoning":
+        return DeltaMessage(reasoning_content=delta.text, reasoning=delta.text)
+    return DeltaMessage(content=delta.text)
+
+
+async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession],
+                 tracker: RequestTracker) -> AsyncIterator[str]:
     chunk_id, created, model = completion_id(), int(time.time()), state.engine.model_name
 
-    def chunk(delta: DeltaMessage, finish: str | None = None, **extra: object) -> ChatCompletionChunk:
+    def chunk(delta: DeltaMessage, finish: str | None = None, index: int = 0, logprobs: ChoiceLogprobs | None = None,
+              **extra: object) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=chunk_id, created=created, model=model,
-                                   choices=[StreamChoice(delta=delta, finish_reason=finish)], **extra)
+                                   choices=[StreamChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)], **extra)
 
-    event = DeltaEvents(chunk)
+    event = DeltaEvents(chunk, len(sessions))
+    logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
     try:
-        yield _sse(chunk(DeltaMessage(role="assistant", content="")))
-        async for delta in session.run():
+        for index in range(len(sessions)):
+            yield _sse(chunk(DeltaMessage(role="assistant", content=""), index=index))
+        async for index, delta in choice_runs(sessions):
+            session = sessions[index]
+            if delta is None:
+                rest = logprobs(session.take_logprobs()) if logprobs else None
+                yield _sse(chunk(DeltaMessage(), session.finish_reason, index=index, logprobs=rest, safethink=session.report))
+                continue
             tracker.saw(delta.text)
-            yield event(delta)
+            if logprobs is None:
+                yield event(delta, index)
+            else:
+                yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))
     except Exception as exc:
         yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"
         return
-    usage = _usage(session)
-    tracker.finished(session, usage.completion_tokens)
-    yield _sse(chunk(DeltaMessage(), session.finish_reason, safethink=session.report))
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
     if body.stream_options is not None and body.stream_options.include_usage:
         yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
     yield "data: [DONE]\n\n"

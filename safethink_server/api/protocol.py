@@ -6,11 +6,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safethink_server.schema import INT64_MAX, INT64_MIN, SteeringOverrides, SteeringReport
+from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingFields, SteeringOverrides, SteeringReport
 
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 16  # n: each choice takes an engine slot of its own
 
 
 class ContentPart(BaseModel):
@@ -35,8 +36,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatCompletionRequest(SamplingFields):
+    """The fields this server reads. Any other field of the request is kept (extra="allow") so that the
+    API can refuse it by name (`api.fields`): nothing a client sends is silently ignored."""
+
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
@@ -45,7 +49,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
@@ -61,6 +67,12 @@ class ChatCompletionRequest(BaseModel):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+        return self
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -86,10 +98,26 @@ class AssistantMessage(BaseModel):
     reasoning: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
+    safethink: SteeringReport | None = Field(default=None, description="this choice's steering (the top-level one is choice 0's)")
 
 
 def completion_id() -> str:
@@ -117,6 +145,7 @@ class StreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -28,14 +28,24 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from safethink_server.prompt import Conversation, RenderedPrompt, render_chat
-from safethink_server.schema import INT64_MAX, INT64_MIN, ReasoningConfig
+from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, ReasoningConfig, SamplingFields
 
 
-class SamplingParams(BaseModel):
+class SamplingParams(SamplingFields):
     max_tokens: int = Field(default=512, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="None: no logprobs; else the sampled token's and this many alternatives")
+
+
+class TokenLogprob(BaseModel):
+    """One sampled token's log probability and the likeliest alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
 
 
 class EngineOverloaded(RuntimeError):
@@ -69,6 +79,11 @@ class Generation(ABC):
         """Tokens the engine ran a forward over for this sequence so far (prompt prefill included)."""
 
     finished_by_length = False  # the EOS last returned marks the engine's own token limit, not the model's stop
+
+    def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
+        """The logprobs of output positions `start`..`end` of the sequence (None for injected tokens),
+        where the sampling asked for them."""
+        raise NotImplementedError(f"{type(self).__name__} does not return logprobs")
 
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens when the engine counts them itself (upstream); else None."""
@@ -130,8 +145,15 @@ class SequenceCursor:
         await self.generation.inject(token_ids)
 
 
+# Request fields every engine honours; each engine adds what it supports (`Engine.honoured_fields`).
+COMMON_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+                           "n", "stream", "stream_options", "safethink", "continue_final_message"})
+SAMPLING_FIELDS = frozenset(SamplingFields.model_fields)
+
+
 class Engine(ABC):
     name: str
+    honoured_fields: frozenset[str] = COMMON_FIELDS
     model_name: str
     tokenizer: Any  # a transformers tokenizer (chat template, encode, decode), or the upstream's byte tokenizer
     counts_tokens = True  # False: the steering loop's ids are not model tokens (upstream: bytes)

@@ -14,32 +14,26 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.engines.base import (
+    SAMPLING_FIELDS,
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+)
+from safethink_server.engines.sampler import TokenSampler
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it would overflow the logits)
-
-
-def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-    if sampling.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 class HFGeneration(Generation):
     """State: `cached_ids` are in the KV cache; `pending` is the last token returned to the caller,
     sampled but not yet in the cache; `lookahead` is a token an injection forward sampled that the
-    caller has not read yet (it is not part of the sequence until `next_tokens` returns it)."""
+    caller has not read yet (it is not part of the sequence until `next_tokens` returns it).
+    `entries` holds a logprob entry per output position (None: injected, or not asked for)."""
 
     def __init__(self, engine: HFEngine, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self.engine = engine
@@ -49,6 +43,9 @@ class HFGeneration(Generation):
         self.pending: int | None = None
         self.lookahead: int | None = None
         self.prompt_ids = prompt_ids
+        self.sampler = TokenSampler(sampling, engine.vocab_size, engine.eos_token_ids)
+        self.entries: list[TokenLogprob | None] = []
+        self._lookahead_entry: TokenLogprob | None = None
         self.generator = torch.Generator()
         seed = sampling.seed if sampling.seed is not None else int(torch.seed())
         self.generator.manual_seed(seed & (2**64 - 1))  # any 64-bit seed, negative ones included
@@ -64,7 +61,10 @@ class HFGeneration(Generation):
         """The prompt and every token kept so far, as the caller sees it."""
         return self.cached_ids + ([self.pending] if self.pending is not None else [])
 
-    def _forward_and_sample(self, ids: list[int]) -> int:
+    def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
+        return self.entries[start:end]
+
+    def _forward_and_sample(self, ids: list[int]) -> tuple[int, TokenLogprob | None]:
         model = self.engine.model
         with torch.inference_mode():
             out = model(
@@ -75,11 +75,12 @@ class HFGeneration(Generation):
             )
         self.cached_ids.extend(ids)
         self._prefilled += len(ids)
-        return sample_token(out.logits[0, -1].float(), self.sampling, self.generator)
+        return self.sampler.sample(out.logits[0, -1], self.cached_ids, len(self.prompt_ids), self.generator)
 
     def _advance(self) -> int:
         if self.lookahead is not None:
             self.pending, self.lookahead = self.lookahead, None
+            self.entries.append(self._lookahead_entry)
             return self.pending
         if self.pending is not None:
             feed = [self.pending]
@@ -89,7 +90,8 @@ class HFGeneration(Generation):
             # After a bare rollback there are no logits for the last cached token: recompute it.
             feed = [self.cached_ids.pop()]
             self.cache.crop(len(self.cached_ids))
-        self.pending = self._forward_and_sample(feed)
+        self.pending, entry = self._forward_and_sample(feed)
+        self.entries.append(entry)
         return self.pending
 
     def _rollback(self, n: int) -> None:
@@ -101,6 +103,7 @@ class HFGeneration(Generation):
             n -= 1
         if n > len(self.cached_ids) - len(self.prompt_ids):
             raise ValueError("cannot roll back into the prompt")
+        del self.entries[len(self.cached_ids) - len(self.prompt_ids) - n :]
         if n:
             del self.cached_ids[-n:]
             self.cache.crop(-n)
@@ -113,7 +116,8 @@ class HFGeneration(Generation):
         self.pending = None
         if not self.cached_ids:
             feed = list(self.prompt_ids) + feed
-        self.lookahead = self._forward_and_sample(feed)
+        self.entries += [None] * len(ids)
+        self.lookahead, self._lookahead_entry = self._forward_and_sample(feed)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         if self._closed:
@@ -143,12 +147,14 @@ class HFGeneration(Generation):
 
 class HFEngine(Engine):
     name = "hf"
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS - {"stop_token_ids"} | {"logprobs", "top_logprobs"}
 
     def __init__(self, model_path: Path, model_name: str, dtype: str = "bfloat16",
                  max_concurrent_sequences: int = 1, max_queued_requests: int = 64, device: str = "cpu") -> None:
         self.model_name = model_name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(device).eval()
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         # All forwards on one thread: torch already uses every core inside a forward.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self.max_concurrent = max_concurrent_sequences

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import BaseModel, Field
 
-from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.engines.base import SAMPLING_FIELDS, Engine, EngineError, EngineOverloaded, Generation, SamplingParams
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
-from safethink_server.schema import ReasoningConfig
+from safethink_server.schema import ReasoningConfig, SamplingFields
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class UpstreamGeneration(Generation):
         e = self.engine
         text = self.kept.decode("utf-8", errors="replace")
         body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
-                                "temperature": self.sampling.temperature, "top_p": self.sampling.top_p}
+                                "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                                **self.sampling.model_dump(include=set(SamplingFields.model_fields), exclude_defaults=True)}
         if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
             body["seed"] = (self.sampling.seed + self.continuations + 2**63) % 2**64 - 2**63
         if e.mode == "token_ids":
@@ -129,6 +130,8 @@ class UpstreamGeneration(Generation):
             self.finished_by_length = True
             return
         body["max_tokens"] = remaining
+        if self.sampling.min_tokens:
+            body["min_tokens"] = min(remaining, max(0, self.sampling.min_tokens - self.kept_tokens))
         self._response = await e.send(path, body)
         self._events = EventReader(self._response.content.iter_any(), e.config.first_byte_timeout_s, e.config.chunk_timeout_s)
 
@@ -272,6 +275,7 @@ class UpstreamGeneration(Generation):
 
 class UpstreamEngine(Engine):
     name = "upstream"
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS  # passed through to the upstream, which may refuse them
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
     ids_per_token = BYTES_PER_TOKEN
 
@@ -441,26 +445,28 @@ class UpstreamEngine(Engine):
             await self._http.close()
 
 
-def _upstream_message(text: str) -> str:
+def _upstream_message(text: str) -> tuple[str, str | None]:
+    """The message of an upstream's error body, and the parameter it names."""
     try:
         error = json.loads(text).get("error")
         if isinstance(error, dict):
-            return str(error.get("message", text))[:300]
+            param = error.get("param")
+            return str(error.get("message", text))[:300], str(param)[:100] if param else None
         if error:
-            return str(error)[:300]
+            return str(error)[:300], None
     except (ValueError, AttributeError):
         pass
-    return text[:300]
+    return text[:300], None
 
 
 def _status_error(status: int, text: str) -> UpstreamError:
-    message = _upstream_message(text)
+    message, param = _upstream_message(text)
     if status == 429:
         return UpstreamError(f"the upstream is rate limiting: {message}", 429, "status_429")
     if status >= 500:
         return UpstreamError(f"the upstream failed with {status}: {message}", 502, "status_5xx")
     return UpstreamError(f"the upstream rejected the request with {status}: {message}", 502 if status in (401, 403) else 400,
-                         f"status_{status}")
+                         f"status_{status}", param=param)
 
 
 def _transport_error(exc: Exception) -> UpstreamError:

@@ -15,10 +15,11 @@ from safethink_server.engines.base import EngineError
 class UpstreamError(EngineError):
     """An upstream failure, with the status the gateway answers and a kind for the metrics."""
 
-    def __init__(self, message: str, status: int, kind: str) -> None:
+    def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.param = param  # the request field an upstream's 4xx named
 
 
 class SSEDecoder:

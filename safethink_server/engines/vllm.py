@@ -18,7 +18,15 @@ from typing import Any
 
 from transformers import AutoTokenizer, GenerationConfig
 
-from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.engines.base import (
+    SAMPLING_FIELDS,
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+)
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ class VLLMGeneration(Generation):
         self.prompt_ids = list(prompt_ids)
         self.sampling = sampling
         self.output_ids: list[int] = []  # every token kept so far: sampled and returned, or injected
+        self.entries: list[TokenLogprob | None] = []  # per output position, when logprobs are asked for
         self.request_id = f"safethink-{uuid.uuid4().hex[:16]}"
         self.submissions = 0
         self.cached_tokens = 0  # prompt tokens the prefix cache served, over all submissions
@@ -56,6 +65,9 @@ class VLLMGeneration(Generation):
     def prefilled_tokens(self) -> int:
         return self._prefilled
 
+    def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
+        return self.entries[start:end]
+
     def _submit(self) -> None:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
@@ -67,10 +79,21 @@ class VLLMGeneration(Generation):
             raise EngineError(f"the sequence reached the context limit of {self.engine.max_model_len} tokens")
         # A resubmission is a new vLLM request; a seeded one derives its seed so a rerun replays exactly.
         seed = None if self.sampling.seed is None else (self.sampling.seed + self.submissions) % 2**63
+        s = self.sampling
+        # Penalties count the output of this submission: after a resubmission the kept output is prompt.
         params = VLLMSamplingParams(
-            max_tokens=min(room, max(1, self.sampling.max_tokens - len(self.output_ids))),
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
+            max_tokens=min(room, max(1, s.max_tokens - len(self.output_ids))),
+            min_tokens=max(0, s.min_tokens - len(self.output_ids)),
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k or 0,
+            min_p=s.min_p or 0.0,
+            frequency_penalty=s.frequency_penalty or 0.0,
+            presence_penalty=s.presence_penalty or 0.0,
+            repetition_penalty=s.repetition_penalty or 1.0,
+            logit_bias=s.logit_bias_ids() or None,
+            stop_token_ids=s.stop_token_ids,
+            logprobs=s.logprobs,
             seed=seed,
             detokenize=False,  # the steering loop detokenises incrementally itself
             output_kind=RequestOutputKind.DELTA,
@@ -120,9 +143,23 @@ class VLLMGeneration(Generation):
             elif completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.engine.eos_token_ids):
                 tokens.append(self.engine.stop_token_id)  # stopped on a token vLLM did not return
         self.output_ids.extend(tokens)
+        self._keep_logprobs(completion.logprobs, tokens)
         if not tokens:
             return await self.next_tokens()
         return tokens
+
+    def _keep_logprobs(self, logprobs: Any, tokens: list[int]) -> None:
+        """One entry per returned token: vLLM's dict of {token id: Logprob} holds the sampled token and
+        the top alternatives, the sampled one first."""
+        sampled = list(logprobs or [])
+        for token, alternatives in zip(tokens, sampled + [None] * (len(tokens) - len(sampled)), strict=True):
+            if alternatives is None or token not in alternatives:
+                self.entries.append(None)
+                continue
+            top = sorted(((i, lp) for i, lp in alternatives.items() if lp.rank is not None and lp.rank <= (self.sampling.logprobs or 0)),
+                         key=lambda item: item[1].rank)
+            self.entries.append(TokenLogprob(token_id=token, logprob=alternatives[token].logprob,
+                                             top=[(i, lp.logprob) for i, lp in top]))
 
     async def rollback(self, n_tokens: int) -> None:
         if n_tokens <= 0:
@@ -131,6 +168,7 @@ class VLLMGeneration(Generation):
             raise ValueError("cannot roll back into the prompt")
         await self._close_stream()
         del self.output_ids[-n_tokens:]
+        del self.entries[len(self.output_ids) :]
         self.finished_by_length = False
 
     async def inject(self, token_ids: list[int]) -> None:
@@ -139,6 +177,7 @@ class VLLMGeneration(Generation):
         if token_ids:
             await self._close_stream()
             self.output_ids.extend(token_ids)
+            self.entries += [None] * len(token_ids)
             self.finished_by_length = False
 
     async def abort(self) -> None:
@@ -153,6 +192,7 @@ class VLLMGeneration(Generation):
 
 class VLLMEngine(Engine):
     name = "vllm"
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs"}
 
     def __init__(self, model_path: Path, model_name: str, engine_args: dict[str, Any],
                  max_queued_requests: int = 64) -> None:
@@ -200,6 +240,7 @@ class VLLMEngine(Engine):
         logger.info("starting vLLM with %s", args)
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER)
         self.max_model_len = self.llm.model_config.max_model_len
+        self.vocab_size = self.llm.model_config.get_vocab_size()
         self.max_num_seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
 
     async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from reward_models.base import StepItem, StepScore
-from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor
+from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor, TokenLogprob
 from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
 from safethink_server.schema import (
     Action,
@@ -114,6 +114,8 @@ class SteeringSession:
         self._held: _HeldStep | None = None
         self._out: list[Delta] = []
         self._reasoning_closed_by_server = False
+        self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
+        self._logprobs_taken = 0
 
     # --- counts -------------------------------------------------------------------------------
     @property
@@ -161,6 +163,16 @@ class SteeringSession:
                 yield delta
         finally:
             await self.close()
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprob entries of the model tokens released since the last call (where the sampling asked
+        for them): never of a token whose text is held back for judging; none for the server's texts."""
+        if self.generation is None:
+            return []
+        start, self._logprobs_taken = self._logprobs_taken, max(self._logprobs_taken, self._released_tokens)
+        if start == self._logprobs_taken:
+            return []
+        return [entry for entry in self.generation.token_logprobs(start, self._logprobs_taken) if entry is not None]
 
     def _take_out(self) -> list[Delta]:
         out, self._out = self._out, []
@@ -291,6 +303,9 @@ class SteeringSession:
             self.finish_reason = "stop"
 
     def _release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
+        if not self.output.stopped:  # past a stop string nothing goes out
+            held = self._held
+            self._released_tokens = self.output.output_tokens if held is None else held.checkpoint.output_tokens
         released = self.output.release(deltas, final=final)
         self._out += released
         if self.output.stopped and self.finish_reason is None:

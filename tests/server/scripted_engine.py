@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from safethink_server.engines.base import Engine, Generation, SamplingParams
+from safethink_server.engines.base import Engine, Generation, SamplingParams, TokenLogprob
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 SERVER_PIECES = ["[", "]", "F", "I", "X", "N", "O", " "]  # server texts are spelled with these alone
@@ -48,6 +48,10 @@ class ScriptedGeneration(Generation):
         self.engine = engine
         self.sampling = sampling
         self.sequence: list[int] = []  # the output part of the sequence: returned + injected - rolled back
+        # A logprob entry per position: each sampled token gets a serial of its own (its logprob is
+        # minus the serial), injected ones None; `rolled_back` holds every serial ever rolled back.
+        self.entries: list[TokenLogprob | None] = []
+        self.rolled_back: set[int] = set()
         self.finished_by_length = False
         self._script_at = 0
         self._calls = 0
@@ -82,18 +86,27 @@ class ScriptedGeneration(Generation):
             if token == eos:
                 break
         self.sequence += batch
+        for token in batch:
+            self.engine.serial += 1
+            self.entries.append(TokenLogprob(token_id=token, logprob=-self.engine.serial))
         return batch
+
+    def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
+        return self.entries[start:end]
 
     async def rollback(self, n_tokens: int) -> None:
         assert not self._closed
         assert 0 < n_tokens <= len(self.sequence), f"rollback of {n_tokens} with {len(self.sequence)} output tokens"
         del self.sequence[-n_tokens:]
+        self.rolled_back |= {-int(e.logprob) for e in self.entries[-n_tokens:] if e is not None}
+        del self.entries[-n_tokens:]
         self.finished_by_length = False
 
     async def inject(self, token_ids: list[int]) -> None:
         assert not self._closed
         assert token_ids
         self.sequence += token_ids
+        self.entries += [None] * len(token_ids)
         self.finished_by_length = False
 
     async def abort(self) -> None:
@@ -118,6 +131,7 @@ class ScriptedEngine(Engine):
         self.own_limit = own_limit  # a limit of the engine's own below max_tokens (an upstream's count, a context)
 
         self.active = 0
+        self.serial = 0
         self.generations: list[ScriptedGeneration] = []
 
     def limit(self, sampling: SamplingParams) -> int | None:

@@ -108,8 +108,8 @@ async def test_a_rollback_right_after_an_inject_removes_exactly_the_injected_tok
 def test_a_vanishing_temperature_samples_greedily():
     import torch
 
-    from safethink_server.engines.hf import sample_token
+    from safethink_server.engines.sampler import TokenSampler
 
     logits = torch.tensor([0.0, 3.0, 1.0])
     generator = torch.Generator().manual_seed(0)
-    assert sample_token(logits, SamplingParams(temperature=1e-30), generator) == 1
+    assert TokenSampler(SamplingParams(temperature=1e-30), 3, {0}).sample(logits, [2], 1, generator)[0] == 1

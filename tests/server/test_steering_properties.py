@@ -136,6 +136,7 @@ class Outcome:
     answer: str = ""
     deltas: int = 0
     cancelled: bool = False
+    logprob_serials: list[int] = field(default_factory=list)  # of the entries the client was given, in order
 
 
 async def run_case(case: Case, by_position: bool = False) -> Outcome:
@@ -155,12 +156,21 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
 
     async def consume() -> None:
         async for delta in session.run():
+            outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]
             outcome.deltas += 1
             if delta.section == "reasoning":
                 outcome.reasoning += delta.text
             else:
                 outcome.answer += delta.text
+        outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]  # as the final chunk takes them
 
+    async def poll_logprobs() -> None:
+        """Logprobs may be asked for at any moment, not only where a delta goes out."""
+        while True:
+            outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]
+            await asyncio.sleep(0)
+
+    poller = asyncio.create_task(poll_logprobs())
     task = asyncio.create_task(consume())
     if case.cancel_after is not None:
         for _ in range(case.cancel_after):
@@ -170,6 +180,9 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
             outcome.cancelled = True
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    poller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poller
     return outcome
 
 
@@ -263,7 +276,22 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
     if outcome.session.finish_reason == "content_filter":
         assert outcome.answer.endswith(REFUSAL)
         assert outcome.session.report.refusal == REFUSAL
+    assert_logprobs_only_of_released_tokens(outcome)
     assert outcome.engine.active == 0
+
+
+def assert_logprobs_only_of_released_tokens(outcome: Outcome) -> None:
+    """Logprob entries carry token text: the client gets them only for tokens whose text went out,
+    so never for a token that was later rolled back (a discarded step, an unread rest of a batch),
+    and, once the response has ended, for every sampled token of the final sequence, in order."""
+    if not outcome.engine.generations:
+        return
+    generation = outcome.engine.generations[0]
+    assert not set(outcome.logprob_serials) & generation.rolled_back, "a logprob entry of a token that did not go out"
+    final = [-int(e.logprob) for e in generation.entries if e is not None]
+    assert final[: len(outcome.logprob_serials)] == outcome.logprob_serials
+    if not outcome.cancelled:
+        assert outcome.logprob_serials == final, "the final sequence's logprobs were not all given"
 
 
 @SETTINGS

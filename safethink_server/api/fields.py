@@ -1,0 +1,62 @@
+"""The rule for request fields: every field a request sets is honoured by the serving engine, or
+refused with a 400 that names it. Nothing is silently ignored.
+
+A field set to its neutral value (`"n": 1`, `"frequency_penalty": 0`, `"logprobs": false`,
+`"tool_choice": "none"`, ...) asks for nothing and is accepted by every engine, as are the fields in
+`HARMLESS`, which change nothing about the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "request_id", "parallel_tool_calls", "prompt_cache_key",
+                      "safety_identifier"})
+
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "repetition_penalty": (1, 1.0),
+    "length_penalty": (1, 1.0),
+    "top_k": (-1, 0),
+    "tool_choice": ("none", "auto"),  # without tools (`tools` itself is refused where tools are not honoured)
+    "response_format": ({"type": "text"},),
+    "include_reasoning": (True,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "add_generation_prompt": (True,),
+    "modalities": (["text"],),
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _equal(value: Any, neutral: Any) -> bool:
+    if _number(value) and _number(neutral):
+        return bool(value == neutral)
+    return type(value) is type(neutral) and value == neutral
+
+
+def is_neutral(name: str, value: Any) -> bool:
+    """Whether a field's value asks for nothing: None, false, zero, empty, or its neutral value."""
+    if value is None:
+        return True
+    if name in _NEUTRAL:
+        return any(_equal(value, neutral) for neutral in _NEUTRAL[name])
+    return value is False or (_number(value) and value == 0) or (isinstance(value, list | dict | str) and not value)
+
+
+def refused_field(body: BaseModel, honoured: frozenset[str]) -> str | None:
+    """The first field the request sets that the engine does not honour, if any."""
+    fields = [(name, getattr(body, name)) for name in body.model_fields_set]
+    fields += list((body.model_extra or {}).items())
+    for name, value in sorted(fields):
+        if name in honoured or name in HARMLESS:
+            continue
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        if not is_neutral(name, value):
+            return name
+    return None
