@@ -6,7 +6,7 @@ own /tokenize."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from safethink_server.schema import ReasoningConfig
@@ -24,8 +24,27 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class Conversation:
-    messages: list[dict[str, str]]  # role/content, the prefill excluded
+    messages: list[dict[str, Any]]  # role/content (and a message's tool fields), the prefill excluded
     prefill: str | None = None  # the client's own start of the assistant turn (continue_final_message)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra variables for the chat template
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template
+
+
+# Arguments of `apply_chat_template` a request's template variables may not override.
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                                      "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def template_kwargs(chat_template_kwargs: dict[str, Any] | None, reasoning_effort: str | None) -> dict[str, Any]:
+    """The request's variables for the chat template (`reasoning_effort` is one, as vLLM passes it)."""
+    kwargs = dict(chat_template_kwargs or {})
+    for key in kwargs:
+        if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
+            raise PromptError(f"chat_template_kwargs may not set {key[:40]!r}", param="chat_template_kwargs")
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort
+    return kwargs
 
 
 @dataclass
@@ -36,14 +55,16 @@ class RenderedPrompt:
     opening: str = ""  # the text after the rendered conversation: the reasoning's start marker, or the prefill
 
 
-def split_conversation(messages: list[dict[str, str]], continue_final_message: bool) -> Conversation:
+def split_conversation(messages: list[dict[str, Any]], continue_final_message: bool, template: dict[str, Any] | None = None,
+                       tools: list[dict[str, Any]] | None = None) -> Conversation:
+    template = template or {}
     if not continue_final_message:
-        return Conversation(messages)
+        return Conversation(messages, None, template, tools)
     if messages[-1]["role"] != "assistant":
         raise PromptError("continue_final_message needs the last message to be from the assistant")
     if len(messages) < 2:
         raise PromptError("continue_final_message needs a conversation before the assistant message")
-    return Conversation(messages[:-1], messages[-1]["content"])
+    return Conversation(messages[:-1], messages[-1]["content"], template, tools)
 
 
 def opening(conversation: Conversation, reasoning: ReasoningConfig, template_opens_reasoning: bool) -> tuple[str, Section]:
@@ -74,7 +95,8 @@ def open_turn(conversation: Conversation, reasoning: ReasoningConfig, template_o
 def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
     """Render with the model's chat template and encode (blocking: run it off the event loop)."""
     try:
-        prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False,
+                                               add_generation_prompt=True, **conversation.template_kwargs)
     except Exception as exc:
         raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
     # DeepSeek-R1-style templates open the reasoning themselves.

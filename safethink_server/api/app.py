@@ -45,7 +45,7 @@ from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
-from safethink_server.prompt import PromptError, check_context_length, split_conversation
+from safethink_server.prompt import PromptError, check_context_length, split_conversation, template_kwargs
 from safethink_server.schema import INT64_MIN, SamplingFields
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
@@ -191,7 +191,8 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> lis
     reasoning = engine.reasoning_for(s.reasoning())
     try:
         sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
-        conversation = split_conversation(messages, body.continue_final_message)
+        template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
+        conversation = split_conversation(messages, body.continue_final_message, template)
         prompt = await engine.render(conversation, reasoning, body.model)
         if engine.counts_tokens:
             check_context_length(len(prompt.ids), max_tokens, state.max_model_len)

@@ -54,6 +54,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="extra variables for the chat template")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        default=None, description="passed to the chat template, as vLLM does")
     safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
     continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message "
                                          "(an assistant prefill: refused unless the server allows it)")

@@ -147,7 +147,8 @@ class SequenceCursor:
 
 # Request fields every engine honours; each engine adds what it supports (`Engine.honoured_fields`).
 COMMON_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                           "n", "stream", "stream_options", "safethink", "continue_final_message"})
+                           "n", "stream", "stream_options", "safethink", "continue_final_message", "chat_template_kwargs",
+                           "reasoning_effort"})
 SAMPLING_FIELDS = frozenset(SamplingFields.model_fields)
 
 

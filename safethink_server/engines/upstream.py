@@ -78,6 +78,7 @@ class UpstreamGeneration(Generation):
         self.engine = engine
         self.model = model
         self.messages = conversation.messages
+        self.template_kwargs = conversation.template_kwargs
         self.opening = prompt.opening if engine.mode == "chat" else ""  # chat mode: the prefill, continued upstream
         self.sampling = sampling
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
@@ -119,6 +120,8 @@ class UpstreamGeneration(Generation):
         else:
             self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
             body["messages"] = self.messages
+            if self.template_kwargs:
+                body["chat_template_kwargs"] = self.template_kwargs
             assistant = self.opening + text
             if assistant:
                 body["messages"] = self.messages + [{"role": "assistant", "content": assistant}]
@@ -364,6 +367,8 @@ class UpstreamEngine(Engine):
         if self.mode == "chat":
             return open_turn(conversation, reasoning, template_opens_reasoning=False)
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
+        if conversation.template_kwargs:
+            body["chat_template_kwargs"] = conversation.template_kwargs
         tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
         if model not in self._template_opens_reasoning:  # the same for every prompt of a model: ask once
             tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})

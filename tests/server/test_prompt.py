@@ -40,3 +40,20 @@ def test_the_scorer_reads_the_latest_user_turn_and_the_rest_in_order():
     assert scoring_context(Conversation(messages)) == (
         "Now the exact steps.", "system: Be brief.\n\nuser: I write thrillers.\n\nassistant: Nice.")
     assert scoring_context(Conversation([])) == ("", "")
+
+
+def test_template_variables_and_tools_reach_the_chat_template(embedded_model_dir):
+    from transformers import AutoTokenizer
+
+    from safethink_server.prompt import render_chat, template_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}|effort={{ reasoning_effort }}"
+                               "|flag={{ flag }}|tools={{ tools | map(attribute='function.name') | join(',') if tools else '' }}|")
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    conversation = split_conversation([USER], False, template_kwargs({"flag": 7}, "low"), [tool])
+    text = tokenizer.decode(render_chat(tokenizer, conversation, R).ids)
+    assert text.startswith("q|effort=low|flag=7|tools=get_weather|")
+    for reserved in ("tokenize", "add_generation_prompt", "not an identifier"):
+        with pytest.raises(PromptError):
+            template_kwargs({reserved: True}, None)

@@ -1,0 +1,144 @@
+"""Every request field honoured or refused by name (the README's table), and what honouring means:
+logprobs of the released tokens only, n choices each steered on its own, sampling fields that change
+the answer. Real servers, the official openai client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from safethink_server.api.fields import is_neutral, refused_field
+from safethink_server.api.protocol import ChatCompletionRequest
+from tests.conftest import EMBEDDED_MODEL, read_stream, running_server
+from tests.server.openai_fields import EXAMPLES, HONOURED, refused_param
+
+MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
+UNSTEERED = {"safethink": {"early_steps": 0}}
+
+
+@pytest.fixture(scope="module")
+def hf_url():
+    with running_server("--allow-client-overrides", "--max-concurrent-sequences", "2", "--threshold", "0",
+                        "--max-step-tokens", "12") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy_url(hf_url):
+    with running_server("--engine", "upstream", "--upstream-url", hf_url + "/v1", "--early-steps", "0") as url:
+        yield url
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def send(url: str, fields: dict) -> httpx.Response:
+    body = {"model": EMBEDDED_MODEL, "messages": MATH, "max_tokens": 8, **fields}
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def check_cell(url: str, engine: str, example: str, upstream: str | None = None) -> None:
+    """`upstream`: the engine behind the proxy, which gets the fields the proxy passes through."""
+    response = send(url, EXAMPLES[example])
+    if example in HONOURED[engine] and (upstream is None or example in HONOURED[upstream]):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["role"] == "assistant"
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == refused_param(example), error
+        assert error["type"] == "invalid_request_error" and refused_param(example) in error["message"]
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_hf_honours_or_refuses(hf_url, example):
+    check_cell(hf_url, "hf", example)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_upstream_honours_or_refuses(proxy_url, example):
+    check_cell(proxy_url, "upstream", example, upstream="hf")
+
+
+def test_neutral_values_ask_for_nothing():
+    neutral = {"n": 1, "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "tools": [], "echo": False,
+               "response_format": {"type": "text"}, "top_k": -1, "repetition_penalty": 1.0, "logit_bias": {}, "stop_token_ids": None}
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **neutral})
+    assert refused_field(body, frozenset({"model", "messages"})) is None
+    assert not is_neutral("n", 2) and not is_neutral("top_k", 1) and not is_neutral("echo", True)
+    assert not is_neutral("tool_choice", "required") and not is_neutral("response_format", {"type": "json_object"})
+
+
+def test_logprobs_cover_the_released_tokens_and_never_a_discarded_step(hf_url):
+    """τ = 0: every watched step is discarded. Its tokens are not in the final sequence, and their
+    logprobs (token text) never reach the client, streamed or not."""
+    r = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0,
+                                                logprobs=True, top_logprobs=3)
+    info = r.model_extra["safethink"]
+    assert info["discarded_tokens"] > 0
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens - info["injected_tokens"]
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
+        assert entry.bytes == list(entry.token.encode())
+    streamed = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0,
+                                                       logprobs=True, stream=True, stream_options={"include_usage": True})
+    tokens = []
+    for chunk in streamed:
+        for choice in chunk.choices:
+            tokens += [e.token for e in (choice.logprobs.content if choice.logprobs else None) or []]
+    assert tokens == [e.token for e in entries]
+
+
+def test_n_choices_are_steered_each_on_its_own(hf_url):
+    r = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=40, n=2, seed=5)
+    assert [c.index for c in r.choices] == [0, 1]
+    reports = [c.model_extra["safethink"] for c in r.choices]
+    assert all(report["interventions"] for report in reports), "τ = 0: each choice is steered"
+    assert r.model_extra["safethink"] == reports[0]
+    assert r.choices[0].message.reasoning_content != r.choices[1].message.reasoning_content, "each choice has its own seed"
+
+    stream = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=40, n=2, seed=5, stream=True)
+    text: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, dict] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            text[choice.index] += (getattr(choice.delta, "reasoning_content", None) or "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished[choice.index] = chunk.model_extra["safethink"]
+    assert set(finished) == {0, 1} and all(report["interventions"] for report in finished.values())
+    assert text[0] == (r.choices[0].message.reasoning_content or "") + (r.choices[0].message.content or "")
+    assert httpx.get(hf_url + "/health").json()["running"] == 0
+
+
+def test_more_choices_than_slots_still_finish(hf_url):
+    """Two slots, four choices: the later choices wait for slots rather than deadlock."""
+    out = read_stream(client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8, n=4, stream=True,
+                                                             extra_body=UNSTEERED))
+    assert out.finish is not None
+    r = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8, n=4, extra_body=UNSTEERED)
+    assert len(r.choices) == 4
+    health = httpx.get(hf_url + "/health").json()
+    assert (health["running"], health["waiting"]) == (0, 0)
+
+
+def test_sampling_fields_change_the_answer(hf_url):
+    def answer(**fields) -> str:
+        r = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=24, extra_body={**UNSTEERED, **fields})
+        return (r.choices[0].message.reasoning_content or "") + (r.choices[0].message.content or "")
+
+    greedy = answer(temperature=0)
+    assert answer(temperature=1.0, top_k=1, seed=1) == greedy == answer(temperature=1.0, top_k=1, seed=2)
+    assert answer(temperature=0, frequency_penalty=2.0) != greedy
+    forced = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=6, temperature=0,
+                                                     logprobs=True, extra_body={**UNSTEERED, "logit_bias": {"1248": 100}})
+    assert {e.token for e in forced.choices[0].logprobs.content} == {forced.choices[0].logprobs.content[0].token}
+
+
+def test_upstream_errors_keep_the_field_they_name(proxy_url):
+    r = send(proxy_url, {"logit_bias": {"999999999": 1.0}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
