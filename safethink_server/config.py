@@ -40,6 +40,9 @@ class ServerSettings(BaseSettings, PolicyConfig):
     block_size: int | None = Field(default=None, ge=1, description="vllm: KV-cache block size (CPU default 32)")
     enforce_eager: bool = Field(default=False, description="vllm: no CUDA graphs / compilation")
     vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: any other AsyncEngineArgs, as JSON")
+    enable_auto_tool_choice: bool = Field(default=False, description="vllm: tool_choice auto, read with --tool-call-parser")
+    tool_call_parser: str | None = Field(default=None, description="vllm: vLLM's tool parser for the model (hermes, llama3_json, "
+                                         "mistral, ...), named as vLLM names them")
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(default=None, description="reasoning markers as vLLM's parser of that name reads them")
 
     upstream_url: str | None = Field(default=None, description="upstream: base URL of an OpenAI-compatible API, ending in /v1")
@@ -83,6 +86,12 @@ class ServerSettings(BaseSettings, PolicyConfig):
         if self.workers > 1 and self.engine != "upstream":
             raise ValueError(f"--workers {self.workers} needs --engine upstream: each worker of an in-process engine would "
                              "load its own copy of the model")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_tool_choice_needs_a_parser(self) -> ServerSettings:
+        if self.enable_auto_tool_choice and (self.engine != "vllm" or not self.tool_call_parser):
+            raise ValueError("--enable-auto-tool-choice needs --engine vllm and --tool-call-parser NAME")
         return self
 
     @classmethod

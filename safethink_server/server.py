@@ -30,7 +30,8 @@ def build_engine(settings: ServerSettings) -> Engine:
     if settings.engine == "vllm":
         from safethink_server.engines.vllm import VLLMEngine
 
-        return VLLMEngine(path, name, settings.vllm_engine_args(), max_queued_requests=settings.max_queued_requests)
+        return VLLMEngine(path, name, settings.vllm_engine_args(), max_queued_requests=settings.max_queued_requests,
+                          tool_call_parser=settings.tool_call_parser if settings.enable_auto_tool_choice else None)
     from safethink_server.engines.hf import HFEngine
 
     return HFEngine(path, name, dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,

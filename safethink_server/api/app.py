@@ -41,8 +41,9 @@ from safethink_server.api.protocol import (
     Usage,
     completion_id,
 )
+from safethink_server.api.tool_calls import ToolCallStream, tool_call_message
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
+from safethink_server.engines.base import AnswerFormat, Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError, check_context_length, split_conversation, template_kwargs
@@ -148,13 +149,13 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         sessions: list[SteeringSession] = []
         streaming = False
         try:
-            sessions = await build_sessions(state, body)
+            sessions, answer = await build_sessions(state, body)
             if not body.stream:
-                return await complete(state, body, sessions, tracker, request)
+                return await complete(state, body, sessions, answer, tracker, request)
             # A full queue answers 503 before the stream begins. The other choices take their slots as
             # they run: with fewer slots than choices, they wait for the first ones to end.
             await sessions[0].start()
-            response = SessionStream(sessions, tracker, stream(state, body, sessions, tracker))
+            response = SessionStream(sessions, tracker, stream(state, body, sessions, answer, tracker))
             streaming = True  # from here the response owns the slots and the count
             return response
         except Exception as exc:
@@ -169,8 +170,9 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     return app
 
 
-async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> list[SteeringSession]:
-    """One session per choice. Everything about the request is checked here, before an engine slot is taken."""
+async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tuple[list[SteeringSession], AnswerFormat | None]:
+    """One session per choice, and what the answer must be (tools, structured output). Everything about
+    the request is checked here, before an engine slot is taken."""
     s, engine = state.settings, state.engine
     if not engine.accepts_model(body.model):
         raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
@@ -186,13 +188,15 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> lis
         if not s.allow_client_overrides:
             raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
         policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
     reasoning = engine.reasoning_for(s.reasoning())
     try:
+        answer = engine.answer_format(body.model_dump(exclude_unset=True))
         sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+        sampling.answer_constraint = answer.constraint if answer is not None else None
         template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
-        conversation = split_conversation(messages, body.continue_final_message, template)
+        conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
         prompt = await engine.render(conversation, reasoning, body.model)
         if engine.counts_tokens:
             check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
@@ -210,7 +214,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> lis
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model)
 
-    return [session(choice) for choice in range(body.n)]
+    return [session(choice) for choice in range(body.n)], answer
 
 
 def sampling_params(body: ChatCompletionRequest, max_tokens: int, vocab_size: int | None) -> SamplingParams:
@@ -361,8 +365,8 @@ class LogprobEntries:
             for e in entries])
 
 
-async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], tracker: RequestTracker,
-                   request: Request) -> Response:
+async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                   tracker: RequestTracker, request: Request) -> Response:
     parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
 
     async def collect() -> None:
@@ -391,9 +395,12 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
         reasoning = "".join(text["reasoning"]) or None
-        choices.append(Choice(index=index, message=AssistantMessage(content="".join(text["answer"]), reasoning_content=reasoning,
-                                                                    reasoning=reasoning),
-                              finish_reason=session.finish_reason, safethink=session.report,
+        content, calls = "".join(text["answer"]), None
+        if answer is not None and answer.tools is not None and session.finish_reason != "content_filter":
+            content, calls = tool_call_message(answer.tools, content)
+        choices.append(Choice(index=index, message=AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
+                                                                    tool_calls=calls),
+                              finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.report,
                               logprobs=logprobs(session.take_logprobs()) if logprobs else None))
     response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
     return JSONResponse(response.model_dump(exclude_none=True))
@@ -451,7 +458,13 @@ def _delta_message(delta: Delta) -> DeltaMessage:
     return DeltaMessage(content=delta.text)
 
 
-async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession],
+def finish_reason(session: SteeringSession, answer: AnswerFormat | None, called: bool) -> str | None:
+    if called and session.finish_reason == "stop" and answer is not None and answer.finish_with_tool_calls:
+        return "tool_calls"
+    return session.finish_reason
+
+
+async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                  tracker: RequestTracker) -> AsyncIterator[str]:
     chunk_id, created, model = completion_id(), int(time.time()), state.engine.model_name
 
@@ -462,17 +475,26 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
 
     event = DeltaEvents(chunk, len(sessions))
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
+    tools = [ToolCallStream(answer.tools) for _ in sessions] if answer is not None and answer.tools is not None else None
     try:
         for index in range(len(sessions)):
             yield _sse(chunk(DeltaMessage(role="assistant", content=""), index=index))
         async for index, delta in choice_runs(sessions):
             session = sessions[index]
             if delta is None:
+                for message in tools[index].end() if tools else []:
+                    yield _sse(chunk(message, index=index))
                 rest = logprobs(session.take_logprobs()) if logprobs else None
-                yield _sse(chunk(DeltaMessage(), session.finish_reason, index=index, logprobs=rest, safethink=session.report))
+                called = tools is not None and tools[index].called
+                yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
+                                 safethink=session.report))
                 continue
             tracker.saw(delta.text)
-            if logprobs is None:
+            if tools is not None and delta.section == "answer":
+                messages = tools[index].server_text(delta.text) if delta.server else tools[index].answer(delta.text)
+                for message in messages:
+                    yield _sse(chunk(message, index=index, logprobs=logprobs(session.take_logprobs()) if logprobs else None))
+            elif logprobs is None:
                 yield event(delta, index)
             else:
                 yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingFields, SteeringOverrides, SteeringReport
 
 MAX_STOP_CHARS = 256
+MAX_TOOLS = 128
 MAX_CHOICES = 16  # n: each choice takes an engine slot of its own
 
 
@@ -26,10 +28,32 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: role, text, and a tool call's or result's fields
+        (arguments as objects, as vLLM gives them to templates)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        extra = self.model_extra or {}
+        if self.name is not None:
+            message["name"] = self.name
+        if extra.get("tool_call_id") is not None:
+            message["tool_call_id"] = extra["tool_call_id"]
+        if isinstance(extra.get("tool_calls"), list):
+            message["tool_calls"] = [_arguments_as_object(call) for call in extra["tool_calls"]]
+        return message
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+def _arguments_as_object(call: Any) -> Any:
+    try:
+        function = dict(call["function"])
+        function["arguments"] = json.loads(function["arguments"])
+        return {**call, "function": function}
+    except (KeyError, TypeError, ValueError):
+        return call
 
 
 class StreamOptions(BaseModel):
@@ -54,6 +78,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS, description="read with vLLM's request model")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="extra variables for the chat template")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
         default=None, description="passed to the chat template, as vLLM does")
@@ -94,11 +123,39 @@ class Usage(BaseModel):
     completion_tokens_details: CompletionTokensDetails | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+def tool_call_id() -> str:
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -142,6 +199,7 @@ class DeltaMessage(BaseModel):
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class StreamChoice(BaseModel):

@@ -38,6 +38,8 @@ class SamplingParams(SamplingFields):
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="None: no logprobs; else the sampled token's and this many alternatives")
+    answer_constraint: dict[str, Any] | None = Field(
+        default=None, description="structured output for the answer section only (vLLM's StructuredOutputsParams fields)")
 
 
 class TokenLogprob(BaseModel):
@@ -46,6 +48,26 @@ class TokenLogprob(BaseModel):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = []
+
+
+class ToolCallReader(ABC):
+    """Turns a choice's answer text into tool calls, for an engine that honours `tools`."""
+
+    named: str | None = None  # a forced function: the answer is its arguments, streamed as they are released
+
+    @abstractmethod
+    def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
+        """(content left over, [(function name, arguments JSON)]) from the whole answer."""
+
+
+class AnswerFormat(BaseModel):
+    """What a request asks of the answer beyond text: a structured output from the answer's first
+    token, and tool calls read from it."""
+
+    model_config = {"arbitrary_types_allowed": True}
+    constraint: dict[str, Any] | None = None
+    tools: ToolCallReader | None = None
+    finish_with_tool_calls: bool = True  # finish_reason "tool_calls" when calls were made (not for a forced function)
 
 
 class EngineOverloaded(RuntimeError):
@@ -79,6 +101,12 @@ class Generation(ABC):
         """Tokens the engine ran a forward over for this sequence so far (prompt prefill included)."""
 
     finished_by_length = False  # the EOS last returned marks the engine's own token limit, not the model's stop
+
+    async def begin_answer(self) -> None:
+        """The answer section begins after the last token read: an engine that constrains the answer
+        (`SamplingParams.answer_constraint`) samples every later token under the constraint. Engines
+        that do not honour a constraint never get one: the API refuses the fields that ask for it."""
+        return None
 
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
         """The logprobs of output positions `start`..`end` of the sequence (None for injected tokens),
@@ -172,6 +200,11 @@ class Engine(ABC):
 
     def model_ids(self) -> list[str]:
         return [self.model_name]
+
+    def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
+        """Tools and structured outputs of a request (its fields as sent); only engines that honour them
+        implement this. ValueError (naming the field as `param` in its args) for a request they cannot serve."""
+        return None
 
     def accepts_model(self, name: str) -> bool:
         return name in self.model_ids()

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from safethink_server.engines.base import (
     SAMPLING_FIELDS,
+    AnswerFormat,
     Engine,
     EngineError,
     EngineOverloaded,
@@ -60,6 +61,7 @@ class VLLMGeneration(Generation):
         self._awaiting_first_output = False
         self._submitted_len = 0
         self._closed = False
+        self._constrain = False  # the answer has begun: sample under sampling.answer_constraint
 
     @property
     def prefilled_tokens(self) -> int:
@@ -68,10 +70,18 @@ class VLLMGeneration(Generation):
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
         return self.entries[start:end]
 
+    async def begin_answer(self) -> None:
+        """A structured output starts with the answer: the running request (sampled without it) is
+        closed, and every submission from here carries it. A grammar's state cannot be carried over
+        a resubmission, so the steering loop never rolls back inside a constrained answer."""
+        if self.sampling.answer_constraint is not None and not self._constrain:
+            self._constrain = True
+            await self._close_stream()
+
     def _submit(self) -> None:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         ids = self.prompt_ids + self.output_ids
         room = self.engine.max_model_len - len(ids)
@@ -94,6 +104,7 @@ class VLLMGeneration(Generation):
             logit_bias=s.logit_bias_ids() or None,
             stop_token_ids=s.stop_token_ids,
             logprobs=s.logprobs,
+            structured_outputs=StructuredOutputsParams(**s.answer_constraint) if self._constrain and s.answer_constraint else None,
             seed=seed,
             detokenize=False,  # the steering loop detokenises incrementally itself
             output_kind=RequestOutputKind.DELTA,
@@ -192,10 +203,21 @@ class VLLMGeneration(Generation):
 
 class VLLMEngine(Engine):
     name = "vllm"
-    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs"}
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs", "tools", "tool_choice",
+                                                                  "response_format", "structured_outputs"}
+
+    def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
+        from safethink_server.engines.vllm_answer import answer_format
+
+        return answer_format(request, self.tokenizer, self.tool_call_parser)
 
     def __init__(self, model_path: Path, model_name: str, engine_args: dict[str, Any],
-                 max_queued_requests: int = 64) -> None:
+                 max_queued_requests: int = 64, tool_call_parser: str | None = None) -> None:
+        if tool_call_parser is not None:
+            from vllm.tool_parsers.abstract_tool_parser import ToolParserManager
+
+            ToolParserManager.get_tool_parser(tool_call_parser)  # KeyError now, not at the first request
+        self.tool_call_parser = tool_call_parser
         self.model_path = model_path
         self.model_name = model_name
         self.engine_args = dict(engine_args)

@@ -114,6 +114,8 @@ class SteeringSession:
         self._held: _HeldStep | None = None
         self._out: list[Delta] = []
         self._reasoning_closed_by_server = False
+        self._constrained = sampling.answer_constraint is not None
+        self._answer_begun = False
         self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
         self._logprobs_taken = 0
 
@@ -137,6 +139,8 @@ class SteeringSession:
         if self.generation is None:
             self.generation = await self.engine.start(self.prompt, self.sampling, self.conversation, model=self.model)
             self._cursor = SequenceCursor(self.generation)
+            if self._constrained and self.output.section == "answer":
+                await self._begin_answer()
 
     async def close(self) -> None:
         """Free the engine slot. Shielded: a cancelled request (a client gone) must not cut the abort short."""
@@ -272,6 +276,8 @@ class SteeringSession:
                 await self._judge()
         else:
             self._release(deltas)
+        if self._constrained and not self._answer_begun and self.output.section == "answer":
+            await self._begin_answer()
         if self.finish_reason is not None or self._out_of_tokens():
             return
         budget = self.reasoning_cfg.budget_tokens
@@ -326,6 +332,8 @@ class SteeringSession:
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
+        if self._constrained and step.section == "answer" and action in (Action.REPLACED, Action.APPENDED):
+            action = Action.REFUSED  # a constrained answer cannot take a prefix: it would break the structure
         record = StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
                             scorer_error=error, tokens=step.tokens, score_ms=score_ms)
         self.report.steps.append(record)
@@ -405,10 +413,19 @@ class SteeringSession:
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))
         released = self._release(self.output.push_all(ids, server=True))
+        if self._constrained and not self._answer_begun and self.output.section == "answer":
+            await self._begin_answer()
         # Listed as the client sees it (markers removed, an answer's leading whitespace stripped).
         for delta in released or [Delta("answer" if self.output.section == "answer" else "reasoning", "")]:
             self.report.inserted.append(InsertedText(kind=kind, section=delta.section, text=delta.text))  # type: ignore[arg-type]
         return len(ids)
+
+    async def _begin_answer(self) -> None:
+        """A constrained answer (structured output, tool call) is sampled under its constraint from
+        its first token: what the engine sampled past the section's start unconstrained is dropped."""
+        self._answer_begun = True
+        await self.cursor.rollback(0)
+        await self.cursor.generation.begin_answer()
 
     def _refuse(self) -> None:
         # Judged answer text held back for a stop string goes out; a half-seen marker does not.

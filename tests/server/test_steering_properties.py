@@ -51,6 +51,7 @@ class Case:
     prefill: str  # the client's own start of the assistant turn: context for the scorer, never output
     history: list[dict[str, str]]
     step_regex: str | None = None  # a step regex may stop matching as text grows: followed token by token
+    constrained: bool = False  # a structured answer: a breach in it is refused, never given a prefix
 
 
 @dataclass
@@ -122,6 +123,7 @@ def cases(draw: st.DrawFn, long: bool = False) -> Case:
         end_on_eos=draw(st.booleans()),
         prefill=draw(st.sampled_from(["", "Sure, here is how:", "Step 1: BAD"])),
         step_regex=draw(st.sampled_from([None, None, r"\.$"])),
+        constrained=draw(st.booleans()),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
                                       [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
     )
@@ -149,7 +151,8 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
         engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
-        SamplingParams(max_tokens=case.max_tokens, temperature=0.0), case.policy,
+        SamplingParams(max_tokens=case.max_tokens, temperature=0.0, answer_constraint={"json_object": True} if case.constrained else None),
+        case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop)
     outcome = Outcome(engine, session, judge)
@@ -273,6 +276,8 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
     unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
     for step in unsafe:
         assert step.action in (Action.REPLACED, Action.REFUSED)
+        if case.constrained and step.section == "answer":
+            assert step.action is Action.REFUSED, "a prefix was injected into a constrained answer"
     if outcome.session.finish_reason == "content_filter":
         assert outcome.answer.endswith(REFUSAL)
         assert outcome.session.report.refusal == REFUSAL
@@ -371,7 +376,8 @@ def test_paper_mode_spends_the_budget_then_releases_instead_of_refusing(case: Ca
     outcome = asyncio.run(run_case(case))
     report = outcome.session.report
     assert outcome.engine.active == 0
-    assert all(s.action is not Action.REFUSED or s.scorer_error for s in report.steps), "only a scorer failure refuses"
+    # Only a scorer failure refuses, or a breach in a constrained answer, which no prefix can fix.
+    assert all(s.action is not Action.REFUSED or s.scorer_error or (case.constrained and s.section == "answer") for s in report.steps)
     assert len(report.interventions) <= case.policy.max_interventions
     # Before the budget is spent the window holds as in refuse mode: no unsafe step was released.
     assert not any(s.action is Action.RELEASED and s.p_unsafe is not None and s.p_unsafe >= case.policy.threshold

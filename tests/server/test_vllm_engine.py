@@ -4,6 +4,8 @@ real socket in this process, so the tests can also look inside the engine."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 
 import httpx
@@ -12,7 +14,8 @@ import pytest
 import pytest_asyncio
 
 from safethink_server.prompt import Conversation, RenderedPrompt
-from tests.conftest import EMBEDDED_MODEL, free_port
+from tests.conftest import EMBEDDED_MODEL, free_port, read_stream
+from tests.server.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
 
 NO_CONVERSATION = Conversation([{"role": "user", "content": ""}])
 
@@ -28,7 +31,8 @@ async def vllm_server():
     from safethink_server.server import build_app
 
     settings = ServerSettings(engine="vllm", max_model_len=MAX_MODEL_LEN, threshold=0.0, max_step_tokens=24,
-                              reasoning_budget=64, port=free_port(), allow_client_overrides=True)
+                              reasoning_budget=64, port=free_port(), allow_client_overrides=True,
+                              enable_auto_tool_choice=True, tool_call_parser="hermes")
     app = build_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
     task = asyncio.create_task(server.serve())
@@ -177,3 +181,137 @@ async def test_an_intervention_inside_a_multi_token_batch_is_exact(vllm_server):
     expected = await take(fresh, 20)
     await fresh.abort()
     assert after[:20] == expected[:20]
+
+
+# --- OpenAI fields on the vllm engine (the README's table, and what honouring means) ---------------
+
+NO_BREACH = {"safethink": {"threshold": 1.0}}  # steps are judged (and released) but none breaches
+
+
+async def _chat(url: str, **fields) -> httpx.Response:
+    body = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "What is 12 + 30?"}], "max_tokens": 8, **fields}
+    async with httpx.AsyncClient(timeout=300) as http:
+        return await http.post(url + "/v1/chat/completions", json=body)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+async def test_vllm_honours_or_refuses(vllm_server, example):
+    url, _ = vllm_server
+    response = await _chat(url, **EXAMPLES[example])
+    if example in HONOURED["vllm"]:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == refused_param(example)
+
+
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_named_tool_choice_forces_a_call_after_free_reasoning(vllm_server):
+    url, _ = vllm_server
+    r = await _client(url).chat.completions.create(
+        model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=200, temperature=0,
+        tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_BREACH)
+    message = r.choices[0].message
+    assert message.reasoning_content, "the reasoning is not constrained"
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    assert isinstance(json.loads(message.tool_calls[0].function.arguments)["city"], str)
+    assert r.model_extra["safethink"]["steps"], "the steps were judged"
+
+    stream = await _client(url).chat.completions.create(
+        model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=200, temperature=0,
+        tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=NO_BREACH, stream=True)
+    deltas = [c.choices[0].delta.tool_calls async for c in stream if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0][0].id and deltas[0][0].function.name == "get_weather"
+    assert json.loads("".join(d[0].function.arguments or "" for d in deltas)) == json.loads(message.tool_calls[0].function.arguments)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_required_tool_choice_and_auto_with_the_hermes_parser(vllm_server):
+    url, _ = vllm_server
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=400, tools=[WEATHER_TOOL],
+                                                   tool_choice="required", temperature=0, extra_body=NO_BREACH)
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # auto: the answer is the model's own text, read by vLLM's hermes parser. The small model does not
+    # call tools by itself, so a structured output makes it write a call in hermes syntax.
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    forced = {**NO_BREACH, "structured_outputs": {"regex": re.escape(call)}}
+    r = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=200, tools=[WEATHER_TOOL],
+                                                   tool_choice="auto", extra_body=forced)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    stream = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=200, tools=[WEATHER_TOOL],
+                                                        tool_choice="auto", extra_body=forced, stream=True)
+    chunks = [c async for c in stream]
+    calls = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_json_schema_answers_validate_and_reasoning_stays_free(vllm_server):
+    url, _ = vllm_server
+    fmt = {"type": "json_schema", "json_schema": {"name": "sum", "schema": ANSWER_SCHEMA}}
+    for stream in (False, True):
+        if stream:
+            out = read_stream(await _stream_sync(url, response_format=fmt, extra_body=NO_BREACH))
+            reasoning, content = out.reasoning, out.answer
+        else:
+            r = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}],
+                                                           max_tokens=200, response_format=fmt, extra_body=NO_BREACH)
+            reasoning, content = r.choices[0].message.reasoning_content, r.choices[0].message.content
+        assert reasoning and not reasoning.lstrip().startswith("{"), "the reasoning is not constrained"
+        assert isinstance(json.loads(content)["answer"], int)
+    r = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "Say hi."}],
+                                                   max_tokens=200, response_format={"type": "json_object"}, extra_body=NO_BREACH)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+async def _stream_sync(url: str, **fields):
+    """The official sync client's stream, read in a thread (read_stream is the shared reader)."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return await asyncio.to_thread(lambda: list(client.chat.completions.create(
+        model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=200, stream=True, **fields)))
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_breach_in_a_constrained_answer_is_refused_not_prefixed(vllm_server):
+    """τ = 0 from the answer's first step on: a prefix would break the JSON, so the response ends in the refusal."""
+    url, _ = vllm_server
+    r = await _client(url).chat.completions.create(
+        model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=200,
+        response_format={"type": "json_object"}, extra_body={"safethink": {"threshold": 0.0, "max_interventions": 100, "early_steps": 100}})
+    info = r.model_extra["safethink"]
+    assert r.choices[0].finish_reason == "content_filter"
+    assert all(i["step"] <= max(s["index"] for s in info["steps"] if s["section"] == "reasoning") for i in info["interventions"])
+    assert [s["action"] for s in info["steps"] if s["section"] == "answer"] in ([], ["refused"])
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_logprobs_n_and_sampling_fields_on_vllm(vllm_server):
+    url, _ = vllm_server
+    ask = [{"role": "user", "content": "What is 12 + 30?"}]
+    r = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=40, logprobs=True, top_logprobs=2,
+                                                   n=2, seed=3, extra_body=NO_BREACH)
+    assert len(r.choices) == 2 and all(c.model_extra["safethink"]["steps"] for c in r.choices)
+    assert r.choices[0].message.reasoning_content != r.choices[1].message.reasoning_content, "each choice has its own seed"
+    for choice in r.choices:
+        entries = choice.logprobs.content
+        assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+    assert r.usage.completion_tokens - sum(c.model_extra["safethink"]["injected_tokens"] for c in r.choices) == sum(
+        len(c.logprobs.content) for c in r.choices), "logprobs of every kept model token, none of the server's"
+    ask = [{"role": "user", "content": "List the numbers from one to twenty, one per line, twice."}]
+    greedy = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=48, temperature=0,
+                                                        extra_body={"safethink": {"early_steps": 0}})
+    top1 = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=48, temperature=1.0, seed=9,
+                                                      extra_body={"safethink": {"early_steps": 0}, "top_k": 1})
+    assert top1.choices[0].message.reasoning_content == greedy.choices[0].message.reasoning_content
+    penalised = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=48, temperature=0,
+                                                           frequency_penalty=2.0, extra_body={"safethink": {"early_steps": 0}})
+    assert penalised.choices[0].message.reasoning_content != greedy.choices[0].message.reasoning_content
