@@ -41,6 +41,14 @@ from safethink_server.api.protocol import (
     Usage,
     completion_id,
 )
+from safethink_server.api.tokens import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+)
 from safethink_server.api.tool_calls import ToolCallStream, tool_call_message
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import AnswerFormat, Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
@@ -143,6 +151,24 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id) for model_id in engine.model_ids()])
 
+    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        try:
+            return await tokenize(engine, body, state.max_model_len)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+        except UpstreamError as exc:
+            raise _failure(exc, metrics)[0] from exc
+
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        try:
+            return await detokenize(engine, body, getattr(engine, "vocab_size", None))
+        except PromptError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+        except UpstreamError as exc:
+            raise _failure(exc, metrics)[0] from exc
+
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         tracker = RequestTracker(state)
@@ -181,6 +207,8 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     if refused is not None:
         raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
                        code="unsupported_parameter")
+    if not body.add_generation_prompt and not body.continue_final_message:
+        raise APIError(400, "add_generation_prompt=false is only taken with continue_final_message", param="add_generation_prompt")
     if body.continue_final_message and not s.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
     policy = s.policy()

@@ -57,6 +57,7 @@ def _arguments_as_object(call: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an option this server does not know is refused, not ignored
     include_usage: bool = False
 
 
@@ -87,6 +88,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
         default=None, description="passed to the chat template, as vLLM does")
     safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
+    add_generation_prompt: bool = Field(default=True, description="vLLM extension: false only with continue_final_message")
     continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message "
                                          "(an assistant prefill: refused unless the server allows it)")
 

@@ -175,7 +175,8 @@ class SequenceCursor:
 
 # Request fields every engine honours; each engine adds what it supports (`Engine.honoured_fields`).
 COMMON_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                           "n", "stream", "stream_options", "safethink", "continue_final_message", "chat_template_kwargs",
+                           "n", "stream", "stream_options", "safethink", "continue_final_message", "add_generation_prompt",
+                           "chat_template_kwargs",
                            "reasoning_effort"})
 SAMPLING_FIELDS = frozenset(SamplingFields.model_fields)
 
@@ -200,6 +201,10 @@ class Engine(ABC):
 
     def model_ids(self) -> list[str]:
         return [self.model_name]
+
+    async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
+        """An engine whose ids are not tokens (upstream) asks its upstream, e.g. `/tokenize`."""
+        raise NotImplementedError
 
     def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
         """Tools and structured outputs of a request (its fields as sent); only engines that honour them

@@ -345,10 +345,17 @@ class UpstreamEngine(Engine):
         return True
 
     async def _has_tokenize(self) -> bool:
+        """Whether the upstream renders with /tokenize and generates from token ids (/v1/completions,
+        asked for one token): vLLM and SGLang do; this project's own server has only the first."""
         try:
             async with self.http.post(self.root + "/tokenize", json={"model": self.upstream_model, "prompt": "ok"}) as response:
-                return response.status == 200 and "tokens" in await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+                tokens = (await response.json(content_type=None)).get("tokens") if response.status == 200 else None
+            if not tokens:
+                return False
+            body = {"model": self.upstream_model, "prompt": tokens, "max_tokens": 1}
+            async with self.http.post(self.base + "/completions", json=body) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, AttributeError):
             return False
 
     def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
@@ -376,6 +383,11 @@ class UpstreamEngine(Engine):
         rendered = open_turn(conversation, reasoning, self._template_opens_reasoning[model])
         rendered.ids = tokens + (await self.tokenize_text(model, rendered.opening) if rendered.opening else [])
         return rendered
+
+    async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
+        if self.mode != "token_ids":
+            raise UpstreamError(f"the upstream has no {path} (it is served in chat mode)", 404, "status_404")
+        return await self._post_json(self.root + path, {**body, "model": self.upstream_name(model)})
 
     async def tokenize_text(self, model: str, text: str) -> list[int]:
         body = {"model": model, "prompt": text, "add_special_tokens": False}

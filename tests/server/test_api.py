@@ -263,7 +263,9 @@ def test_error_shapes(bare_url):
     assert_error(post(bare_url, {**good, "messages": [{"role": "robot", "content": "x"}]}), 400, "invalid_request_error", "messages.0.role")
     assert_error(post(bare_url, {"model": EMBEDDED_MODEL}), 400, "invalid_request_error", "messages")
     assert_error(post(bare_url, {**good, "messages": []}), 400, "invalid_request_error", "messages")
-    assert_error(post(bare_url, {**good, "n": 2}), 400, "invalid_request_error", "n")
+    assert_error(post(bare_url, {**good, "n": 17}), 400, "invalid_request_error", "n")
+    assert_error(post(bare_url, {**good, "stream_options": {"continuous_usage_stats": True}}), 400, "invalid_request_error",
+                 "stream_options.continuous_usage_stats")
     assert_error(post(bare_url, {**good, "temperature": 5}), 400, "invalid_request_error", "temperature")
     assert_error(post(bare_url, {**good, "seed": 2**64}), 400, "invalid_request_error", "seed")
     assert_error(post(bare_url, {**good, "stop": ["x" * 300]}), 400, "invalid_request_error", "stop")

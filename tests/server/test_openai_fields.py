@@ -142,3 +142,21 @@ def test_sampling_fields_change_the_answer(hf_url):
 def test_upstream_errors_keep_the_field_they_name(proxy_url):
     r = send(proxy_url, {"logit_bias": {"999999999": 1.0}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(hf_url, proxy_url):
+    text = "Reasoning models leak harm in their chain of thought."
+    tokens = httpx.post(hf_url + "/tokenize", json={"model": EMBEDDED_MODEL, "prompt": text, "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) > 5 and tokens["max_model_len"] >= 2048
+    assert httpx.post(hf_url + "/detokenize", json={"model": EMBEDDED_MODEL, "tokens": tokens["tokens"]}).json() == {"prompt": text}
+    chat = httpx.post(hf_url + "/tokenize", json={"model": EMBEDDED_MODEL, "messages": MATH}).json()
+    rendered = httpx.post(hf_url + "/detokenize", json={"model": EMBEDDED_MODEL, "tokens": chat["tokens"]}).json()["prompt"]
+    assert MATH[0]["content"] in rendered and rendered.rstrip().endswith("assistant")
+    for bad, param in (({"tokens": [10**9]}, "tokens"), ({"tokens": [-1]}, "tokens")):
+        r = httpx.post(hf_url + "/detokenize", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = httpx.post(hf_url + "/tokenize", json={"prompt": text, "messages": MATH})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # The proxy's tokens are its upstream's: in chat mode (this upstream) it has none to give.
+    r = httpx.post(proxy_url + "/tokenize", json={"prompt": text})
+    assert r.status_code == 404 and "chat mode" in r.json()["error"]["message"]
