@@ -6,6 +6,7 @@ own /tokenize."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,10 +93,26 @@ def open_turn(conversation: Conversation, reasoning: ReasoningConfig, template_o
     return RenderedPrompt([], section, prefill if conversation.prefill is not None else "", text)
 
 
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as local chat templates read them: a tool call's arguments as an object (as vLLM
+    gives them to templates), where the wire has a JSON string."""
+    return [{**m, "tool_calls": [_arguments_as_object(call) for call in m["tool_calls"]]} if m.get("tool_calls") else m
+            for m in messages]
+
+
+def _arguments_as_object(call: Any) -> Any:
+    try:
+        function = dict(call["function"])
+        function["arguments"] = json.loads(function["arguments"])
+        return {**call, "function": function}
+    except (KeyError, TypeError, ValueError):
+        return call
+
+
 def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
     """Render with the model's chat template and encode (blocking: run it off the event loop)."""
     try:
-        prompt = tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False,
+        prompt = tokenizer.apply_chat_template(template_messages(conversation.messages), tools=conversation.tools, tokenize=False,
                                                add_generation_prompt=True, **conversation.template_kwargs)
     except Exception as exc:
         raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc

@@ -207,8 +207,10 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     if refused is not None:
         raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
                        code="unsupported_parameter")
-    if not body.add_generation_prompt and not body.continue_final_message:
-        raise APIError(400, "add_generation_prompt=false is only taken with continue_final_message", param="add_generation_prompt")
+    if body.continue_final_message == body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
+        raise APIError(400, "add_generation_prompt is false exactly when continue_final_message is true", param="add_generation_prompt")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only taken with stream=true", param="stream_options")
     if body.continue_final_message and not s.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
     policy = s.policy()
@@ -218,6 +220,8 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     reasoning = engine.reasoning_for(s.reasoning())
     try:
         answer = engine.answer_format(body.model_dump(exclude_unset=True))
@@ -240,7 +244,8 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         seeded = sampling if sampling.seed is None or not choice else sampling.model_copy(
             update={"seed": (sampling.seed + choice - INT64_MIN) % 2**64 + INT64_MIN})  # each choice its own seed, in 64 bits
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
-                               stop=body.stop_list(), observer=state.metrics, model=body.model)
+                               stop=body.stop_list(), observer=state.metrics, model=body.model,
+                               skip_special_tokens=answer is None or not answer.keep_special_tokens)
 
     return [session(choice) for choice in range(body.n)], answer
 
@@ -383,8 +388,8 @@ class LogprobEntries:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
 
-    def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self.tokenizer.decode([token_id])
+    def _top(self, token: int | str, logprob: float) -> TopLogprob:
+        text = token if isinstance(token, str) else self.tokenizer.decode([token])
         return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=list(text.encode("utf-8", errors="replace")))
 
     def __call__(self, entries: list[TokenLogprob]) -> ChoiceLogprobs:
@@ -398,8 +403,10 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
     parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
 
     async def collect() -> None:
-        async for index, delta in choice_runs(sessions):
-            if delta is not None:
+        async with contextlib.aclosing(choice_runs(sessions)) as runs:
+            async for index, delta in runs:
+                if delta is None:
+                    continue
                 tracker.saw(delta.text)
                 parts[index][delta.section].append(delta.text)
 
@@ -507,25 +514,26 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
     try:
         for index in range(len(sessions)):
             yield _sse(chunk(DeltaMessage(role="assistant", content=""), index=index))
-        async for index, delta in choice_runs(sessions):
-            session = sessions[index]
-            if delta is None:
-                for message in tools[index].end() if tools else []:
-                    yield _sse(chunk(message, index=index))
-                rest = logprobs(session.take_logprobs()) if logprobs else None
-                called = tools is not None and tools[index].called
-                yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
-                                 safethink=session.report))
-                continue
-            tracker.saw(delta.text)
-            if tools is not None and delta.section == "answer":
-                messages = tools[index].server_text(delta.text) if delta.server else tools[index].answer(delta.text)
-                for message in messages:
-                    yield _sse(chunk(message, index=index, logprobs=logprobs(session.take_logprobs()) if logprobs else None))
-            elif logprobs is None:
-                yield event(delta, index)
-            else:
-                yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))
+        async with contextlib.aclosing(choice_runs(sessions)) as runs:
+            async for index, delta in runs:
+                session = sessions[index]
+                if delta is None:
+                    for message in tools[index].end() if tools else []:
+                        yield _sse(chunk(message, index=index))
+                    rest = logprobs(session.take_logprobs()) if logprobs else None
+                    called = tools is not None and tools[index].called
+                    yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
+                                     safethink=session.report))
+                    continue
+                tracker.saw(delta.text)
+                if tools is not None and delta.section == "answer":
+                    messages = tools[index].server_text(delta.text) if delta.server else tools[index].answer(delta.text)
+                    for message in messages:
+                        yield _sse(chunk(message, index=index, logprobs=logprobs(session.take_logprobs()) if logprobs else None))
+                elif logprobs is None:
+                    yield event(delta, index)
+                else:
+                    yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))
     except Exception as exc:
         yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"

@@ -11,8 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "request_id", "parallel_tool_calls", "prompt_cache_key",
-                      "safety_identifier"})
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key", "safety_identifier"})
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -20,6 +19,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "length_penalty": (1, 1.0),
     "top_k": (-1, 0),
     "tool_choice": ("none", "auto"),  # without tools (`tools` itself is refused where tools are not honoured)
+    "parallel_tool_calls": (True, False),  # the same
     "response_format": ({"type": "text"},),
     "include_reasoning": (True,),
     "skip_special_tokens": (True,),
@@ -39,24 +39,26 @@ def _equal(value: Any, neutral: Any) -> bool:
     return type(value) is type(neutral) and value == neutral
 
 
-def is_neutral(name: str, value: Any) -> bool:
-    """Whether a field's value asks for nothing: None, false, zero, empty, or its neutral value."""
+def is_neutral(name: str, value: Any, declared: bool = True) -> bool:
+    """Whether a field's value asks for nothing: None, its neutral value, or, for a field this server
+    declares, false, zero or empty. A field it does not know may mean something even when zero
+    (vLLM's `thinking_token_budget: 0`), so there only None is neutral."""
     if value is None:
         return True
     if name in _NEUTRAL:
         return any(_equal(value, neutral) for neutral in _NEUTRAL[name])
-    return value is False or (_number(value) and value == 0) or (isinstance(value, list | dict | str) and not value)
+    return declared and (value is False or (_number(value) and value == 0) or (isinstance(value, list | dict | str) and not value))
 
 
 def refused_field(body: BaseModel, honoured: frozenset[str]) -> str | None:
     """The first field the request sets that the engine does not honour, if any."""
-    fields = [(name, getattr(body, name)) for name in body.model_fields_set]
-    fields += list((body.model_extra or {}).items())
-    for name, value in sorted(fields):
+    fields = [(name, getattr(body, name), True) for name in body.model_fields_set]
+    fields += [(name, value, False) for name, value in (body.model_extra or {}).items()]
+    for name, value, declared in sorted(fields, key=lambda field: field[0]):
         if name in honoured or name in HARMLESS:
             continue
         if isinstance(value, BaseModel):
             value = value.model_dump(exclude_unset=True)
-        if not is_neutral(name, value):
+        if not is_neutral(name, value, declared):
             return name
     return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Literal
@@ -29,8 +28,8 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates read it: role, text, and a tool call's or result's fields
-        (arguments as objects, as vLLM gives them to templates)."""
+        """The message as chat templates and upstreams take it: role, text, and a tool call's or
+        result's fields."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         extra = self.model_extra or {}
         if self.name is not None:
@@ -38,22 +37,13 @@ class ChatMessage(BaseModel):
         if extra.get("tool_call_id") is not None:
             message["tool_call_id"] = extra["tool_call_id"]
         if isinstance(extra.get("tool_calls"), list):
-            message["tool_calls"] = [_arguments_as_object(call) for call in extra["tool_calls"]]
+            message["tool_calls"] = extra["tool_calls"]
         return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
-
-
-def _arguments_as_object(call: Any) -> Any:
-    try:
-        function = dict(call["function"])
-        function["arguments"] = json.loads(function["arguments"])
-        return {**call, "function": function}
-    except (KeyError, TypeError, ValueError):
-        return call
 
 
 class StreamOptions(BaseModel):

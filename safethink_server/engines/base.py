@@ -43,11 +43,12 @@ class SamplingParams(SamplingFields):
 
 
 class TokenLogprob(BaseModel):
-    """One sampled token's log probability and the likeliest alternatives (token id, logprob)."""
+    """One sampled token's log probability and the likeliest alternatives, each token as an id of the
+    engine's tokenizer, or as text where the engine has only text (an upstream's logprobs)."""
 
-    token_id: int
+    token_id: int | str
     logprob: float
-    top: list[tuple[int, float]] = []
+    top: list[tuple[int | str, float]] = []
 
 
 class ToolCallReader(ABC):
@@ -68,6 +69,7 @@ class AnswerFormat(BaseModel):
     constraint: dict[str, Any] | None = None
     tools: ToolCallReader | None = None
     finish_with_tool_calls: bool = True  # finish_reason "tool_calls" when calls were made (not for a forced function)
+    keep_special_tokens: bool = False  # the tool parser reads special tokens (hermes' <tool_call> in Qwen's vocabulary)
 
 
 class EngineOverloaded(RuntimeError):
@@ -109,8 +111,8 @@ class Generation(ABC):
         return None
 
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
-        """The logprobs of output positions `start`..`end` of the sequence (None for injected tokens),
-        where the sampling asked for them."""
+        """The logprobs of the tokens at output positions `start`..`end` of the sequence (None for
+        injected ones), where the sampling asked for them."""
         raise NotImplementedError(f"{type(self).__name__} does not return logprobs")
 
     def token_usage(self) -> tuple[int, int] | None:
@@ -176,8 +178,7 @@ class SequenceCursor:
 # Request fields every engine honours; each engine adds what it supports (`Engine.honoured_fields`).
 COMMON_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
                            "n", "stream", "stream_options", "safethink", "continue_final_message", "add_generation_prompt",
-                           "chat_template_kwargs",
-                           "reasoning_effort"})
+                           "chat_template_kwargs", "reasoning_effort"})
 SAMPLING_FIELDS = frozenset(SamplingFields.model_fields)
 
 

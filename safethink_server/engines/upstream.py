@@ -26,7 +26,15 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import BaseModel, Field
 
-from safethink_server.engines.base import SAMPLING_FIELDS, Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from safethink_server.engines.base import (
+    SAMPLING_FIELDS,
+    Engine,
+    EngineError,
+    EngineOverloaded,
+    Generation,
+    SamplingParams,
+    TokenLogprob,
+)
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
 from safethink_server.schema import ReasoningConfig, SamplingFields
@@ -89,6 +97,9 @@ class UpstreamGeneration(Generation):
         self._usage_bytes = 0  # bytes that request generated
         self._request_bytes = 0
         self.finished_by_length = False
+        # Logprob entries by the output position of the last byte of the event that brought them.
+        self.logprobs_at: dict[int, list[TokenLogprob]] = {}
+        self._unplaced: list[TokenLogprob] = []  # of events without text: placed with the next text
         self.continuations = 0
         self._end_returned = False
         self._response: aiohttp.ClientResponse | None = None
@@ -112,6 +123,11 @@ class UpstreamGeneration(Generation):
                                 **self.sampling.model_dump(include=set(SamplingFields.model_fields), exclude_defaults=True)}
         if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
             body["seed"] = (self.sampling.seed + self.continuations + 2**63) % 2**64 - 2**63
+        if self.sampling.logprobs is not None:
+            if e.mode == "token_ids":
+                body["logprobs"] = self.sampling.logprobs
+            else:
+                body.update(logprobs=True, top_logprobs=self.sampling.logprobs)
         if e.mode == "token_ids":
             kept_ids = await e.tokenize_text(self.model, text) if text else []
             self.kept_tokens = len(kept_ids)
@@ -120,8 +136,11 @@ class UpstreamGeneration(Generation):
         else:
             self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
             body["messages"] = self.messages
-            if self.template_kwargs:
-                body["chat_template_kwargs"] = self.template_kwargs
+            template = dict(self.template_kwargs)
+            if "reasoning_effort" in template:  # a field of its own in the chat API (OpenAI's, gpt-oss on vLLM)
+                body["reasoning_effort"] = template.pop("reasoning_effort")
+            if template:
+                body["chat_template_kwargs"] = template
             assistant = self.opening + text
             if assistant:
                 body["messages"] = self.messages + [{"role": "assistant", "content": assistant}]
@@ -182,6 +201,7 @@ class UpstreamGeneration(Generation):
                 await self._close()
                 raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
             text: list[str] = []
+            end = len(self.kept)
             for at, event in enumerate(events):
                 self._take_usage(event)
                 choices = event.get("choices") or []
@@ -189,6 +209,9 @@ class UpstreamGeneration(Generation):
                     continue
                 choice = choices[0]
                 text.append((choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
+                if self.sampling.logprobs is not None:
+                    end += len(text[-1].encode("utf-8"))
+                    self._place_logprobs(choice.get("logprobs"), end)
                 if choice.get("finish_reason") is not None:
                     self.finished_by_length = choice["finish_reason"] == "length"
                     data = self._keep(text)
@@ -200,6 +223,16 @@ class UpstreamGeneration(Generation):
             data = self._keep(text)
             if data:
                 return data
+
+    def _place_logprobs(self, logprobs: Any, end: int) -> None:
+        """An event's entries go out once its text has all been released: they sit at its last byte."""
+        self._unplaced += upstream_logprobs(logprobs)
+        if self._unplaced and end > 0:
+            self.logprobs_at.setdefault(end - 1, []).extend(self._unplaced)
+            self._unplaced = []
+
+    def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
+        return [entry for at in range(start, end) for entry in self.logprobs_at.get(at, ())]
 
     def _keep(self, text: list[str]) -> list[int]:
         data = "".join(text).encode("utf-8")
@@ -251,6 +284,9 @@ class UpstreamGeneration(Generation):
             raise ValueError("cannot roll back into the prompt")
         await self._close()
         del self.kept[len(self.kept) - n_tokens :]
+        self._unplaced = []
+        for at in [at for at in self.logprobs_at if at >= len(self.kept)]:
+            del self.logprobs_at[at]
         self._resync_sections()
 
     async def inject(self, token_ids: list[int]) -> None:
@@ -276,9 +312,28 @@ class UpstreamGeneration(Generation):
                 self.engine.release()
 
 
+def upstream_logprobs(logprobs: Any) -> list[TokenLogprob]:
+    """An event's logprobs, in the chat format ({"content": [...]}) or the completions one ({"tokens",
+    "token_logprobs", "top_logprobs"}); tokens as the upstream's text."""
+    if not isinstance(logprobs, dict):
+        return []
+    try:
+        if "content" in logprobs:
+            return [TokenLogprob(token_id=e["token"], logprob=e["logprob"],
+                                 top=[(t["token"], t["logprob"]) for t in e.get("top_logprobs") or []])
+                    for e in logprobs["content"] or []]
+        tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+        return [TokenLogprob(token_id=token, logprob=logprob, top=sorted((top or {}).items(), key=lambda t: -t[1]))
+                for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True)
+                if logprob is not None]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpstreamError(f"the upstream sent malformed logprobs: {exc!r}", 502, "protocol") from exc
+
+
 class UpstreamEngine(Engine):
     name = "upstream"
-    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS  # passed through to the upstream, which may refuse them
+    # Passed through to the upstream, which may refuse them; logprobs come back with the text they belong to.
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs"}
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
     ids_per_token = BYTES_PER_TOKEN
 

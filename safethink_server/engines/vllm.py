@@ -151,6 +151,8 @@ class VLLMGeneration(Generation):
                 # vLLM's own limit (the context): end the sequence here rather than resubmit past it.
                 self.finished_by_length = True
                 tokens.append(self.engine.stop_token_id)
+            elif isinstance(completion.stop_reason, int) and tokens and tokens[-1] == completion.stop_reason:
+                tokens[-1] = self.engine.stop_token_id  # one of stop_token_ids: as in vLLM, its text is not output
             elif completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.engine.eos_token_ids):
                 tokens.append(self.engine.stop_token_id)  # stopped on a token vLLM did not return
         self.output_ids.extend(tokens)
@@ -204,7 +206,7 @@ class VLLMGeneration(Generation):
 class VLLMEngine(Engine):
     name = "vllm"
     honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs", "tools", "tool_choice",
-                                                                  "response_format", "structured_outputs"}
+                                                                  "parallel_tool_calls", "response_format", "structured_outputs"}
 
     def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
         from safethink_server.engines.vllm_answer import answer_format

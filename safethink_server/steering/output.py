@@ -42,8 +42,9 @@ class OutputCheckpoint:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str],
+                 skip_special_tokens: bool = True) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section)
         self.stop = StopMatcher(stop)
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids

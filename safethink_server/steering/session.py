@@ -92,6 +92,7 @@ class SteeringSession:
         stop: list[str] | None = None,
         observer: SteeringObserver | None = None,
         model: str | None = None,
+        skip_special_tokens: bool = True,
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -103,7 +104,7 @@ class SteeringSession:
         self.score = score
         self.observer = observer or SteeringObserver()
         self.model = model
-        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [])
+        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens)
         self.report = SteeringReport()
         self.finish_reason: str | None = None
         self.generation: Generation | None = None
@@ -257,7 +258,15 @@ class SteeringSession:
     async def _on_model_token(self, token: int) -> None:
         if self._held is None and self._watching():
             self._held = _HeldStep(self.output.checkpoint())
+        # Where the model may answer at once (no reasoning opened: the "pre" section), the token that
+        # shows it is answering carries answer text sampled without the constraint.
+        before = self.output.checkpoint() if self._constrained and not self._answer_begun and self.output.section == "pre" else None
         deltas = self.output.push(token)
+        if before is not None and any(d.section == "answer" and d.text.strip() for d in deltas):
+            self.output.restore(before)
+            await self.cursor.rollback(1)  # sampled again under the constraint; a held step goes on
+            await self._begin_answer()
+            return
         held = self._held
         if held is not None:
             held.tokens += 1
@@ -266,6 +275,7 @@ class SteeringSession:
                 # A step starts at its first text. Tokens before it (a reasoning marker, blank lines)
                 # belong to no step: their whitespace goes out as is, and a rollback never undoes the
                 # marker that opened the section.
+                self._held = None  # released as no step's: its logprobs go out with it
                 self._release(held.deltas)
                 self._held = held = _HeldStep(self.output.checkpoint())
             # A step is judged once its text is all known (no marker half-seen) and it has ended:

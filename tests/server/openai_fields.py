@@ -34,8 +34,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "tool_choice": {"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
     "user": {"user": "someone"},
     "metadata": {"metadata": {"team": "a"}},
-    "store": {"store": False},
-    "parallel_tool_calls": {"parallel_tool_calls": False},
+    "store": {"store": True},
+    "thinking_token_budget": {"thinking_token_budget": 0},
     "echo": {"echo": True},
     "ignore_eos": {"ignore_eos": True},
     "prompt_logprobs": {"prompt_logprobs": 1},
@@ -46,7 +46,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 SAMPLING = {"frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "min_p", "logit_bias", "min_tokens"}
-ALWAYS = {"n", "seed", "stop", "user", "metadata", "store", "parallel_tool_calls"}
+ALWAYS = {"n", "seed", "stop", "user", "metadata", "store"}
 TEMPLATE = {"chat_template_kwargs", "reasoning_effort"}
 STRUCTURED = {"response_format:json_object", "response_format:json_schema", "structured_outputs", "tools", "tool_choice"}
 
@@ -55,7 +55,7 @@ STRUCTURED = {"response_format:json_object", "response_format:json_schema", "str
 HONOURED: dict[str, set[str]] = {
     "hf": ALWAYS | SAMPLING | TEMPLATE | {"logprobs"},
     "vllm": ALWAYS | SAMPLING | TEMPLATE | STRUCTURED | {"logprobs", "stop_token_ids"},
-    "upstream": ALWAYS | SAMPLING | TEMPLATE | {"stop_token_ids"},
+    "upstream": ALWAYS | SAMPLING | TEMPLATE | {"stop_token_ids", "logprobs"},
 }
 
 

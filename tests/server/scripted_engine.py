@@ -52,6 +52,7 @@ class ScriptedGeneration(Generation):
         # minus the serial), injected ones None; `rolled_back` holds every serial ever rolled back.
         self.entries: list[TokenLogprob | None] = []
         self.rolled_back: set[int] = set()
+        self.answer_begun_at: int | None = None  # output position where a constrained answer began
         self.finished_by_length = False
         self._script_at = 0
         self._calls = 0
@@ -93,6 +94,10 @@ class ScriptedGeneration(Generation):
 
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
         return self.entries[start:end]
+
+    async def begin_answer(self) -> None:
+        if self.answer_begun_at is None:
+            self.answer_begun_at = len(self.sequence)
 
     async def rollback(self, n_tokens: int) -> None:
         assert not self._closed

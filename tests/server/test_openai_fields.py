@@ -10,7 +10,7 @@ import pytest
 
 from safethink_server.api.fields import is_neutral, refused_field
 from safethink_server.api.protocol import ChatCompletionRequest
-from tests.conftest import EMBEDDED_MODEL, read_stream, running_server
+from tests.conftest import EMBEDDED_MODEL, running_server
 from tests.server.openai_fields import EXAMPLES, HONOURED, refused_param
 
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
@@ -25,8 +25,16 @@ def hf_url():
 
 
 @pytest.fixture(scope="module")
-def proxy_url(hf_url):
-    with running_server("--engine", "upstream", "--upstream-url", hf_url + "/v1", "--early-steps", "0") as url:
+def plain_url():
+    """An upstream that does not steer, for the proxy (which steers)."""
+    with running_server("--early-steps", "0", "--allow-assistant-prefill") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def proxy_url(plain_url):
+    with running_server("--engine", "upstream", "--upstream-url", plain_url + "/v1", "--threshold", "0", "--max-step-tokens", "12",
+                        "--max-interventions", "1", "--on-budget-exhausted", "release") as url:
         yield url
 
 
@@ -63,12 +71,16 @@ def test_upstream_honours_or_refuses(proxy_url, example):
 
 
 def test_neutral_values_ask_for_nothing():
-    neutral = {"n": 1, "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "tools": [], "echo": False,
-               "response_format": {"type": "text"}, "top_k": -1, "repetition_penalty": 1.0, "logit_bias": {}, "stop_token_ids": None}
+    neutral = {"n": 1, "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "tools": [], "echo": None,
+               "response_format": {"type": "text"}, "top_k": -1, "repetition_penalty": 1.0, "logit_bias": {}, "min_tokens": 0,
+               "parallel_tool_calls": True, "top_logprobs": 0}
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **neutral})
     assert refused_field(body, frozenset({"model", "messages"})) is None
-    assert not is_neutral("n", 2) and not is_neutral("top_k", 1) and not is_neutral("echo", True)
+    assert not is_neutral("n", 2) and not is_neutral("top_k", 1) and not is_neutral("frequency_penalty", 0.1)
     assert not is_neutral("tool_choice", "required") and not is_neutral("response_format", {"type": "json_object"})
+    for unknown in ({"echo": False}, {"thinking_token_budget": 0}, {"prompt_logprobs": 0}, {"bad_words": []}):
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **unknown})
+        assert refused_field(body, frozenset({"model", "messages"})) == next(iter(unknown)), "an unknown field may mean something at 0"
 
 
 def test_logprobs_cover_the_released_tokens_and_never_a_discarded_step(hf_url):
@@ -117,9 +129,9 @@ def test_n_choices_are_steered_each_on_its_own(hf_url):
 
 def test_more_choices_than_slots_still_finish(hf_url):
     """Two slots, four choices: the later choices wait for slots rather than deadlock."""
-    out = read_stream(client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8, n=4, stream=True,
-                                                             extra_body=UNSTEERED))
-    assert out.finish is not None
+    stream = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8, n=4, stream=True,
+                                                    extra_body=UNSTEERED)
+    assert sorted(c.index for chunk in stream for c in chunk.choices if c.finish_reason) == [0, 1, 2, 3]
     r = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=8, n=4, extra_body=UNSTEERED)
     assert len(r.choices) == 4
     health = httpx.get(hf_url + "/health").json()
@@ -160,3 +172,20 @@ def test_tokenize_and_detokenize_as_vllm_has_them(hf_url, proxy_url):
     # The proxy's tokens are its upstream's: in chat mode (this upstream) it has none to give.
     r = httpx.post(proxy_url + "/tokenize", json={"prompt": text})
     assert r.status_code == 404 and "chat mode" in r.json()["error"]["message"]
+
+
+def test_logprobs_through_the_proxy_are_the_upstreams_for_the_kept_text(plain_url, proxy_url):
+    """The proxy steers (τ = 0: its first step is replaced, then the budget is spent and the rest
+    released): the upstream's entries come back for the text the client got, and none for the
+    discarded step."""
+    r = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0, logprobs=True,
+                                                  top_logprobs=2)
+    info = r.model_extra["safethink"]
+    assert info["discarded_tokens"] > 0 and info["interventions"]
+    entries = r.choices[0].logprobs.content
+    assert entries and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    model_text = "".join(e.token for e in entries)
+    client_text = (r.choices[0].message.reasoning_content or "") + (r.choices[0].message.content or "")
+    for inserted in info["inserted"]:
+        client_text = client_text.replace(inserted["text"], "", 1)
+    assert "".join(model_text.split()) == "".join(client_text.split()), "entries for exactly the model text the client got"

@@ -282,7 +282,30 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
         assert outcome.answer.endswith(REFUSAL)
         assert outcome.session.report.refusal == REFUSAL
     assert_logprobs_only_of_released_tokens(outcome)
+    assert_constrained_answers_are_sampled_constrained(outcome, case)
     assert outcome.engine.active == 0
+
+
+def assert_constrained_answers_are_sampled_constrained(outcome: Outcome, case: Case) -> None:
+    """A structured answer is sampled under its constraint from its first token: the engine is told
+    before any answer text is kept, and never told while the output is still in the reasoning."""
+    if not case.constrained or not outcome.engine.generations or outcome.cancelled:
+        return
+    generation = outcome.engine.generations[0]
+    tok = outcome.engine.tokenizer
+    def unconstrained(answer: str) -> bool:
+        # Text held back as a possible marker (a "<" that might open "</think>"), or as part of a
+        # character, is known to be answer only once later text settles it: that much may precede
+        # the constraint.
+        answer = answer.replace("\ufffd", "").strip()
+        return bool(answer) and not any(marker.startswith(answer) for marker in (START, END))
+
+    if generation.answer_begun_at is None:
+        assert not unconstrained(outcome.answer.replace(REFUSAL, "")), "an answer was sampled without its constraint"
+        return
+    before = tok.decode(generation.sequence[: generation.answer_begun_at])
+    _, answer = reference_sections(before, case.initial_section)  # the client's prefill is not the model's
+    assert not unconstrained(answer), f"answer text {answer!r} was kept from before the constraint began"
 
 
 def assert_logprobs_only_of_released_tokens(outcome: Outcome) -> None:

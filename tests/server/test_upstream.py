@@ -234,11 +234,15 @@ def test_proxy_in_front_of_vllm_continues_by_token_ids_over_its_prefix_cache(vll
         messages = [{"role": "system", "content": "You are a careful assistant. " * 8}] + MATH
         r = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=96, temperature=0)
         assert httpx.get(proxy_url + "/health").json()["upstream_mode"] == "token_ids"
-        tokenized = httpx.post(proxy_url + "/tokenize", json={"prompt": "Hello there"}).json()
-        assert tokenized["tokens"] == httpx.post(vllm_upstream + "/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
         info = r.model_extra["safethink"]
         assert r.choices[0].message.reasoning_content.startswith("Wait, think safely.")
         assert len(info["interventions"]) == 2
         assert metric(proxy_url, "safethink_interventions_total") == 2
         # Each continuation resent the prompt ids: the upstream's prefix cache served them.
         assert metric(vllm_upstream, "vllm:prefix_cache_hits_total") - hits_before >= 64
+        logged = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0,
+                                                           logprobs=True, top_logprobs=2)
+        entries = logged.choices[0].logprobs.content
+        assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+        tokenized = httpx.post(proxy_url + "/tokenize", json={"prompt": "Hello there"}).json()
+        assert tokenized["tokens"] == httpx.post(vllm_upstream + "/tokenize", json={"prompt": "Hello there"}).json()["tokens"]

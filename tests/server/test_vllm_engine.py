@@ -286,11 +286,13 @@ async def test_a_breach_in_a_constrained_answer_is_refused_not_prefixed(vllm_ser
     url, _ = vllm_server
     r = await _client(url).chat.completions.create(
         model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=200,
-        response_format={"type": "json_object"}, extra_body={"safethink": {"threshold": 0.0, "max_interventions": 100, "early_steps": 100}})
+        response_format={"type": "json_object"}, extra_body={"safethink": {"threshold": 0.0, "max_interventions": 1, "early_steps": 100,
+                                                                          "on_budget_exhausted": "release"}})
     info = r.model_extra["safethink"]
     assert r.choices[0].finish_reason == "content_filter"
-    assert all(i["step"] <= max(s["index"] for s in info["steps"] if s["section"] == "reasoning") for i in info["interventions"])
-    assert [s["action"] for s in info["steps"] if s["section"] == "answer"] in ([], ["refused"])
+    answer_steps = [s for s in info["steps"] if s["section"] == "answer"]
+    assert [s["action"] for s in answer_steps] == ["refused"], info["steps"]
+    assert all(i["step"] < answer_steps[0]["index"] for i in info["interventions"]), "prefixes only in the reasoning"
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -315,3 +317,35 @@ async def test_logprobs_n_and_sampling_fields_on_vllm(vllm_server):
     penalised = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=48, temperature=0,
                                                            frequency_penalty=2.0, extra_body={"safethink": {"early_steps": 0}})
     assert penalised.choices[0].message.reasoning_content != greedy.choices[0].message.reasoning_content
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "not_a_tool"}}}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"structured_outputs": {"json": ANSWER_SCHEMA, "regex": "a+"}}, "structured_outputs"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"min_tokens": 50}, "min_tokens"),
+])
+async def test_invalid_tools_and_formats_are_a_400_naming_the_field(vllm_server, fields, param):
+    url, engine = vllm_server
+    response = await _chat(url, **fields)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert engine.stats()["running"] == 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_stop_token_ids_end_the_answer_without_their_text(vllm_server):
+    url, engine = vllm_server
+    ask = [{"role": "user", "content": "Count from one to ten, in words, separated by commas."}]
+    free = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=40, temperature=0,
+                                                      extra_body={"safethink": {"early_steps": 0}})
+    text = free.choices[0].message.reasoning_content
+    comma = engine.tokenizer.convert_tokens_to_ids(",")
+    assert "," in text
+    stopped = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=40, temperature=0,
+                                                         extra_body={"safethink": {"early_steps": 0}, "stop_token_ids": [comma]})
+    # The model stops in its reasoning at the comma (which is not output); the server then asks for the answer.
+    assert stopped.choices[0].message.reasoning_content == text[: text.index(",")]
