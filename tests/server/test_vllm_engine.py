@@ -286,13 +286,13 @@ async def test_a_breach_in_a_constrained_answer_is_refused_not_prefixed(vllm_ser
     url, _ = vllm_server
     r = await _client(url).chat.completions.create(
         model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=200,
-        response_format={"type": "json_object"}, extra_body={"safethink": {"threshold": 0.0, "max_interventions": 1, "early_steps": 100,
-                                                                          "on_budget_exhausted": "release"}})
+        response_format={"type": "json_object"}, extra_body={"safethink": {"threshold": 0.0, "max_interventions": 100, "early_steps": 100}})
     info = r.model_extra["safethink"]
     assert r.choices[0].finish_reason == "content_filter"
     answer_steps = [s for s in info["steps"] if s["section"] == "answer"]
     assert [s["action"] for s in answer_steps] == ["refused"], info["steps"]
-    assert all(i["step"] < answer_steps[0]["index"] for i in info["interventions"]), "prefixes only in the reasoning"
+    prefixes = [t for t in info["inserted"] if t["kind"] == "prefix"]
+    assert prefixes and all(t["section"] == "reasoning" for t in prefixes), "prefixes only in the reasoning"
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -339,13 +339,13 @@ async def test_invalid_tools_and_formats_are_a_400_naming_the_field(vllm_server,
 @pytest.mark.asyncio(loop_scope="session")
 async def test_stop_token_ids_end_the_answer_without_their_text(vllm_server):
     url, engine = vllm_server
-    ask = [{"role": "user", "content": "Count from one to ten, in words, separated by commas."}]
+    ask = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
     free = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=40, temperature=0,
                                                       extra_body={"safethink": {"early_steps": 0}})
     text = free.choices[0].message.reasoning_content
-    comma = engine.tokenizer.convert_tokens_to_ids(",")
-    assert "," in text
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    at = next(k for k in range(2, len(ids)) if ids[k] not in ids[:k] and engine.tokenizer.decode(ids[k:k + 1]).strip())
     stopped = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=40, temperature=0,
-                                                         extra_body={"safethink": {"early_steps": 0}, "stop_token_ids": [comma]})
-    # The model stops in its reasoning at the comma (which is not output); the server then asks for the answer.
-    assert stopped.choices[0].message.reasoning_content == text[: text.index(",")]
+                                                         extra_body={"safethink": {"early_steps": 0}, "stop_token_ids": [ids[at]]})
+    # The model stops in its reasoning at that token (which is not output); the server then asks for the answer.
+    assert stopped.choices[0].message.reasoning_content.rstrip() == engine.tokenizer.decode(ids[:at]).rstrip()
