@@ -146,6 +146,18 @@ def test_sampling_fields_change_the_answer(hf_url):
     greedy = answer(temperature=0)
     assert answer(temperature=1.0, top_k=1, seed=1) == greedy == answer(temperature=1.0, top_k=1, seed=2)
     assert answer(temperature=0, frequency_penalty=2.0) != greedy
+    assert answer(temperature=1.0, min_p=1.0, seed=4) == greedy, "min_p 1 keeps only the likeliest token"
+    assert answer(temperature=0, presence_penalty=2.0) != greedy
+    assert answer(temperature=0, repetition_penalty=3.0) != greedy
+    short = [{"role": "user", "content": "Reply with one word: yes or no?"}]
+
+    def completion_tokens(**fields) -> int:
+        return client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=short, max_tokens=200, temperature=0,
+                                                      extra_body={**UNSTEERED, **fields}).usage.completion_tokens
+
+    free = completion_tokens()
+    assert free < 190, "the model ends its answer by itself"
+    assert completion_tokens(min_tokens=free + 8) >= free + 8, "the end of sequence is not sampled before min_tokens"
     forced = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=6, temperature=0,
                                                      logprobs=True, extra_body={**UNSTEERED, "logit_bias": {"1248": 100}})
     assert {e.token for e in forced.choices[0].logprobs.content} == {forced.choices[0].logprobs.content[0].token}
