@@ -93,7 +93,7 @@ def open_turn(conversation: Conversation, reasoning: ReasoningConfig, template_o
     return RenderedPrompt([], section, prefill if conversation.prefill is not None else "", text)
 
 
-def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as local chat templates read them: a tool call's arguments as an object (as vLLM
     gives them to templates), where the wire has a JSON string."""
     return [{**m, "tool_calls": [_arguments_as_object(call) for call in m["tool_calls"]]} if m.get("tool_calls") else m
@@ -109,13 +109,19 @@ def _arguments_as_object(call: Any) -> Any:
         return call
 
 
-def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
-    """Render with the model's chat template and encode (blocking: run it off the event loop)."""
+def chat_text(tokenizer: Any, messages: list[dict[str, Any]], template: dict[str, Any], tools: list[dict[str, Any]] | None = None,
+              add_generation_prompt: bool = True) -> str:
+    """The messages rendered with the model's chat template (blocking); PromptError where it cannot."""
     try:
-        prompt = tokenizer.apply_chat_template(template_messages(conversation.messages), tools=conversation.tools, tokenize=False,
-                                               add_generation_prompt=True, **conversation.template_kwargs)
+        return str(tokenizer.apply_chat_template(_template_messages(messages), tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt, **template))
     except Exception as exc:
         raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
+
+
+def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:
+    """Render with the model's chat template and encode (blocking: run it off the event loop)."""
+    prompt = chat_text(tokenizer, conversation.messages, conversation.template_kwargs, conversation.tools)
     # DeepSeek-R1-style templates open the reasoning themselves.
     rendered = open_turn(conversation, reasoning, prompt.rstrip().endswith(reasoning.start_marker))
     rendered.ids = tokenizer.encode(prompt + rendered.opening, add_special_tokens=False)

@@ -10,6 +10,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a seed or token count may be: never an error inside an engine
+
+
+def seed_plus(seed: int, n: int) -> int:
+    """`seed + n` wrapped into the 64-bit range a seed may take: the seed of a request's n-th choice
+    or continuation, so that a seeded request replays exactly."""
+    return (seed + n - INT64_MIN) % 2**64 + INT64_MIN
 DEFAULT_PREFIX = "Wait, think safely."
 DEFAULT_REFUSAL = "I can't help with that request."
 

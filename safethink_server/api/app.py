@@ -55,7 +55,7 @@ from safethink_server.engines.base import AnswerFormat, Engine, EngineError, Eng
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError, check_context_length, split_conversation, template_kwargs
-from safethink_server.schema import INT64_MIN, SamplingFields
+from safethink_server.schema import SamplingFields, seed_plus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
@@ -155,18 +155,14 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         try:
             return await tokenize(engine, body, state.max_model_len)
-        except PromptError as exc:
-            raise APIError(400, str(exc), param=exc.param) from exc
-        except UpstreamError as exc:
+        except (PromptError, UpstreamError) as exc:
             raise _failure(exc, metrics)[0] from exc
 
     @app.post("/detokenize", dependencies=[Depends(require_api_key)])
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
             return await detokenize(engine, body, getattr(engine, "vocab_size", None))
-        except PromptError as exc:
-            raise APIError(400, str(exc), param=exc.param) from exc
-        except UpstreamError as exc:
+        except (PromptError, UpstreamError) as exc:
             raise _failure(exc, metrics)[0] from exc
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
@@ -223,17 +219,14 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     reasoning = engine.reasoning_for(s.reasoning())
-    try:
-        answer = engine.answer_format(body.model_dump(exclude_unset=True))
-        sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
-        sampling.answer_constraint = answer.constraint if answer is not None else None
-        template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
-        conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
-        prompt = await engine.render(conversation, reasoning, body.model)
-        if engine.counts_tokens:
-            check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
-    except PromptError as exc:
-        raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+    answer = engine.answer_format(body.model_dump(exclude_unset=True))
+    sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+    sampling.answer_constraint = answer.constraint if answer is not None else None
+    template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
+    conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
+    prompt = await engine.render(conversation, reasoning, body.model)
+    if engine.counts_tokens:
+        check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)
@@ -242,7 +235,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         detector = s.detector()
         detector.max_step_tokens *= engine.ids_per_token  # the loop's ids may not be tokens (upstream: bytes)
         seeded = sampling if sampling.seed is None or not choice else sampling.model_copy(
-            update={"seed": (sampling.seed + choice - INT64_MIN) % 2**64 + INT64_MIN})  # each choice its own seed, in 64 bits
+            update={"seed": seed_plus(sampling.seed, choice)})  # each choice its own seed
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model,
                                skip_special_tokens=answer is None or not answer.keep_special_tokens)
@@ -255,10 +248,9 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, vocab_size: in
         bias = body.logit_bias_ids()
     except ValueError as exc:
         raise PromptError(str(exc), param="logit_bias") from exc
-    if vocab_size is not None and any(token >= vocab_size for token in bias):
-        raise PromptError(f"logit_bias names a token id beyond the vocabulary ({vocab_size} tokens)", param="logit_bias")
-    if vocab_size is not None and any(token >= vocab_size for token in body.stop_token_ids or []):
-        raise PromptError(f"stop_token_ids names a token id beyond the vocabulary ({vocab_size} tokens)", param="stop_token_ids")
+    for param, ids in (("logit_bias", bias), ("stop_token_ids", body.stop_token_ids or [])):
+        if vocab_size is not None and any(token >= vocab_size for token in ids):
+            raise PromptError(f"{param} names a token id beyond the vocabulary ({vocab_size} tokens)", param=param)
     return SamplingParams(
         **body.model_dump(include=set(SamplingFields.model_fields)), max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
@@ -332,8 +324,11 @@ class RequestTracker:
 
 
 def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
+    """The API error a failure answers with, and the status it is counted under."""
     if isinstance(exc, APIError):
         return exc, "invalid" if exc.status < 500 else "error"
+    if isinstance(exc, PromptError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code), "invalid"
     if isinstance(exc, UpstreamError):
         metrics.upstream_errors.labels(kind=exc.kind).inc()
         code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safethink_server.api.protocol import ChatMessage
 from safethink_server.engines.base import Engine
-from safethink_server.prompt import PromptError, template_kwargs, template_messages
+from safethink_server.prompt import PromptError, chat_text, template_kwargs
 
 MAX_DETOKENIZE_IDS = 1 << 20
 
@@ -53,14 +53,9 @@ class DetokenizeResponse(BaseModel):
 def _tokenize(tokenizer: Any, request: TokenizeRequest) -> list[int]:
     if request.prompt is not None:
         return list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
-    messages = template_messages([m.for_template() for m in request.messages or []])
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                                             **template_kwargs(request.chat_template_kwargs, None))
-    except PromptError:
-        raise
-    except Exception as exc:
-        raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
+    messages = [m.for_template() for m in request.messages or []]
+    text = chat_text(tokenizer, messages, template_kwargs(request.chat_template_kwargs, None),
+                     add_generation_prompt=request.add_generation_prompt)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

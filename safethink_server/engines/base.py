@@ -209,7 +209,7 @@ class Engine(ABC):
 
     def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
         """Tools and structured outputs of a request (its fields as sent); only engines that honour them
-        implement this. ValueError (naming the field as `param` in its args) for a request they cannot serve."""
+        implement this. PromptError, naming the field, for a request they cannot serve."""
         return None
 
     def accepts_model(self, name: str) -> bool:

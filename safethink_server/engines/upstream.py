@@ -37,7 +37,7 @@ from safethink_server.engines.base import (
 )
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
-from safethink_server.schema import ReasoningConfig, SamplingFields
+from safethink_server.schema import ReasoningConfig, SamplingFields, seed_plus
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class UpstreamGeneration(Generation):
                                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                                 **self.sampling.model_dump(include=set(SamplingFields.model_fields), exclude_defaults=True)}
         if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
-            body["seed"] = (self.sampling.seed + self.continuations + 2**63) % 2**64 - 2**63
+            body["seed"] = seed_plus(self.sampling.seed, self.continuations)
         if self.sampling.logprobs is not None:
             if e.mode == "token_ids":
                 body["logprobs"] = self.sampling.logprobs

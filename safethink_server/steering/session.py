@@ -140,8 +140,7 @@ class SteeringSession:
         if self.generation is None:
             self.generation = await self.engine.start(self.prompt, self.sampling, self.conversation, model=self.model)
             self._cursor = SequenceCursor(self.generation)
-            if self._constrained and self.output.section == "answer":
-                await self._begin_answer()
+            await self._begin_answer_once_in_it()
 
     async def close(self) -> None:
         """Free the engine slot. Shielded: a cancelled request (a client gone) must not cut the abort short."""
@@ -286,8 +285,7 @@ class SteeringSession:
                 await self._judge()
         else:
             self._release(deltas)
-        if self._constrained and not self._answer_begun and self.output.section == "answer":
-            await self._begin_answer()
+        await self._begin_answer_once_in_it()
         if self.finish_reason is not None or self._out_of_tokens():
             return
         budget = self.reasoning_cfg.budget_tokens
@@ -423,12 +421,15 @@ class SteeringSession:
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))
         released = self._release(self.output.push_all(ids, server=True))
-        if self._constrained and not self._answer_begun and self.output.section == "answer":
-            await self._begin_answer()
+        await self._begin_answer_once_in_it()
         # Listed as the client sees it (markers removed, an answer's leading whitespace stripped).
         for delta in released or [Delta("answer" if self.output.section == "answer" else "reasoning", "")]:
             self.report.inserted.append(InsertedText(kind=kind, section=delta.section, text=delta.text))  # type: ignore[arg-type]
         return len(ids)
+
+    async def _begin_answer_once_in_it(self) -> None:
+        if self._constrained and not self._answer_begun and self.output.section == "answer":
+            await self._begin_answer()
 
     async def _begin_answer(self) -> None:
         """A constrained answer (structured output, tool call) is sampled under its constraint from
