@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import StepItem, StepScore
+from safethink_server.api.app import choice_runs
 from safethink_server.engines.base import SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
@@ -141,11 +143,15 @@ class Outcome:
     logprob_serials: list[int] = field(default_factory=list)  # of the entries the client was given, in order
 
 
-async def run_case(case: Case, by_position: bool = False) -> Outcome:
+def scripted_engine(case: Case, by_position: bool = False) -> ScriptedEngine:
     engine = ScriptedEngine([], case.batch_sizes, enforces_max_tokens=case.engine_limits_tokens, own_limit=case.engine_own_limit,
                             by_position=by_position)
     tok = engine.tokenizer
     engine.script = [tok.eos_token_id if p == "<EOS>" else tok.ids[p] for p in case.pieces]
+    return engine
+
+
+def case_session(case: Case, engine: ScriptedEngine) -> tuple[SteeringSession, Judge]:
     history = "\n\n".join(f"{m['role']}: {m['content']}" for m in case.history)
     judge = Judge(case.scores, case.failing_calls, history=history, prefill=case.prefill)
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
@@ -155,6 +161,12 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop)
+    return session, judge
+
+
+async def run_case(case: Case, by_position: bool = False) -> Outcome:
+    engine = scripted_engine(case, by_position)
+    session, judge = case_session(case, engine)
     outcome = Outcome(engine, session, judge)
 
     async def consume() -> None:
@@ -439,3 +451,52 @@ def test_a_stop_string_across_a_held_step_and_the_next_piece_ends_the_sequence_t
     tok = outcome.engine.tokenizer
     assert outcome.answer == "b "
     assert outcome.engine.generations[0].sequence == [tok.ids[p] for p in ["a", END, "b", " step", " ok"]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.integers(2, 4))
+def test_choices_run_side_by_side_as_each_would_alone(case: Case, n: int) -> None:
+    """`n` > 1: the choices' deltas, interleaved through one queue, are each choice's own, as it would
+    run alone; each ends once; a client that leaves early leaves no slot held."""
+    case.scores, case.failing_calls = [0.0], set()  # the judge's answers must not depend on the interleaving
+
+    def own(choice: int) -> Case:  # each choice its own text, as each has its own seed
+        return dataclasses.replace(case, pieces=case.pieces[choice:] + case.pieces[:choice])
+
+    async def alone(choice: int) -> str:
+        session, _ = case_session(own(choice), scripted_engine(own(choice), by_position=True))
+        return "".join([f"{d.section}:{d.text}|" async for d in session.run()])
+
+    async def together() -> tuple[dict[int, str], dict[int, int], int, bool]:
+        engines = [scripted_engine(own(choice), by_position=True) for choice in range(n)]
+        sessions = [case_session(own(choice), engine)[0] for choice, engine in enumerate(engines)]
+        texts, ends = dict.fromkeys(range(n), ""), dict.fromkeys(range(n), 0)
+
+        async def consume() -> None:
+            async with contextlib.aclosing(choice_runs(sessions)) as runs:
+                async for index, delta in runs:
+                    assert not ends[index], "a delta after its choice ended"
+                    if delta is None:
+                        ends[index] += 1
+                    else:
+                        texts[index] += f"{delta.section}:{delta.text}|"
+
+        task = asyncio.create_task(consume())
+        for _ in range(case.cancel_after or 0):
+            await asyncio.sleep(0)
+        cancelled = case.cancel_after is not None and not task.done()
+        if cancelled:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sampled = sum(engine.serial for engine in engines)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sum(engine.serial for engine in engines) == sampled, "a choice went on generating after the response ended"
+        return texts, ends, sum(engine.active for engine in engines), cancelled
+
+    texts, ends, held, cancelled = asyncio.run(together())
+    assert held == 0, "a choice's slot is still held after the response ended"
+    if not cancelled:
+        assert ends == dict.fromkeys(range(n), 1)
+        assert texts == {choice: asyncio.run(alone(choice)) for choice in range(n)}
