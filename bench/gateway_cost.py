@@ -7,8 +7,9 @@ chunks per request, reasoning first, one token per event), and two gateways in f
 (`safethink serve --engine upstream`), one with steering off and one with the defaults (and with
 `--workers N`, a third: the defaults with N worker processes). Each route
 gets the same requests, interleaved route by route. Reported per route:
-- CPU seconds of the serving process (utime + stime from /proc) per relayed token, and the same less
-  the scorer's forward time (the scorer runs in the gateway's process);
+- CPU seconds of the serving process (utime + stime from /proc) per relayed token, and those of its
+  main thread alone: the event loop, which does all of the gateway's own work (the scorer's forwards
+  run in their own threads);
 - text events per request, against the upstream's own;
 - time to first text p50 / p99, and what the gateway adds to the direct route; with steering on, the
   scoring wait p50 of the first step and of every judged step (from the response's steering record):
@@ -122,14 +123,21 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes]]) -> None:
         proc.wait(timeout=30)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and every process under it (the workers of `serve --workers N`)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = []
+def _stat_cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """utime + stime of a process and every process under it (the workers of `serve --workers N`):
+    (all threads, main threads only). A gateway's main thread runs its event loop, which does all of
+    its own work; the scorer's forwards (and torch's threads) run in other threads."""
+    total, main = _stat_cpu(Path(f"/proc/{pid}/stat")), _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return own + sum(cpu_seconds(child) for child in children)
+        for child in (task / "children").read_text().split():
+            child_total, child_main = cpu_seconds(int(child))
+            total, main = total + child_total, main + child_main
+    return total, main
 
 
 def scorer_seconds(base: str) -> float:
@@ -167,6 +175,7 @@ class Measured(Generic[T]):
     results: list[T]
     wall_s: float
     cpu_s: float  # of the serving process tree
+    loop_cpu_s: float  # of its main threads: the event loops, where all but the scorer's forwards run
     scorer_s: float  # the scorer's forward time, from the server's metrics
 
 
@@ -184,9 +193,10 @@ async def measure(base: str, pid: int, concurrency: int, requests: int,
             async with gate:
                 return await one_request(client)
 
-        cpu, scored, t = cpu_seconds(pid), scorer_seconds(base), time.perf_counter()
+        (cpu, loop_cpu), scored, t = cpu_seconds(pid), scorer_seconds(base), time.perf_counter()
         results = await asyncio.gather(*(bounded() for _ in range(requests)))
-        return Measured(list(results), time.perf_counter() - t, cpu_seconds(pid) - cpu, scorer_seconds(base) - scored)
+        wall, (cpu_end, loop_cpu_end) = time.perf_counter() - t, cpu_seconds(pid)
+        return Measured(list(results), wall, cpu_end - cpu, loop_cpu_end - loop_cpu, scorer_seconds(base) - scored)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -218,7 +228,7 @@ async def main(args: argparse.Namespace) -> None:
             procs[route] = gateway(port, "--workers", str(args.workers))
             bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
-        print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'less scorer':>12} {'events/req':>11} {'ttft p50':>9} "
+        print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'event loop':>11} {'events/req':>11} {'ttft p50':>9} "
               f"{'ttft p99':>9} {'added p50':>10} {'1st step scoring':>17} {'step scoring':>13} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
@@ -226,13 +236,13 @@ async def main(args: argparse.Namespace) -> None:
                 run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base: one(client, base))
                 ttfts, events = [r[0] for r in run.results], [r[1] for r in run.results]
                 scoring = [r[2] for r in run.results if r[2]]
-                wall, cpu, scored = run.wall_s, run.cpu_s, run.scorer_s
+                wall, cpu, loop_cpu, scored = run.wall_s, run.cpu_s, run.loop_cpu_s, run.scorer_s
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50
                 first = f"{statistics.median(r[0] for r in scoring):17.1f}" if scoring else f"{'':17}"
                 every = f"{statistics.median(ms for r in scoring for ms in r):13.1f}" if scoring else f"{'':13}"
-                print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {(cpu - scored) / relayed * 1e6:12.1f} "
+                print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {loop_cpu / relayed * 1e6:11.1f} "
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
                       f"{first} {every} {relayed / wall:8.0f} {scored:9.2f}")
     finally:
