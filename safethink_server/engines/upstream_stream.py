@@ -5,9 +5,10 @@ silences and malformed data turned into errors the gateway answers."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+from pydantic_core import from_json
 
 from safethink_server.engines.base import EngineError
 
@@ -43,41 +44,94 @@ class SSEDecoder:
         return [line[5:].removeprefix(b" ") for line in complete.splitlines() if line.startswith(b"data:")]
 
 
+class _SilenceTimer:
+    """The read deadline of one stream: a single timer, re-armed lazily as reads come in (a timeout
+    scope per read costs more than the read itself), that cancels the reading task once a wait has
+    lasted `first_s` (before the first read) or `every_s` (after it)."""
+
+    def __init__(self, first_s: float, every_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self.limit_s = first_s
+        self._every_s = every_s
+        self._since: float | None = None  # when the current wait began; None between waits
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def waiting(self) -> None:
+        self._since = self._loop.time()
+        due = self._since + self.limit_s
+        if self._handle is not None and self._handle.when() > due:
+            self._handle.cancel()
+            self._handle = None
+        if self._handle is None:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def heard(self) -> None:
+        self._since = None
+        self.limit_s = self._every_s
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._since is None or self._task is None:
+            return  # not waiting: the next wait arms the timer again
+        due = self._since + self.limit_s
+        if self._loop.time() + 1e-3 >= due:  # timers may fire up to the clock's resolution early
+            self.expired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+    def timed_out(self) -> bool:
+        """After a CancelledError: whether it was this timer's alone (and is now taken back)."""
+        return self.expired and self._task is not None and self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
 async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncGenerator[list[dict[str, Any]], None]:
     """The parsed events of an SSE body until `[DONE]`, as many at a time as one read of `chunks`
     brings: a fast upstream's events are relayed together instead of one by one. Malformed data and
     silence raise."""
     decoder = SSEDecoder()
-    timeout = first_byte_timeout
-    while True:
-        try:
-            async with asyncio.timeout(timeout):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise UpstreamError(f"the upstream sent nothing for {timeout:g} s", 504, "timeout") from None
-        timeout = chunk_timeout
-        events = []
-        for data in decoder.feed(chunk):
-            if not data.strip():
-                continue
-            if data.strip() == b"[DONE]":
-                if events:
-                    yield events
-                return
+    silence = _SilenceTimer(first_byte_timeout, chunk_timeout)
+    try:
+        while True:
             try:
-                event = json.loads(data)
-            except ValueError:
-                raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
-            if not isinstance(event, dict):
-                raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
-            if "error" in event:
-                message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
-                raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
-            events.append(event)
-        if events:
-            yield events
+                silence.waiting()
+                chunk = await anext(chunks)
+                silence.heard()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if silence.timed_out():
+                    raise UpstreamError(f"the upstream sent nothing for {silence.limit_s:g} s", 504, "timeout") from None
+                raise
+            events = []
+            for data in decoder.feed(chunk):
+                if not data.strip():
+                    continue
+                if data.strip() == b"[DONE]":
+                    if events:
+                        yield events
+                    return
+                try:
+                    event = from_json(data)  # pydantic's parser: a quarter of json.loads' time per event
+                except ValueError:
+                    raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
+                if not isinstance(event, dict):
+                    raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
+                if "error" in event:
+                    message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
+                    raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
+                events.append(event)
+            if events:
+                yield events
+    finally:
+        silence.close()
 
 
 async def sse_events(chunks: AsyncIterator[bytes], first_byte_timeout: float, chunk_timeout: float) -> AsyncIterator[dict[str, Any]]:

@@ -96,3 +96,57 @@ def test_silence_is_a_timeout():
     with pytest.raises(UpstreamError) as raised:
         asyncio.run(read())
     assert raised.value.status == 504
+
+
+def test_silence_before_the_first_byte_uses_its_own_limit():
+    async def silent():  # type: ignore[no-untyped-def]
+        await asyncio.sleep(10)
+        yield b""
+
+    async def read() -> float:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamError) as raised:
+            async for _ in sse_batches(silent(), 0.1, 5):
+                pass
+        assert raised.value.status == 504 and "0.1 s" in str(raised.value)
+        return asyncio.get_running_loop().time() - started
+
+    assert 0.09 <= asyncio.run(read()) < 2
+
+
+def test_a_slow_reader_is_not_an_upstream_silence():
+    """Only the wait for the upstream counts: a consumer busy longer than the limit between reads
+    is not timed out, and the timer never cancels it while it works."""
+
+    async def steady():  # type: ignore[no-untyped-def]
+        for n in range(4):
+            yield f'data: {{"n": {n}}}\n\n'.encode()
+
+    async def read() -> list[dict[str, int]]:
+        out = []
+        async for batch in sse_batches(steady(), 0.05, 0.05):
+            out += batch
+            await asyncio.sleep(0.15)
+        return out
+
+    assert asyncio.run(read()) == [{"n": n} for n in range(4)]
+
+
+def test_an_outside_cancellation_stays_a_cancellation():
+    async def stalled():  # type: ignore[no-untyped-def]
+        yield b'data: {"n": 1}\n\n'
+        await asyncio.sleep(10)
+        yield b""
+
+    async def read() -> None:
+        async for _ in sse_batches(stalled(), 5, 5):
+            pass
+
+    async def main() -> None:
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
