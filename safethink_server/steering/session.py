@@ -202,9 +202,10 @@ class SteeringSession:
         nothing differently: past the watched window, or inside a held step that has begun and does
         not end in the piece (where a step's end is monotone: once its text holds a delimiter, a
         stop string, or max_step_tokens, more text keeps it so; a step regex is followed token by
-        token). A token that needs a decision of its own (a step's end, a section change, a stop
-        string) is found by halving the piece; False (nothing read) when it is the next token, as
-        are the end and the reasoning budget."""
+        token). Where a token needs a decision of its own (a step's end, a section change, a stop
+        string), the longest piece before it is found by bisection and taken, and False says that
+        the next token goes alone; so do the end and the reasoning budget. True: the piece was taken
+        whole."""
         held = self._held
         if held is None and self._watching():
             return False  # a step starts at its first text, token by token
@@ -216,23 +217,41 @@ class SteeringSession:
         budget = self.reasoning_cfg.budget_tokens
         if budget is not None and self.output.section == "reasoning":
             n = min(n, budget - 1 - self.output.reasoning_tokens)  # the token that reaches it goes alone
-        checkpoint = self.output.checkpoint()  # every rejected piece is undone back to it
-        while n > 1:
-            deltas = self.output.push_through(tokens[:n])
-            if deltas is not None and (held is None or not self._ends_step(held, deltas, n)):
-                break
-            if deltas is not None:
-                self.output.restore(checkpoint)
-            n //= 2
-        else:
+        if n < 2:
             return False
-        self.cursor.advance(n)
+        checkpoint = self.output.checkpoint()  # every rejected piece is undone back to it
+
+        def push(k: int) -> list[Delta] | None:
+            """The first `k` tokens pushed, if they decide nothing; else None and nothing pushed."""
+            deltas = self.output.push_through(tokens[:k])
+            if deltas is not None and held is not None and self._ends_step(held, deltas, k):
+                self.output.restore(checkpoint)
+                return None
+            return deltas
+
+        whole, taken = True, n
+        deltas = push(n)
+        if deltas is None:
+            # Only verified pieces are taken: `fine` was pushed without a decision, `decides` was not.
+            fine, decides = 0, n
+            while decides - fine > 1:
+                middle = (fine + decides) // 2
+                if push(middle) is None:
+                    decides = middle
+                else:
+                    self.output.restore(checkpoint)
+                    fine = middle
+            if fine == 0:
+                return False
+            deltas, whole, taken = push(fine), False, fine
+            assert deltas is not None, "a piece pushed once pushes again"
+        self.cursor.advance(taken)
         if held is None:
             self._release(deltas)
         else:
-            held.tokens += n
+            held.tokens += taken
             held.add(deltas)
-        return True
+        return whole
 
     def _ends_step(self, held: _HeldStep, deltas: list[Delta], n_tokens: int) -> bool:
         """Whether `deltas` (of one section, the step's) would end the held step."""
