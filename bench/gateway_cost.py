@@ -252,7 +252,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=256, help="enough for CPU ticks (10 ms) not to matter")
     parser.add_argument("--tokens", type=int, default=250, help="tokens the upstream streams per request")
     parser.add_argument("--workers", type=int, default=1, help="also a steered gateway with this many worker processes")
     parser.add_argument("--reasoning-tokens", type=int, default=150, help="of which reasoning")

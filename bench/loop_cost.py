@@ -137,7 +137,8 @@ async def one(client: httpx.AsyncClient, base: str, pause_s: float) -> tuple[int
 
 
 async def main(args: argparse.Namespace) -> None:
-    routes = {"steering off": ["early_steps", "0"], "steering on": []}
+    interval = ["stream_interval", str(args.stream_interval)]
+    routes = {"steering off": ["early_steps", "0", *interval], "steering on": interval}
     procs, bases = {}, {}
     try:
         for route, flags in routes.items():
@@ -146,7 +147,7 @@ async def main(args: argparse.Namespace) -> None:
             procs[route] = start(command, f"http://127.0.0.1:{port}/health", Path(f"/tmp/loop-cost-{port}.log"))
             bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of about {args.tokens} tokens, engine step {args.step_ms} ms, "
-              f"client pause {args.slow_client_ms} ms an event")
+              f"client pause {args.slow_client_ms} ms an event, stream interval {args.stream_interval}")
         print(f"{'streams':>7} {'route':13} {'CPU µs/token':>13} {'event loop':>11} {'events/req':>11} {'tokens/req':>11} {'time s':>7}")
         for concurrency in args.concurrency:
             for route, base in bases.items():
@@ -166,9 +167,10 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=256, help="enough for CPU ticks (10 ms) not to matter")
     parser.add_argument("--tokens", type=int, default=256, help="tokens the engine replays per request")
     parser.add_argument("--step-ms", type=float, default=0.0, help="0: a token per call at once; N: a token per sequence every N ms")
+    parser.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
     parser.add_argument("--slow-client-ms", type=float, default=0.0, help="each client pauses this long after every event")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     cli, rest = parser.parse_known_args()

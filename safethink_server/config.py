@@ -31,6 +31,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
     default_max_tokens: int = Field(default=512, ge=1, description="max_tokens when the request gives none")
     max_concurrent_sequences: int | None = Field(default=None, ge=1, description="sequences decoded at once (hf: 1; vllm: its max_num_seqs)")
     max_queued_requests: int = Field(default=64, ge=0, description="requests waiting for a slot before 503")
+    stream_interval: int = Field(default=1, ge=1, le=1024, description="streaming: text goes out once this many tokens came since "
+                                 "the last event, the first at once (as vLLM's --stream-interval; fewer events, less CPU a token)")
 
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per pipeline stage")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="vllm: pipeline stages (nodes)")

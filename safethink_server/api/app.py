@@ -238,7 +238,8 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
             update={"seed": seed_plus(sampling.seed, choice)})  # each choice its own seed
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model,
-                               skip_special_tokens=answer is None or not answer.keep_special_tokens)
+                               skip_special_tokens=answer is None or not answer.keep_special_tokens,
+                               stream_interval=s.stream_interval)
 
     return [session(choice) for choice in range(body.n)], answer
 

@@ -93,6 +93,7 @@ class SteeringSession:
         observer: SteeringObserver | None = None,
         model: str | None = None,
         skip_special_tokens: bool = True,
+        stream_interval: int = 1,
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -118,6 +119,8 @@ class SteeringSession:
         self._constrained = sampling.answer_constraint is not None
         self._answer_begun = False
         self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
+        self._stream_ids = stream_interval * engine.ids_per_token
+        self._yielded_at: int | None = None  # output ids when text last went out; None before the first
         self._logprobs_taken = 0
 
     # --- counts -------------------------------------------------------------------------------
@@ -157,7 +160,7 @@ class SteeringSession:
                     await self._on_token(await self.cursor.next())
                 if self.finish_reason is None and self._out_of_tokens():
                     self.finish_reason = "length"
-                if self._out and not self.cursor.unread:
+                if self._out and not self.cursor.unread and self._stream_due():
                     # A whole engine batch is processed: its text goes out together, one delta per section.
                     for delta in self._take_out():
                         yield delta
@@ -177,6 +180,15 @@ class SteeringSession:
         if start == self._logprobs_taken:
             return []
         return [entry for entry in self.generation.token_logprobs(start, self._logprobs_taken) if entry is not None]
+
+    def _stream_due(self) -> bool:
+        """Whether released text goes out now: the first at once, then once `stream_interval` tokens
+        have come since the last (fewer events, each with more text, for less cost per token)."""
+        at = self.output.output_tokens
+        if self._yielded_at is not None and at - self._yielded_at < self._stream_ids:
+            return False
+        self._yielded_at = at
+        return True
 
     def _take_out(self) -> list[Delta]:
         out, self._out = self._out, []

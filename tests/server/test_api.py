@@ -28,7 +28,7 @@ def steered_url():
 
 @pytest.fixture(scope="module")
 def bare_url():
-    with running_server("--early-steps", "0", "--api-key", API_KEY, "--max-body-bytes", "4096") as url:
+    with running_server("--early-steps", "0", "--api-key", API_KEY, "--max-body-bytes", "4096", "--stream-interval", "4") as url:
         yield url
 
 
@@ -201,6 +201,24 @@ def test_early_steps_zero_scores_nothing(bare_url):
     assert r.model_extra["safethink"]["steps"] == []
     assert metric(bare_url, "safethink_steps_scored_total") == 0
     assert metric(bare_url, "safethink_requests_total") >= 1
+
+
+def test_a_stream_interval_sends_the_same_text_in_fewer_events(bare_url):
+    openai_client = client(bare_url, API_KEY)
+    whole = openai_client.chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0)
+    texts = []
+    for chunk in openai_client.chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True}):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        text = (delta.content or "") + (getattr(delta, "reasoning_content", None) or "") if delta else ""
+        if text:
+            texts.append(text)
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    message = whole.choices[0].message
+    assert "".join(texts) == (message.model_extra.get("reasoning_content") or "") + (message.content or "")
+    assert tokens == whole.usage.completion_tokens >= 12
+    assert 2 <= len(texts) <= tokens // 4 + 2  # the first at once, then one per 4 tokens, the rest at the end
 
 
 def test_two_concurrent_streams_keep_their_texts_apart(steered_url):

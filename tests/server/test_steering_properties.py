@@ -151,7 +151,7 @@ def scripted_engine(case: Case, by_position: bool = False) -> ScriptedEngine:
     return engine
 
 
-def case_session(case: Case, engine: ScriptedEngine) -> tuple[SteeringSession, Judge]:
+def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -> tuple[SteeringSession, Judge]:
     history = "\n\n".join(f"{m['role']}: {m['content']}" for m in case.history)
     judge = Judge(case.scores, case.failing_calls, history=history, prefill=case.prefill)
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
@@ -160,7 +160,8 @@ def case_session(case: Case, engine: ScriptedEngine) -> tuple[SteeringSession, J
         SamplingParams(max_tokens=case.max_tokens, temperature=0.0, answer_constraint={"json_object": True} if case.constrained else None),
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
-        StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop)
+        StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
+        stream_interval=stream_interval)
     return session, judge
 
 
@@ -365,6 +366,32 @@ def test_batching_changes_no_decision(case: Case, batch_sizes: list[int]) -> Non
                          session.finish_reason, session.output_tokens, session.reasoning_tokens,
                          [(s.index, s.action, s.tokens) for s in session.report.steps]))
     assert outcomes[0] == outcomes[1]
+
+
+@SETTINGS
+@given(cases(long=True), st.sampled_from([[1], [8], [3, 17]]), st.integers(2, 16))
+def test_a_stream_interval_changes_only_how_text_is_grouped(case: Case, batch_sizes: list[int], interval: int) -> None:
+    """With `stream_interval` k the client gets the same text, judged the same way, in fewer events:
+    after the first, each goes out at least k tokens after the one before (the last, at the end,
+    may come sooner)."""
+    case.cancel_after, case.batch_sizes = None, batch_sizes
+
+    async def run(k: int) -> tuple[tuple[object, ...], list[int]]:
+        engine = scripted_engine(case, by_position=True)
+        session, judge = case_session(case, engine, stream_interval=k)
+        text, sent_at = {"reasoning": "", "answer": ""}, []
+        async for delta in session.run():
+            text[delta.section] += delta.text
+            if not sent_at or sent_at[-1] != session.output_tokens:
+                sent_at.append(session.output_tokens)
+        return (text["reasoning"], text["answer"], judge.seen, engine.generations[0].sequence, session.finish_reason,
+                session.output_tokens, [(s.index, s.action, s.tokens) for s in session.report.steps]), sent_at
+
+    every, _ = asyncio.run(run(1))
+    grouped, sent_at = asyncio.run(run(interval))
+    assert grouped == every
+    gaps = [later - earlier for earlier, later in zip(sent_at[:-1], sent_at[1:-1], strict=False)]
+    assert all(gap >= interval for gap in gaps), (sent_at, interval)
 
 
 def check_final_sequence(case: Case) -> None:
