@@ -23,6 +23,7 @@ EMBEDDING_DIM = 384
 LAYERS = 6
 ENCODING_ROWS = LAYERS + 1  # one mean-pooled row per layer, then the last layer's token-wise max
 SENTENCE_ROW = LAYERS - 1
+_SLACK_CHARS = 200  # texts this much longer than a chunk's shortest still join it: a forward has its own cost
 TOKEN_MAX_ROW = LAYERS
 
 
@@ -78,14 +79,23 @@ class SentenceEmbedder:
             if text in self._cache:
                 self._cache.move_to_end(text)
                 found[text] = self._cache[text]
-        # Sorting by length keeps padding small inside each chunk.
-        missing = sorted({t for t in texts if t not in found}, key=len)
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
+        for chunk in self._chunks(sorted({t for t in texts if t not in found}, key=len)):
             for text, vector in zip(chunk, self._forward(chunk), strict=True):
                 found[text] = vector
                 self._remember(text, vector)
         return torch.stack([found[t] for t in texts])
+
+    def _chunks(self, by_length: list[str]) -> list[list[str]]:
+        """Texts sorted by length, cut into forwards of at most `batch_size` whose longest text is at
+        most about twice the shortest: a short step is not padded to the length of a long context
+        (a step and its context in one forward cost about as much as two contexts)."""
+        chunks: list[list[str]] = []
+        for text in by_length:
+            if chunks and len(chunks[-1]) < self.batch_size and len(text) <= 2 * len(chunks[-1][0]) + _SLACK_CHARS:
+                chunks[-1].append(text)
+            else:
+                chunks.append([text])
+        return chunks
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
