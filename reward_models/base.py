@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+_T = TypeVar("_T")
 
 
 class StepItem(BaseModel):
@@ -48,10 +52,23 @@ class Scorer(ABC):
     async def ascore_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
+        return await self._in_executor(self.score_batch, items)
+
+    warms = False  # whether `warm_batch` does anything
+
+    def warm_batch(self, items: Sequence[StepItem]) -> None:
+        """Prepare what judging these items' steps will need that does not depend on the step (the
+        probe: encode their contexts), so that the judgement itself costs less. Default: nothing."""
+        return None
+
+    async def _in_executor(self, work: Callable[[list[StepItem]], _T], items: Sequence[StepItem]) -> _T:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{self.name}")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.score_batch, list(items))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, list(items))
+
+    async def awarm_batch(self, items: Sequence[StepItem]) -> None:
+        if items and self.warms:
+            await self._in_executor(self.warm_batch, items)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from reward_models.base import Scorer, StepItem, StepScore
+
+logger = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int, float, BaseException | None], None]
 """Called after each forward with (batch size, seconds, error or None); metrics hook in here."""
@@ -26,7 +29,14 @@ class MicroBatcher:
 
     While a forward runs, new requests queue up and form the next batch, so under load batches fill
     without waiting. A caller's request is never split across two forwards.
+
+    `prefetch` hands over an item whose step is still being written, for the scorer to prepare what
+    does not depend on the step (`Scorer.warm_batch`): that runs only while no scoring is waiting,
+    a few items at a time, so that a step that comes meanwhile waits for little.
     """
+
+    WARM_BATCH = 1  # items per warming forward: what a step arriving meanwhile may have to wait for
+    WARM_BACKLOG = 64  # items kept to warm; older ones are dropped (their steps may be judged already)
 
     def __init__(
         self,
@@ -41,8 +51,10 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.observer = observer
-        self._queue: asyncio.Queue[_Pending] | None = None
+        self._queue: asyncio.Queue[_Pending | None] | None = None  # None: a wake-up for items to warm
         self._worker: asyncio.Task[None] | None = None
+        self._to_warm: list[StepItem] = []
+        self._idle = False
 
     async def score(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
@@ -56,6 +68,17 @@ class MicroBatcher:
     async def score_one(self, item: StepItem) -> StepScore:
         return (await self.score([item]))[0]
 
+    def prefetch(self, item: StepItem) -> None:
+        """Warm the scorer for `item` when it has time (nothing if the scorer does not warm)."""
+        if not self.scorer.warms:
+            return
+        self._ensure_worker()
+        assert self._queue is not None
+        self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], item]
+        if self._idle:
+            self._idle = False
+            self._queue.put_nowait(None)
+
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
@@ -66,7 +89,18 @@ class MicroBatcher:
         queue = self._queue
         carry: _Pending | None = None
         while True:
-            first = carry or await queue.get()
+            if carry is None and queue.empty() and self._to_warm:
+                items, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
+                await self._warm(items)
+                continue
+            if carry is None:
+                self._idle = not self._to_warm
+                first = await queue.get()
+                self._idle = False
+                if first is None:
+                    continue
+            else:
+                first = carry
             carry = None
             batch = [first]
             size = len(first.items)
@@ -77,12 +111,20 @@ class MicroBatcher:
                     nxt = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
+                if nxt is None:
+                    continue
                 if size + len(nxt.items) > self.max_batch_size:
                     carry = nxt
                     break
                 batch.append(nxt)
                 size += len(nxt.items)
             await self._forward(batch)
+
+    async def _warm(self, items: list[StepItem]) -> None:
+        try:
+            await self.scorer.awarm_batch(items)
+        except Exception:  # warming is an optimisation: the judgement encodes what is missing
+            logger.debug("warming the scorer failed", exc_info=True)
 
     async def _forward(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if not p.future.done()]  # cancelled callers are dropped

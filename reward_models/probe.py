@@ -123,6 +123,13 @@ class ProbeScorer(Scorer):
         self.head = ProbeHead.load(head_path or DEFAULT_HEAD_PATH)
         self.embedder = embedder or SentenceEmbedder(device=device, dtype=dtype)
 
+    warms = True
+
+    def warm_batch(self, items: Sequence[StepItem]) -> None:
+        """Encode the items' contexts into the embedder's cache: a request's context is known before
+        its step is, so it can be encoded while the model still writes the step."""
+        self.embedder.embed([feature_texts(i)[1] for i in items])
+
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []

@@ -65,6 +65,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
         "where the CPU has it natively; a bf16 score moves by up to about 1e-3 with its batch's padding, float32 is exact)")
     scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
+    scorer_warm: bool = Field(default=True, description="let the scorer prepare a step's context while the model writes the step "
+                              "(probe: encodes it), when no scoring waits")
 
     step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
     step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")

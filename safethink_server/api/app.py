@@ -239,7 +239,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model,
                                skip_special_tokens=answer is None or not answer.keep_special_tokens,
-                               stream_interval=s.stream_interval)
+                               stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm else None)
 
     return [session(choice) for choice in range(body.n)], answer
 

@@ -94,6 +94,7 @@ class SteeringSession:
         model: str | None = None,
         skip_special_tokens: bool = True,
         stream_interval: int = 1,
+        warm: Callable[[StepItem], None] | None = None,
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -121,6 +122,8 @@ class SteeringSession:
         self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
         self._stream_ids = stream_interval * engine.ids_per_token
         self._yielded_at: int | None = None  # output ids when text last went out; None before the first
+        self._warm = warm
+        self._warmed_for = -1  # the length of the released text the scorer was last warmed with
         self._logprobs_taken = 0
 
     # --- counts -------------------------------------------------------------------------------
@@ -287,7 +290,7 @@ class SteeringSession:
 
     async def _on_model_token(self, token: int) -> None:
         if self._held is None and self._watching():
-            self._held = _HeldStep(self.output.checkpoint())
+            self._held = self._new_step()
         # Where the model may answer at once (no reasoning opened: the "pre" section), the token that
         # shows it is answering carries answer text sampled without the constraint.
         before = self.output.checkpoint() if self._constrained and not self._answer_begun and self.output.section == "pre" else None
@@ -307,7 +310,7 @@ class SteeringSession:
                 # marker that opened the section.
                 self._held = None  # released as no step's: its logprobs go out with it
                 self._release(held.deltas)
-                self._held = held = _HeldStep(self.output.checkpoint())
+                self._held = held = self._new_step()
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, where the section changed, or at a stop string
             # (so that the sequence ends at the token that completes it).
@@ -400,9 +403,21 @@ class SteeringSession:
         await self.cursor.rollback(step.tokens)
         self.output.restore(step.checkpoint)
 
-    async def _score(self, step_text: str) -> tuple[float, bool]:
-        item = StepItem(prompt=self._latest_turn, history=self._history,
+    def _new_step(self) -> _HeldStep:
+        """A watched step begins: its context is known now, and the scorer may prepare it while the
+        model writes the step."""
+        released = self.output.released
+        if self._warm is not None and len(released) != self._warmed_for:
+            self._warmed_for = len(released)
+            self._warm(self._item(""))
+        return _HeldStep(self.output.checkpoint())
+
+    def _item(self, step_text: str) -> StepItem:
+        return StepItem(prompt=self._latest_turn, history=self._history,
                         reasoning=self.prompt.assistant_text + self.output.released, step=step_text)
+
+    async def _score(self, step_text: str) -> tuple[float, bool]:
+        item = self._item(step_text)
         try:
             result = await asyncio.wait_for(self.score(item), timeout=self.policy.scorer_timeout_s)
         except Exception:

@@ -39,3 +39,61 @@ async def test_a_failing_forward_fails_only_its_own_callers():
     assert ok.p_unsafe == 0.25
     assert isinstance(bad, RuntimeError)
     await batcher.aclose()
+
+
+async def test_a_warmed_context_is_encoded_before_its_step_and_scores_the_same(probe_scorer):
+    """`prefetch` encodes an item's context while its step is still being written: the judgement
+    then finds it in the cache and gives the score a cold scorer gives."""
+    from reward_models.probe import feature_texts
+
+    items = [StepItem(prompt=f"Tell me about request {i}.", reasoning=f"We start with part {i}.", step=f"Step {i} of it.")
+             for i in range(5)]
+    expected = [s.p_unsafe for s in probe_scorer.score_batch(items)]
+    probe_scorer.embedder.clear_cache()
+    batcher = MicroBatcher(probe_scorer, max_batch_size=8, max_wait_ms=0)
+    for item in items:
+        batcher.prefetch(item.model_copy(update={"step": ""}))
+    for _ in range(200):
+        if all(feature_texts(i)[1] in probe_scorer.embedder._cache for i in items):
+            break
+        await asyncio.sleep(0.02)
+    cached = probe_scorer.embedder._cache
+    assert all(feature_texts(i)[1] in cached for i in items), "every context is encoded ahead"
+    assert not any(feature_texts(i)[0] in cached for i in items), "no step is encoded before it is judged"
+    got = await asyncio.gather(*(batcher.score_one(i) for i in items))
+    assert [g.p_unsafe for g in got] == pytest.approx(expected, abs=1e-5)
+    await batcher.aclose()
+
+
+class Recording(Scorer):
+    name = "recording"
+    warms = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def warm_batch(self, items):
+        self.calls += [f"warm {i.prompt}" for i in items]
+
+    def score_batch(self, items):
+        self.calls += [f"score {i.prompt}" for i in items]
+        return [StepScore(p_unsafe=0.0) for _ in items]
+
+
+async def test_scoring_that_waits_goes_before_warming():
+    scorer = Recording()
+    batcher = MicroBatcher(scorer, max_batch_size=4, max_wait_ms=0)
+    for i in range(6):
+        batcher.prefetch(StepItem(prompt=f"w{i}", step=""))
+    await asyncio.gather(*(batcher.score_one(StepItem(prompt=f"s{i}", step="x")) for i in range(3)))
+    for _ in range(100):
+        if len(scorer.calls) == 9:
+            break
+        await asyncio.sleep(0.01)
+    # The worker began warming before the steps came: they wait for that one warming forward only.
+    first_score = next(i for i, call in enumerate(scorer.calls) if call.startswith("score"))
+    assert first_score <= MicroBatcher.WARM_BATCH, scorer.calls
+    assert sorted(scorer.calls[first_score : first_score + 3]) == ["score s0", "score s1", "score s2"], scorer.calls
+    assert sorted(c for c in scorer.calls if c.startswith("warm")) == [f"warm w{i}" for i in range(6)]
+    await batcher.aclose()

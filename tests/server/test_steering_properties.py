@@ -68,10 +68,18 @@ class Judge:
     prefill: str = ""
     seen: list[tuple[str, float | None]] = field(default_factory=list)
     wrong_context: list[StepItem] = field(default_factory=list)
+    warmed: list[StepItem] = field(default_factory=list)  # contexts handed over to prepare before their steps ended
+    unwarmed: list[StepItem] = field(default_factory=list)
+
+    def warm(self, item: StepItem) -> None:
+        self.warmed.append(item)
 
     async def __call__(self, item: StepItem) -> StepScore:
         if item.prompt != "q" or item.history != self.history or not item.reasoning.startswith(self.prefill):
             self.wrong_context.append(item)
+        if not any((w.prompt, w.history, w.reasoning.strip(), w.step) == (item.prompt, item.history, item.reasoning.strip(), "")
+                   for w in self.warmed):
+            self.unwarmed.append(item)
         call = len(self.seen)
         if call in self.failing_calls:
             self.seen.append((item.step, None))
@@ -161,7 +169,7 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
-        stream_interval=stream_interval)
+        stream_interval=stream_interval, warm=judge.warm)
     return session, judge
 
 
@@ -286,6 +294,7 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
     assert not any(PREFIX in text or REFUSAL in text for text, _ in outcome.judge.seen), "the server's own text was judged"
     assert_steps_end_where_they_should(outcome, case)
     assert not outcome.judge.wrong_context, "a step was judged without its conversation"
+    assert not outcome.judge.unwarmed, "a step's context was not handed over to prepare when the step began"
     unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
     for step in unsafe:
         assert step.action in (Action.REPLACED, Action.REFUSED)
