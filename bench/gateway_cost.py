@@ -24,6 +24,7 @@ import asyncio
 import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -42,8 +43,9 @@ T = TypeVar("T")
 WORDS = ["First", " we", " look", " at", " the", " numbers", " and", " add", " them", " up", "."]
 
 
-def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped-def]
-    """A minimal OpenAI-style streaming server: no model, no framework, as fast as it can go."""
+def upstream_app(tokens: int, reasoning_tokens: int, token_ms: float = 0.0):  # type: ignore[no-untyped-def]
+    """A minimal OpenAI-style streaming server: no model, no framework, as fast as it can go (or a
+    token every `token_ms`, as a model decodes)."""
 
     def event(delta: dict[str, str], finish: str | None = None) -> bytes:
         chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
@@ -81,17 +83,20 @@ def upstream_app(tokens: int, reasoning_tokens: int):  # type: ignore[no-untyped
         numbered = list(body)
         for i in step_starts:
             numbered[i] = event({"reasoning_content" if i < reasoning_tokens else "content": f"Request {number}: {pieces[i]}"})
-        for chunk in numbered:
+        started = asyncio.get_running_loop().time()
+        for i, chunk in enumerate(numbered):
+            if token_ms:
+                await asyncio.sleep(max(0.0, started + i * token_ms / 1000 - asyncio.get_running_loop().time()))
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n", "more_body": False})
 
     return app
 
 
-def serve_upstream(port: int, tokens: int, reasoning_tokens: int) -> None:
+def serve_upstream(port: int, tokens: int, reasoning_tokens: int, token_ms: float) -> None:
     import uvicorn
 
-    uvicorn.run(upstream_app(tokens, reasoning_tokens), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(upstream_app(tokens, reasoning_tokens, token_ms), host="127.0.0.1", port=port, log_level="warning")
 
 
 def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]:
@@ -152,8 +157,12 @@ def scorer_seconds(base: str) -> float:
 REQUESTS = itertools.count()
 
 
-async def one(client: httpx.AsyncClient, base: str) -> tuple[float, int, list[float]]:
-    """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request."""
+async def one(client: httpx.AsyncClient, base: str, stagger_ms: float = 0.0) -> tuple[float, int, list[float]]:
+    """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request, sent
+    after a random pause of up to `stagger_ms` (so that paced streams do not all write their steps in
+    the same instant, as requests that arrive at random do not)."""
+    if stagger_ms:
+        await asyncio.sleep(random.uniform(0, stagger_ms / 1000))
     prompt = f"Add the numbers of list {next(REQUESTS)}."  # no two requests share a context in the scorer's cache
     body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 4096}
     started, ttft, events, scoring = time.perf_counter(), None, 0, []
@@ -218,22 +227,26 @@ async def main(args: argparse.Namespace) -> None:
     bases = {"direct": url, "steering off": f"http://127.0.0.1:{off_port}/v1", "steering on": f"http://127.0.0.1:{on_port}/v1"}
     try:
         procs["direct"] = start([sys.executable, __file__, "--serve-upstream", str(up_port), "--tokens", str(args.tokens),
-                                 "--reasoning-tokens", str(args.reasoning_tokens)], f"http://127.0.0.1:{up_port}/v1/models",
+                                 "--reasoning-tokens", str(args.reasoning_tokens), "--token-ms", str(args.token_ms)], f"http://127.0.0.1:{up_port}/v1/models",
                                 logs / f"gateway-cost-upstream-{up_port}.log")
         procs["steering off"] = gateway(off_port, "--early-steps", "0")
         procs["steering on"] = gateway(on_port)
+        if args.no_warm_route:
+            port = free_port()
+            procs["on, no warming"] = gateway(port, "--no-scorer-warm")
+            bases["on, no warming"] = f"http://127.0.0.1:{port}/v1"
         if args.workers > 1:
             port = free_port()
             route = f"on, {args.workers} workers"
             procs[route] = gateway(port, "--workers", str(args.workers))
             bases[route] = f"http://127.0.0.1:{port}/v1"
-        print(f"{args.requests} requests of {args.tokens} tokens; CPU of the process serving each route")
+        print(f"{args.requests} requests of {args.tokens} tokens, a token every {args.token_ms} ms; CPU of the process serving each route")
         print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'event loop':>11} {'events/req':>11} {'ttft p50':>9} "
               f"{'ttft p99':>9} {'added p50':>10} {'1st step scoring':>17} {'step scoring':>13} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
-                run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base: one(client, base))
+                run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base: one(client, base, args.stagger_ms))
                 ttfts, events = [r[0] for r in run.results], [r[1] for r in run.results]
                 scoring = [r[2] for r in run.results if r[2]]
                 wall, cpu, loop_cpu, scored = run.wall_s, run.cpu_s, run.loop_cpu_s, run.scorer_s
@@ -256,9 +269,12 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=250, help="tokens the upstream streams per request")
     parser.add_argument("--workers", type=int, default=1, help="also a steered gateway with this many worker processes")
     parser.add_argument("--reasoning-tokens", type=int, default=150, help="of which reasoning")
+    parser.add_argument("--token-ms", type=float, default=0.0, help="the upstream streams a token every this many ms (0: at once)")
+    parser.add_argument("--stagger-ms", type=float, default=0.0, help="each request waits a random time up to this before it is sent")
+    parser.add_argument("--no-warm-route", action="store_true", help="also a steered gateway whose scorer does not warm contexts")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.serve_upstream:
-        serve_upstream(cli.serve_upstream, cli.tokens, cli.reasoning_tokens)
+        serve_upstream(cli.serve_upstream, cli.tokens, cli.reasoning_tokens, cli.token_ms)
     else:
         asyncio.run(main(cli))

