@@ -146,23 +146,28 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def scorer_seconds(base: str) -> float:
-    """The scorer's forward time so far, from a gateway's metrics (0 for a server without them)."""
+    """The scorer's forward time so far (judging and warming), from a gateway's metrics (0 for a server without them)."""
     response = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=10)
     if response.status_code != 200:
         return 0.0
     text = response.text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("safethink_scorer_latency_seconds_sum"))
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(("safethink_scorer_latency_seconds_sum", "safethink_scorer_warm_seconds_total")))
 
 
 REQUESTS = itertools.count()
 
 
+STAGGER = random.Random(0)
+
+
 async def one(client: httpx.AsyncClient, base: str, stagger_ms: float = 0.0) -> tuple[float, int, list[float]]:
-    """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request, sent
-    after a random pause of up to `stagger_ms` (so that paced streams do not all write their steps in
-    the same instant, as requests that arrive at random do not)."""
+    """(TTFT ms, text events, each judged step's scoring wait in ms) of one streamed request. With
+    `stagger_ms`, the request pauses up to that long first, so that paced streams do not all write
+    their steps in the same instant (requests that arrive at random do not); only the first streams
+    pause, and the later ones, which start as others end, stay out of step."""
     if stagger_ms:
-        await asyncio.sleep(random.uniform(0, stagger_ms / 1000))
+        await asyncio.sleep(STAGGER.uniform(0, stagger_ms / 1000))
     prompt = f"Add the numbers of list {next(REQUESTS)}."  # no two requests share a context in the scorer's cache
     body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": 4096}
     started, ttft, events, scoring = time.perf_counter(), None, 0, []
@@ -246,7 +251,7 @@ async def main(args: argparse.Namespace) -> None:
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
-                run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base: one(client, base, args.stagger_ms))
+                run = await measure(base, procs[route].pid, concurrency, args.requests, lambda client, base=base, first=itertools.count(): one(client, base, args.stagger_ms if next(first) <= concurrency else 0))
                 ttfts, events = [r[0] for r in run.results], [r[1] for r in run.results]
                 scoring = [r[2] for r in run.results if r[2]]
                 wall, cpu, loop_cpu, scored = run.wall_s, run.cpu_s, run.loop_cpu_s, run.scorer_s

@@ -44,6 +44,7 @@ class MicroBatcher:
         max_batch_size: int = 32,
         max_wait_ms: float = 2.0,
         observer: BatchObserver | None = None,
+        warm_observer: Callable[[float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -51,6 +52,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.observer = observer
+        self.warm_observer = warm_observer  # seconds of each warming forward
         self._queue: asyncio.Queue[_Pending | None] | None = None  # None: a wake-up for items to warm
         self._worker: asyncio.Task[None] | None = None
         self._to_warm: list[StepItem] = []
@@ -121,10 +123,13 @@ class MicroBatcher:
             await self._forward(batch)
 
     async def _warm(self, items: list[StepItem]) -> None:
+        started = time.perf_counter()
         try:
             await self.scorer.awarm_batch(items)
         except Exception:  # warming is an optimisation: the judgement encodes what is missing
             logger.debug("warming the scorer failed", exc_info=True)
+        if self.warm_observer is not None:
+            self.warm_observer(time.perf_counter() - started)
 
     async def _forward(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if not p.future.done()]  # cancelled callers are dropped
@@ -153,6 +158,7 @@ class MicroBatcher:
             offset += len(p.items)
 
     async def aclose(self) -> None:
+        self._to_warm, self._idle = [], False
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -26,6 +26,7 @@ class Metrics(SteeringObserver):
         self.p_unsafe = Histogram("safethink_step_p_unsafe", "p_unsafe of scored steps.", buckets=_P_BUCKETS, registry=r)
         self.scorer_latency = Histogram("safethink_scorer_latency_seconds", "Time of one scorer forward (a micro-batch).", buckets=_LATENCY_BUCKETS, registry=r)
         self.scorer_batch = Histogram("safethink_scorer_batch_size", "Steps per scorer forward.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.scorer_warm_seconds = Counter("safethink_scorer_warm_seconds", "Scorer time spent preparing contexts ahead of their steps (--scorer-warm).", registry=r)
         self.scorer_errors = Counter("safethink_scorer_errors", "Steps the scorer failed on or timed out on (handled by on_scorer_error).", registry=r)
         self.ttft = Histogram("safethink_time_to_first_token_seconds", "Request arrival to first released token.", buckets=_TTFT_BUCKETS, registry=r)
         self.generated = Counter("safethink_generated_tokens", "Completion tokens returned to clients (injected ones included).", registry=r)
@@ -74,3 +75,6 @@ class Metrics(SteeringObserver):
     def scorer_batch_done(self, size: int, seconds: float, error: BaseException | None) -> None:
         self.scorer_latency.observe(seconds)
         self.scorer_batch.observe(size)
+
+    def scorer_warmed(self, seconds: float) -> None:
+        self.scorer_warm_seconds.inc(seconds)

@@ -115,7 +115,8 @@ class _BodyTooLarge(Exception):
 def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
     metrics = Metrics()
     metrics.initialise(engine.name, settings.early_steps)
-    batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done)
+    batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done,
+                           warm_observer=metrics.scorer_warmed)
     state = ServerState(settings, engine, scorer, batcher, metrics)
 
     @asynccontextmanager
@@ -239,7 +240,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model,
                                skip_special_tokens=answer is None or not answer.keep_special_tokens,
-                               stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm else None)
+                               stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None)
 
     return [session(choice) for choice in range(body.n)], answer
 

@@ -120,10 +120,12 @@ class SteeringSession:
         self._constrained = sampling.answer_constraint is not None
         self._answer_begun = False
         self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
-        self._stream_ids = stream_interval * engine.ids_per_token
+        # Ids that must come between two events (0: every batch's text goes out at once). Where ids are
+        # not tokens (upstream bytes), an interval of one token is still every batch.
+        self._stream_ids = 0 if stream_interval <= 1 else stream_interval * engine.ids_per_token
         self._yielded_at: int | None = None  # output ids when text last went out; None before the first
         self._warm = warm
-        self._warmed_for = -1  # the length of the released text the scorer was last warmed with
+        self._warmed_for: str | None = None  # the released text (stripped) the scorer was last warmed with
         self._logprobs_taken = 0
 
     # --- counts -------------------------------------------------------------------------------
@@ -406,10 +408,11 @@ class SteeringSession:
     def _new_step(self) -> _HeldStep:
         """A watched step begins: its context is known now, and the scorer may prepare it while the
         model writes the step."""
-        released = self.output.released
-        if self._warm is not None and len(released) != self._warmed_for:
-            self._warmed_for = len(released)
-            self._warm(self._item(""))
+        if self._warm is not None:
+            released = self.output.released.strip()  # as the scorer reads it: blank lines between steps change nothing
+            if released != self._warmed_for:
+                self._warmed_for = released
+                self._warm(self._item(""))
         return _HeldStep(self.output.checkpoint())
 
     def _item(self, step_text: str) -> StepItem:

@@ -97,3 +97,21 @@ async def test_scoring_that_waits_goes_before_warming():
     assert sorted(scorer.calls[first_score : first_score + 3]) == ["score s0", "score s1", "score s2"], scorer.calls
     assert sorted(c for c in scorer.calls if c.startswith("warm")) == [f"warm w{i}" for i in range(6)]
     await batcher.aclose()
+
+
+async def test_an_idle_worker_wakes_up_to_warm(probe_scorer):
+    """Items to warm that come while the worker waits for scoring are warmed without a step to score."""
+    from reward_models.probe import feature_texts
+
+    batcher = MicroBatcher(probe_scorer, max_batch_size=8, max_wait_ms=0)
+    await batcher.score_one(StepItem(prompt="Say hello.", step="Hello."))
+    await asyncio.sleep(0.05)  # the worker is idle now
+    item = StepItem(prompt="A request that comes later.", reasoning="Some reasoning so far.", step="")
+    probe_scorer.embedder.clear_cache()
+    batcher.prefetch(item)
+    for _ in range(200):
+        if feature_texts(item)[1] in probe_scorer.embedder._cache:
+            break
+        await asyncio.sleep(0.02)
+    assert feature_texts(item)[1] in probe_scorer.embedder._cache
+    await batcher.aclose()

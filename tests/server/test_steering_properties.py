@@ -464,6 +464,24 @@ async def run_script(pieces: list[str], early_steps: int = 3, max_tokens: int = 
         engine_own_limit=own_limit, end_on_eos=True, prefill="", history=[]))
 
 
+def test_an_interval_of_one_sends_every_batch_where_ids_are_not_tokens():
+    """An engine whose ids are bytes (the proxy: four ids a token) still sends each batch's text at
+    once at the default interval."""
+    pieces = ["a", " ok", "b", ".", " step", "a", END, "b", " ok", ".", "a", "b"]
+    case = Case(pieces=pieces, batch_sizes=[1], initial_section="reasoning", budget=None, max_tokens=60, max_step_tokens=20,
+                policy=PolicyConfig(threshold=0.5, early_steps=0, max_interventions=2, prefix=PREFIX, refusal=REFUSAL),
+                stop=[], scores=[0.0], failing_calls=set(), cancel_after=None, engine_limits_tokens=True,
+                engine_own_limit=None, end_on_eos=True, prefill="", history=[])
+    engine = scripted_engine(case)
+    engine.ids_per_token = 4
+
+    async def texts() -> list[str]:
+        session, _ = case_session(case, engine)
+        return [delta.text async for delta in session.run()]
+
+    assert asyncio.run(texts()) == [p for p in pieces if p != END]
+
+
 def test_an_empty_reasoning_does_not_make_the_first_answer_token_a_step():
     outcome = asyncio.run(run_script(["\n", END, "\n\n", "S", "a", " BAD", ".\n\n", "b"], early_steps=1))
     assert [text for text, _ in outcome.judge.seen][0] == "Sa BAD.\n\n", "the answer's first step is judged whole"
