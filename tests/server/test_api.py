@@ -55,8 +55,13 @@ def test_forced_interventions_show_in_reasoning_response_and_metrics(steered_url
     assert len(info["interventions"]) == 2, "max_interventions (2) injections with τ = 0"
     assert {s["action"] for s in info["steps"]} <= {"replaced", "refused"}
     assert r.choices[0].finish_reason in ("stop", "content_filter")
-    # Usage counts the final sequence (prefixes, end marker), never the discarded or withheld tokens.
-    assert r.usage.completion_tokens == info["injected_tokens"]
+    # Usage counts the final sequence (prefixes, end marker, and the blank text between steps, which is
+    # no step's and goes out as is), never the discarded or withheld tokens.
+    blank = (message.reasoning_content or "") + (message.content or "")
+    for inserted in info["inserted"]:
+        blank = blank.replace(inserted["text"], "", 1)
+    assert blank.strip() == "", "only blank model text between steps reached the client"
+    assert info["injected_tokens"] <= r.usage.completion_tokens <= info["injected_tokens"] + len(blank)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert metric(steered_url, "safethink_interventions_total") == before + 2
     assert metric(steered_url, 'safethink_interventions_total{step="1"}') >= 2
