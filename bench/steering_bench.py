@@ -55,7 +55,7 @@ async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: Po
         return await batcher.score_one(item)
 
     session = SteeringSession(engine, rendered, conversation, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy,
-                              reasoning, StepBoundaryDetector(), score)
+                              reasoning, StepBoundaryDetector(), score, warm=batcher.prefetch)  # the server's default
     start = time.perf_counter()
     ttft = None
     async for delta in session.run():
