@@ -56,7 +56,6 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Pending | None] | None = None  # None: a wake-up for items to warm
         self._worker: asyncio.Task[None] | None = None
         self._to_warm: list[StepItem] = []
-        self._idle = False
 
     async def score(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
@@ -76,10 +75,9 @@ class MicroBatcher:
             return
         self._ensure_worker()
         assert self._queue is not None
-        self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], item]
-        if self._idle:
-            self._idle = False
+        if not self._to_warm:  # the worker may be waiting for a step: wake it (it skips the marker)
             self._queue.put_nowait(None)
+        self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], item]
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -95,14 +93,9 @@ class MicroBatcher:
                 items, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
                 await self._warm(items)
                 continue
-            if carry is None:
-                self._idle = not self._to_warm
-                first = await queue.get()
-                self._idle = False
-                if first is None:
-                    continue
-            else:
-                first = carry
+            first = carry or await queue.get()
+            if first is None:
+                continue
             carry = None
             batch = [first]
             size = len(first.items)
@@ -158,7 +151,7 @@ class MicroBatcher:
             offset += len(p.items)
 
     async def aclose(self) -> None:
-        self._to_warm, self._idle = [], False
+        self._to_warm = []
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

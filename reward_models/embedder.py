@@ -23,8 +23,8 @@ EMBEDDING_DIM = 384
 LAYERS = 6
 ENCODING_ROWS = LAYERS + 1  # one mean-pooled row per layer, then the last layer's token-wise max
 SENTENCE_ROW = LAYERS - 1
-_SLACK_CHARS = 200  # texts this much longer than a chunk's shortest still join it: a forward has its own cost
 TOKEN_MAX_ROW = LAYERS
+_SLACK_CHARS = 200  # texts this much longer than a chunk's shortest still join it: a forward has its own cost
 
 
 def minilm_dir() -> Path:
