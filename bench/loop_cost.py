@@ -12,7 +12,8 @@ text through the engine contract the way vLLM hands tokens out:
 
 Reported per route (steering off: --early-steps 0; steering on: the defaults), side by side in one run:
 CPU of the serving process per token (utime + stime from /proc), that of its main thread alone (the
-event loop: everything but the scorer's forwards), and SSE text events per request. `--slow-client-ms` makes every client pause after each event it
+event loop: everything but the scorer's forwards), and SSE text events per request. `--floor` adds
+a bare Starlette stream with one ready-made event per token: the HTTP stack's own cost per event. `--slow-client-ms` makes every client pause after each event it
 reads: with a paced engine, tokens that arrive meanwhile go out together.
 """
 
@@ -24,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -103,6 +105,35 @@ class ReplayEngine(Engine):
         return ReplayGeneration(self)
 
 
+def serve_floor(port: int, tokens: int) -> None:
+    """The HTTP stack alone: a bare Starlette stream of one ready-made chunk per event-loop turn, as
+    many as the steering-off route sends (its events are about as long). What this costs per event
+    is the floor under the server's cost per token at stream interval 1."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    event = ('data: {"id":"chatcmpl-0","object":"chat.completion.chunk","created":0,"model":"replay","choices":[{"index":0,'
+             '"delta":{"reasoning_content":" numbers","reasoning":" numbers"}}]}\n\n')
+
+    async def events() -> AsyncIterator[str]:
+        for _ in range(tokens):
+            await asyncio.sleep(0)  # as the replay engine hands out a token
+            yield event
+        yield f'data: {{"choices":[],"usage":{{"completion_tokens":{tokens}}}}}\n\n'  # one token an event
+        yield "data: [DONE]\n\n"
+
+    async def chat(request: Request) -> StreamingResponse:
+        await request.body()
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/health", lambda request: PlainTextResponse("ok"))])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
 def serve(port: int, tokens: int, step_ms: float, flags: list[str]) -> None:
     import uvicorn
 
@@ -139,6 +170,8 @@ async def one(client: httpx.AsyncClient, base: str, pause_s: float) -> tuple[int
 async def main(args: argparse.Namespace) -> None:
     interval = ["stream_interval", str(args.stream_interval)]
     routes = {"steering off": ["early_steps", "0", *interval], "steering on": interval}
+    if args.floor:
+        routes["HTTP floor"] = ["--floor"]
     procs, bases = {}, {}
     try:
         for route, flags in routes.items():
@@ -172,9 +205,13 @@ if __name__ == "__main__":
     parser.add_argument("--step-ms", type=float, default=0.0, help="0: a token per call at once; N: a token per sequence every N ms")
     parser.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
     parser.add_argument("--slow-client-ms", type=float, default=0.0, help="each client pauses this long after every event")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a bare Starlette stream of one ready chunk per token: the HTTP stack's own cost per event")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     cli, rest = parser.parse_known_args()
-    if cli.serve:
+    if cli.serve and cli.floor:
+        serve_floor(cli.serve, cli.tokens)
+    elif cli.serve:
         serve(cli.serve, cli.tokens, cli.step_ms, rest)
     else:
         asyncio.run(main(cli))
