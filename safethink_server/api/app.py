@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
 from safethink_server.api.errors import APIError, install_error_handlers
-from safethink_server.api.fields import refused_field
+from safethink_server.api.fields import refuse_message_fields, refused_field
 from safethink_server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -204,6 +204,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     if refused is not None:
         raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
                        code="unsupported_parameter")
+    refuse_message_fields(body.messages)
     if body.continue_final_message == body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
         raise APIError(400, "add_generation_prompt is false exactly when continue_final_message is true", param="add_generation_prompt")
     if body.stream_options is not None and not body.stream:

@@ -11,6 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from safethink_server.api.errors import APIError
+from safethink_server.api.protocol import ChatMessage, refused_message_field
+
 HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "request_id", "prompt_cache_key", "safety_identifier"})
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -62,3 +65,10 @@ def refused_field(body: BaseModel, honoured: frozenset[str]) -> str | None:
         if not is_neutral(name, value, declared):
             return name
     return None
+
+
+def refuse_message_fields(messages: list[ChatMessage]) -> None:
+    """A 400 naming the first message field no engine honours (`messages[2].audio`), if any."""
+    path = refused_message_field(messages)
+    if path is not None:
+        raise APIError(400, f"'{path}' is not supported by this server", param=path, code="unsupported_parameter")

@@ -15,35 +15,78 @@ MAX_TOOLS = 128
 MAX_CHOICES = 16  # n: each choice takes an engine slot of its own
 
 
+def _unasked(value: Any) -> bool:
+    """A field sent as null or empty (clients echo a returned message back with `refusal: null`,
+    `annotations: []`): it asks for nothing."""
+    return value is None or (isinstance(value, list | dict | str) and not value)
+
+
+def _set_extra(model: BaseModel) -> str | None:
+    """The first field this server does not know that `model` sets to something."""
+    return next((name for name, value in sorted((model.model_extra or {}).items()) if not _unasked(value)), None)
+
+
+_ROLE_FIELDS = {"tool_calls": "assistant", "reasoning": "assistant", "reasoning_content": "assistant", "tool_call_id": "tool"}
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # an unknown field is refused by name (`ChatMessage.refused_field`)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    """A message, with the fields vLLM passes to the chat template. Any other field it sets is
+    refused by name (`refused_field`), never dropped."""
+
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = None
+    reasoning: str | None = Field(default=None, description="an assistant turn's reasoning, for templates that render it")
+    reasoning_content: str | None = Field(default=None, description="the same, under the older name")
 
     def for_template(self) -> dict[str, Any]:
-        """The message as chat templates and upstreams take it: role, text, and a tool call's or
-        result's fields."""
+        """The message as chat templates and upstreams take it (as vLLM builds it): role, text, a tool
+        call's or result's fields, and an assistant turn's reasoning under both of its names."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        extra = self.model_extra or {}
         if self.name is not None:
             message["name"] = self.name
-        if extra.get("tool_call_id") is not None:
-            message["tool_call_id"] = extra["tool_call_id"]
-        if isinstance(extra.get("tool_calls"), list):
-            message["tool_calls"] = extra["tool_calls"]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.tool_calls
+        reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if reasoning is not None:
+            message["reasoning"] = message["reasoning_content"] = reasoning
         return message
+
+    def refused_field(self) -> str | None:
+        """The path, below this message, of the first field it sets that no engine honours."""
+        if (name := _set_extra(self)) is not None:
+            return name
+        for field, role in _ROLE_FIELDS.items():
+            if self.role != role and getattr(self, field) is not None:
+                return field
+        for index, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if (name := _set_extra(part)) is not None:
+                return f"content[{index}].{name}"
+        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+def refused_message_field(messages: list[ChatMessage]) -> str | None:
+    """`messages[i].field` for the first message field no engine honours, if any."""
+    for index, message in enumerate(messages):
+        if (path := message.refused_field()) is not None:
+            return f"messages[{index}].{path}"
+    return None
 
 
 class StreamOptions(BaseModel):

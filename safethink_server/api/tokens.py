@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from safethink_server.api.fields import refuse_message_fields
 from safethink_server.api.protocol import ChatMessage
 from safethink_server.engines.base import Engine
 from safethink_server.prompt import PromptError, chat_text, template_kwargs
@@ -60,6 +61,7 @@ def _tokenize(tokenizer: Any, request: TokenizeRequest) -> list[int]:
 
 
 async def tokenize(engine: Engine, request: TokenizeRequest, max_model_len: int) -> TokenizeResponse:
+    refuse_message_fields(request.messages or [])
     if not engine.counts_tokens:
         body = request.model_dump(exclude_unset=True, exclude={"model"})
         return TokenizeResponse.model_validate(await engine.upstream_json("/tokenize", body, request.model))

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from safethink_server.api.fields import is_neutral, refused_field
-from safethink_server.api.protocol import ChatCompletionRequest
+from safethink_server.api.protocol import ChatCompletionRequest, ChatMessage
 from tests.conftest import EMBEDDED_MODEL, running_server
 from tests.server.openai_fields import EXAMPLES, HONOURED, refused_param
 
@@ -201,3 +201,33 @@ def test_logprobs_through_the_proxy_are_the_upstreams_for_the_kept_text(plain_ur
     for inserted in info["inserted"]:
         client_text = client_text.replace(inserted["text"], "", 1)
     assert "".join(model_text.split()) == "".join(client_text.split()), "entries for exactly the model text the client got"
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "user", "content": "Hi.", "audio": {"id": "a1"}}, "messages[0].audio"),
+    ({"role": "user", "content": [{"type": "text", "text": "Hi.", "cache_control": {"type": "ephemeral"}}]},
+     "messages[0].content[0].cache_control"),
+    ({"role": "user", "content": "Hi.", "reasoning_content": "I think."}, "messages[0].reasoning_content"),
+    ({"role": "user", "content": "Hi.", "tool_call_id": "call_1"}, "messages[0].tool_call_id"),
+    ({"role": "tool", "content": "Sunny.", "tool_call_id": "call_1", "tool_calls": []}, "messages[0].tool_calls"),
+])
+def test_message_fields_honoured_or_refused(hf_url, message, param):
+    for path, extra in (("/v1/chat/completions", {"max_tokens": 4}), ("/tokenize", {})):
+        response = httpx.post(hf_url + path, json={"model": EMBEDDED_MODEL, "messages": [message], **extra}, timeout=120)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error", error
+
+
+def test_a_returned_message_goes_back_as_history(hf_url):
+    """A client that appends the assistant message it got (reasoning fields, nulls and all) to the
+    conversation is served; the reasoning reaches the template under both of vLLM's names."""
+    c = client(hf_url)
+    first = c.chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=24, extra_body=UNSTEERED)
+    returned = first.choices[0].message.model_dump()
+    assert "reasoning_content" in returned and "refusal" in returned
+    messages = [*MATH, returned, {"role": "user", "content": "And 12 + 31?"}]
+    second = c.chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=8, extra_body=UNSTEERED)
+    assert second.choices[0].message.role == "assistant"
+    message = ChatMessage.model_validate({"role": "assistant", "content": "42", "reasoning_content": "12 + 30."})
+    assert message.for_template()["reasoning"] == message.for_template()["reasoning_content"] == "12 + 30."
