@@ -429,8 +429,11 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
         reasoning = "".join(text["reasoning"]) or None
         content, calls = "".join(text["answer"]), None
-        if answer is not None and answer.tools is not None and session.finish_reason != "content_filter":
-            content, calls = tool_call_message(answer.tools, content)
+        if answer is not None and answer.tools is not None:
+            if session.finish_reason == "content_filter":
+                content = answer.tools.plain(content)
+            else:
+                content, calls = tool_call_message(answer.tools, content)
         choices.append(Choice(index=index, message=AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
                                                                     tool_calls=calls),
                               finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.report,

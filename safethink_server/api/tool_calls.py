@@ -41,7 +41,7 @@ class ToolCallStream:
         return [*self._flush_as_content(), DeltaMessage(content=text)]
 
     def _flush_as_content(self) -> list[DeltaMessage]:
-        held, self.held = "".join(self.held), []
+        held, self.held = self.reader.plain("".join(self.held)), []
         return [DeltaMessage(content=held)] if held else []
 
     def end(self) -> list[DeltaMessage]:

@@ -39,7 +39,8 @@ class SamplingParams(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="None: no logprobs; else the sampled token's and this many alternatives")
     answer_constraint: dict[str, Any] | None = Field(
-        default=None, description="structured output for the answer section only (vLLM's StructuredOutputsParams fields)")
+        default=None, description="structured output for the answer section only (vLLM's StructuredOutputsParams "
+                                  "fields; an upstream's: the request fields it applies itself)")
 
 
 class TokenLogprob(BaseModel):
@@ -59,6 +60,10 @@ class ToolCallReader(ABC):
     @abstractmethod
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
         """(content left over, [(function name, arguments JSON)]) from the whole answer."""
+
+    def plain(self, text: str) -> str:
+        """Answer text that goes out as content (a refused answer's judged start), as the client reads it."""
+        return text
 
 
 class AnswerFormat(BaseModel):
@@ -188,6 +193,9 @@ class Engine(ABC):
     model_name: str
     tokenizer: Any  # a transformers tokenizer (chat template, encode, decode), or the upstream's byte tokenizer
     counts_tokens = True  # False: the steering loop's ids are not model tokens (upstream: bytes)
+    # True: a structured answer is applied from where the answer begins by the engine's backend itself
+    # (an upstream's reasoning parser), so the loop need not resample the answer's first token.
+    constrains_answer_itself = False
     ids_per_token = 1  # loop ids per model token, to scale token-denominated limits (upstream: ~4 bytes)
 
     @abstractmethod

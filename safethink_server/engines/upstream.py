@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from safethink_server.engines.base import (
     SAMPLING_FIELDS,
+    AnswerFormat,
     Engine,
     EngineError,
     EngineOverloaded,
@@ -35,6 +36,7 @@ from safethink_server.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
+from safethink_server.engines.upstream_answer import ANSWER_FIELDS, ToolCallFolder, answer_format, without_marks
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
 from safethink_server.schema import ReasoningConfig, SamplingFields, seed_plus
@@ -105,6 +107,8 @@ class UpstreamGeneration(Generation):
         self._response: aiohttp.ClientResponse | None = None
         self._events: EventReader | None = None
         self._in_reasoning = False  # chat mode: inside a <think> section this engine opened
+        constraint = sampling.answer_constraint or {}
+        self._calls = ToolCallFolder() if constraint.get("tools") and constraint.get("tool_choice") != "none" else None
         self._reasoned = False
         self._closed = False
         self._resync_sections()
@@ -121,6 +125,8 @@ class UpstreamGeneration(Generation):
         body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
                                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                                 **self.sampling.model_dump(include=set(SamplingFields.model_fields), exclude_defaults=True)}
+        if self.sampling.answer_constraint:  # tools and structured outputs: the upstream applies them
+            body.update(self.sampling.answer_constraint)
         if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
             body["seed"] = seed_plus(self.sampling.seed, self.continuations)
         if self.sampling.logprobs is not None:
@@ -260,6 +266,8 @@ class UpstreamGeneration(Generation):
         """Fold reasoning fields back into text between the configured reasoning markers."""
         reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
         content = delta.get("content") or ""
+        if self._calls is not None:  # tool calls folded into the answer text, where they are judged
+            content = without_marks(content) + self._calls.fold(delta.get("tool_calls"))
         text = ""
         if reasoning:
             if not self._in_reasoning and not self._reasoned:
@@ -333,8 +341,9 @@ def upstream_logprobs(logprobs: Any) -> list[TokenLogprob]:
 class UpstreamEngine(Engine):
     name = "upstream"
     # Passed through to the upstream, which may refuse them; logprobs come back with the text they belong to.
-    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs"}
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs", *ANSWER_FIELDS}
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
+    constrains_answer_itself = True  # the upstream applies a structured answer where its reasoning parser sees it begin
     ids_per_token = BYTES_PER_TOKEN
 
     def __init__(self, config: UpstreamConfig, served_model_name: str | None = None, max_queued_requests: int = 64) -> None:
@@ -412,6 +421,9 @@ class UpstreamEngine(Engine):
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, AttributeError):
             return False
+
+    def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
+        return answer_format(request, chat_mode=self.mode == "chat")
 
     def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
         budget = configured.budget_tokens

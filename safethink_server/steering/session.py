@@ -117,7 +117,8 @@ class SteeringSession:
         self._held: _HeldStep | None = None
         self._out: list[Delta] = []
         self._reasoning_closed_by_server = False
-        self._constrained = sampling.answer_constraint is not None
+        self._constrained = sampling.answer_constraint is not None  # a breach in the answer is refused
+        self._resamples_answer_start = self._constrained and not engine.constrains_answer_itself
         self._answer_begun = False
         self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
         # Ids that must come between two events (0: every batch's text goes out at once). Where ids are
@@ -295,7 +296,7 @@ class SteeringSession:
             self._held = self._new_step()
         # Where the model may answer at once (no reasoning opened: the "pre" section), the token that
         # shows it is answering carries answer text sampled without the constraint.
-        before = self.output.checkpoint() if self._constrained and not self._answer_begun and self.output.section == "pre" else None
+        before = self.output.checkpoint() if self._resamples_answer_start and not self._answer_begun and self.output.section == "pre" else None
         deltas = self.output.push(token)
         if before is not None and any(d.section == "answer" and d.text.strip() for d in deltas):
             self.output.restore(before)
@@ -477,7 +478,7 @@ class SteeringSession:
         return len(ids)
 
     async def _begin_answer_once_in_it(self) -> None:
-        if self._constrained and not self._answer_begun and self.output.section == "answer":
+        if self._resamples_answer_start and not self._answer_begun and self.output.section == "answer":
             await self._begin_answer()
 
     async def _begin_answer(self) -> None:

@@ -55,7 +55,7 @@ STRUCTURED = {"response_format:json_object", "response_format:json_schema", "str
 HONOURED: dict[str, set[str]] = {
     "hf": ALWAYS | SAMPLING | TEMPLATE | {"logprobs"},
     "vllm": ALWAYS | SAMPLING | TEMPLATE | STRUCTURED | {"logprobs", "stop_token_ids"},
-    "upstream": ALWAYS | SAMPLING | TEMPLATE | {"stop_token_ids", "logprobs"},
+    "upstream": ALWAYS | SAMPLING | TEMPLATE | STRUCTURED | {"stop_token_ids", "logprobs"},
 }
 
 

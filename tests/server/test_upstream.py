@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, read_stream, running_process, running_server
 from tests.server.faulty_upstream import FaultyUpstream
+from tests.server.openai_fields import ANSWER_SCHEMA, WEATHER_TOOL
 
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
 
@@ -90,6 +91,18 @@ def faulty_proxy():
         "--upstream-first-byte-timeout-s", "2", "--upstream-chunk-timeout-s", "2",
     ) as url:
         yield url
+
+
+def test_a_model_cannot_forge_a_tool_call_and_a_malformed_call_is_a_protocol_error(faulty_proxy):
+    tools = {"tools": [WEATHER_TOOL], "tool_choice": "auto"}
+    forged = client(faulty_proxy).chat.completions.create(model="forged-call", messages=WEATHER, max_tokens=64, **tools)
+    assert forged.choices[0].message.tool_calls is None and forged.choices[0].finish_reason == "stop"
+    assert forged.choices[0].message.content == 'Sunny. get_weather{"city": "Paris"}get_weather{"city": "Paris"}'
+    before = labelled(faulty_proxy, "safethink_upstream_errors_total", 'kind="protocol"')
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(faulty_proxy).chat.completions.create(model="malformed-call", messages=WEATHER, max_tokens=64, **tools)
+    assert caught.value.status_code == 502 and "malformed tool calls" in caught.value.message
+    assert labelled(faulty_proxy, "safethink_upstream_errors_total", 'kind="protocol"') == before + 1
 
 
 def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
@@ -226,7 +239,7 @@ def vllm_upstream(embedded_model_dir: Path):
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(embedded_model_dir), "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "float32", "--enable-prefix-caching", "--block-size", "32", "--max-model-len", "2048",
-               "--served-model-name", EMBEDDED_MODEL]
+               "--served-model-name", EMBEDDED_MODEL, "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     url = f"http://127.0.0.1:{port}"
     with running_process(command, url + "/health", LOG_DIR / f"vllm-serve-{port}.log", timeout_s=400,
                          env={"VLLM_USE_AOT_COMPILE": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}):
@@ -252,3 +265,53 @@ def test_proxy_in_front_of_vllm_continues_by_token_ids_over_its_prefix_cache(vll
         assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
         tokenized = httpx.post(proxy_url + "/tokenize", json={"prompt": "Hello there"}).json()
         assert tokenized["tokens"] == httpx.post(vllm_upstream + "/tokenize", json={"prompt": "Hello there"}).json()["tokens"]
+
+
+WEATHER = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(vllm_upstream):
+    """Chat mode: tools, tool_choice, response_format and logprobs go to vLLM unchanged and come back
+    as vLLM gives them; a call's arguments are answer text, judged before they go out."""
+    direct = client(vllm_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL],
+                                                           tool_choice=NAMED, max_tokens=48, temperature=0)
+    expected = direct.choices[0].message.tool_calls[0].function
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--upstream-mode", "chat",
+                        "--threshold", "1") as proxy_url:
+        c = client(proxy_url)
+        r = c.chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=48,
+                                      temperature=0, logprobs=True)
+        call = r.choices[0].message.tool_calls[0]
+        assert (call.function.name, call.function.arguments) == (expected.name, expected.arguments)
+        assert r.choices[0].message.content is None and r.choices[0].finish_reason == direct.choices[0].finish_reason
+        assert [s["section"] for s in r.model_extra["safethink"]["steps"]][:1] == ["answer"]  # the call was judged
+        assert r.choices[0].logprobs.content and all(e.logprob <= 0 for e in r.choices[0].logprobs.content)
+        streamed = list(c.chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
+                                                  max_tokens=48, temperature=0, stream=True))
+        deltas = [t for chunk in streamed for choice in chunk.choices for t in choice.delta.tool_calls or []]
+        assert deltas[0].id and deltas[0].function.name == expected.name
+        assert "".join(d.function.arguments or "" for d in deltas) == expected.arguments
+        answer = c.chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}],
+                                           max_tokens=40, temperature=0,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
+        assert isinstance(json.loads(answer.choices[0].message.content)["answer"], int)
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--upstream-mode", "chat",
+                        "--threshold", "0") as judging_url:
+        r = client(judging_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
+                                                        max_tokens=48, temperature=0)
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "content_filter" and message.tool_calls is None
+        assert message.content == "I can't help with that request."  # a breach in a call ends it: no prefix, no call
+
+
+def test_proxy_in_token_ids_mode_refuses_tools_and_passes_structured_outputs(vllm_upstream):
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--threshold", "1") as proxy_url:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], max_tokens=8)
+        assert refused.value.body["param"] == "tools" and "--upstream-mode chat" in refused.value.body["message"]
+        assert httpx.get(proxy_url + "/health").json()["upstream_mode"] == "token_ids"
+        answer = client(proxy_url).chat.completions.create(
+            model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=40, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
+        assert isinstance(json.loads(answer.choices[0].message.content)["answer"], int)
