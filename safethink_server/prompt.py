@@ -128,6 +128,26 @@ def render_chat(tokenizer: Any, conversation: Conversation, reasoning: Reasoning
     return rendered
 
 
+def raw_prompt_section(text: str, reasoning: ReasoningConfig) -> Section:
+    """Where generation after a raw prompt starts: in the reasoning where the prompt leaves it open."""
+    return "reasoning" if text.rfind(reasoning.start_marker) > text.rfind(reasoning.end_marker) else "pre"
+
+
+def render_raw(tokenizer: Any, prompt: str | list[int], reasoning: ReasoningConfig, add_special_tokens: bool) -> RenderedPrompt:
+    """A raw prompt (`/v1/completions`), text or token ids, as it is (blocking: run it off the event loop)."""
+    if isinstance(prompt, str):
+        return RenderedPrompt(list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens)), raw_prompt_section(prompt, reasoning))
+    vocab = len(tokenizer)
+    if any(not 0 <= token < vocab for token in prompt):
+        raise PromptError(f"a prompt token id is outside the vocabulary ({vocab} tokens)", param="prompt")
+    return RenderedPrompt(list(prompt), raw_prompt_section(tokenizer.decode(prompt), reasoning))
+
+
+def raw_conversation(prompt_text: str) -> Conversation:
+    """The scorer's view of a raw prompt: the user's turn."""
+    return Conversation([{"role": "user", "content": prompt_text}])
+
+
 def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> None:
     if prompt_tokens + max_tokens > limit:
         raise PromptError(f"this model's maximum context length is {limit} tokens; the messages take {prompt_tokens} "

@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +30,13 @@ from safethink_server.api.protocol import (
     ChatCompletionResponse,
     Choice,
     ChoiceLogprobs,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
     CompletionTokensDetails,
     DeltaMessage,
     ErrorResponse,
+    GenerationRequest,
     ModelCard,
     ModelList,
     StreamChoice,
@@ -40,6 +44,7 @@ from safethink_server.api.protocol import (
     TopLogprob,
     Usage,
     completion_id,
+    text_completion_id,
 )
 from safethink_server.api.tokens import (
     DetokenizeRequest,
@@ -51,11 +56,19 @@ from safethink_server.api.tokens import (
 )
 from safethink_server.api.tool_calls import ToolCallStream, tool_call_message
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import AnswerFormat, Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
+from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
-from safethink_server.prompt import PromptError, check_context_length, split_conversation, template_kwargs
-from safethink_server.schema import SamplingFields, seed_plus
+from safethink_server.prompt import (
+    Conversation,
+    PromptError,
+    RenderedPrompt,
+    check_context_length,
+    raw_conversation,
+    split_conversation,
+    template_kwargs,
+)
+from safethink_server.schema import PolicyConfig, ReasoningConfig, SamplingFields, seed_plus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
@@ -168,58 +181,85 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        tracker = RequestTracker(state)
-        sessions: list[SteeringSession] = []
-        streaming = False
-        try:
-            sessions, answer = await build_sessions(state, body)
-            if not body.stream:
-                return await complete(state, body, sessions, answer, tracker, request)
-            # A full queue answers 503 before the stream begins. The other choices take their slots as
-            # they run: with fewer slots than choices, they wait for the first ones to end.
-            await sessions[0].start()
-            response = SessionStream(sessions, tracker, stream(state, body, sessions, answer, tracker))
-            streaming = True  # from here the response owns the slots and the count
-            return response
-        except Exception as exc:
-            return tracker.failed(exc).response()
-        finally:
-            if not streaming:
-                try:
-                    await close_all(sessions)
-                finally:
-                    tracker.close()
+        async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
+            return await build_sessions(state, body)
+
+        return await respond(state, body, request, sessions_for, complete, stream)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
+            return await build_completion_sessions(state, body), None
+
+        return await respond(state, body, request, sessions_for, complete_text, stream_text)
 
     return app
+
+
+def checked_policy(state: ServerState, body: GenerationRequest, honoured: frozenset[str]) -> PolicyConfig:
+    """The checks both completion APIs make before anything else, and the request's steering policy."""
+    s, engine = state.settings, state.engine
+    if not engine.accepts_model(body.model):
+        raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
+                       param="model", code="model_not_found")
+    refused = refused_field(body, honoured)
+    if refused is not None:
+        raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
+                       code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only taken with stream=true", param="stream_options")
+    policy = s.policy()
+    if body.safethink is not None:
+        if not s.allow_client_overrides:
+            raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
+        policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
+    return policy
+
+
+Completer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | None, "RequestTracker", Request], Awaitable[Response]]
+Streamer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | None, "RequestTracker"], AsyncIterator[str]]
+
+
+async def respond(state: ServerState, body: GenerationRequest, request: Request,
+                  sessions_for: Callable[[], Awaitable[tuple[list[SteeringSession], AnswerFormat | None]]],
+                  completer: Completer, streamer: Streamer) -> Response:
+    """A completion request of either API: its sessions built and checked, then answered whole or
+    streamed. The request is counted once and every slot is freed, however it ends."""
+    tracker = RequestTracker(state)
+    sessions: list[SteeringSession] = []
+    streaming = False
+    try:
+        sessions, answer = await sessions_for()
+        if not body.stream:
+            return await completer(state, body, sessions, answer, tracker, request)
+        # A full queue answers 503 before the stream begins. The other choices take their slots as
+        # they run: with fewer slots than choices, they wait for the first ones to end.
+        await sessions[0].start()
+        response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker))
+        streaming = True  # from here the response owns the slots and the count
+        return response
+    except Exception as exc:
+        return tracker.failed(exc).response()
+    finally:
+        if not streaming:
+            try:
+                await close_all(sessions)
+            finally:
+                tracker.close()
 
 
 async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tuple[list[SteeringSession], AnswerFormat | None]:
     """One session per choice, and what the answer must be (tools, structured output). Everything about
     the request is checked here, before an engine slot is taken."""
     s, engine = state.settings, state.engine
-    if not engine.accepts_model(body.model):
-        raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
-                       param="model", code="model_not_found")
-    refused = refused_field(body, engine.honoured_fields)
-    if refused is not None:
-        raise APIError(400, f"'{refused}' is not supported by this server's {engine.name} engine", param=refused,
-                       code="unsupported_parameter")
+    policy = checked_policy(state, body, engine.honoured_fields)
     refuse_message_fields(body.messages)
     if body.continue_final_message == body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
         raise APIError(400, "add_generation_prompt is false exactly when continue_final_message is true", param="add_generation_prompt")
-    if body.stream_options is not None and not body.stream:
-        raise APIError(400, "stream_options is only taken with stream=true", param="stream_options")
     if body.continue_final_message and not s.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
-    policy = s.policy()
-    if body.safethink is not None:
-        if not s.allow_client_overrides:
-            raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
-        policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
-    if body.min_tokens > max_tokens:
-        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     reasoning = engine.reasoning_for(s.reasoning())
     answer = engine.answer_format(body.model_dump(exclude_unset=True))
     sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
@@ -227,8 +267,41 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
     prompt = await engine.render(conversation, reasoning, body.model)
+    sessions = choice_sessions(state, body, prompt, conversation, sampling, policy, reasoning,
+                               keep_special_tokens=answer is not None and answer.keep_special_tokens)
+    return sessions, answer
+
+
+# Fields of /v1/completions the server reads; the engine's sampling fields come on top.
+COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
+                               "stream_options", "safethink", "add_special_tokens"})
+
+
+async def build_completion_sessions(state: ServerState, body: CompletionRequest) -> list[SteeringSession]:
+    """`/v1/completions`: one session per choice over the raw prompt, steered where the model reasons."""
+    s, engine = state.settings, state.engine
+    policy = checked_policy(state, body, COMPLETION_FIELDS | (engine.honoured_fields & SAMPLING_FIELDS))
+    try:
+        raw = body.one_prompt()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from exc
+    max_tokens = body.max_tokens or s.default_max_tokens
+    reasoning = engine.reasoning_for(s.reasoning())
+    sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+    prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)
+    text = raw if isinstance(raw, str) else await asyncio.to_thread(engine.tokenizer.decode, raw) if engine.counts_tokens else ""
+    return choice_sessions(state, body, prompt, raw_conversation(text), sampling, policy, reasoning, keep_special_tokens=False,
+                           raw_text=True)
+
+
+def choice_sessions(state: ServerState, body: GenerationRequest, prompt: RenderedPrompt, conversation: Conversation,
+                    sampling: SamplingParams, policy: PolicyConfig, reasoning: ReasoningConfig,
+                    keep_special_tokens: bool, raw_text: bool = False) -> list[SteeringSession]:
+    """One session per choice (each its own seed), once the prompt fits the context. `raw_text`: the
+    answer goes out as written, its leading whitespace kept (a completion continues its prompt)."""
+    s, engine = state.settings, state.engine
     if engine.counts_tokens:
-        check_context_length(len(prompt.ids), max_tokens, state.max_model_len)
+        check_context_length(len(prompt.ids), sampling.max_tokens, state.max_model_len)
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)
@@ -240,13 +313,14 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
             update={"seed": seed_plus(sampling.seed, choice)})  # each choice its own seed
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=state.metrics, model=body.model,
-                               skip_special_tokens=answer is None or not answer.keep_special_tokens,
-                               stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None)
+                               skip_special_tokens=not keep_special_tokens,
+                               stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None,
+                               strip_answer_start=not raw_text)
 
-    return [session(choice) for choice in range(body.n)], answer
+    return [session(choice) for choice in range(body.n)]
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens: int, vocab_size: int | None) -> SamplingParams:
+def sampling_params(body: GenerationRequest, max_tokens: int, vocab_size: int | None) -> SamplingParams:
     try:
         bias = body.logit_bias_ids()
     except ValueError as exc:
@@ -257,7 +331,7 @@ def sampling_params(body: ChatCompletionRequest, max_tokens: int, vocab_size: in
     return SamplingParams(
         **body.model_dump(include=set(SamplingFields.model_fields)), max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        seed=body.seed, logprobs=(body.top_logprobs or 0) if isinstance(body, ChatCompletionRequest) and body.logprobs else None)
 
 
 async def close_all(sessions: list[SteeringSession]) -> None:
@@ -396,8 +470,9 @@ class LogprobEntries:
             for e in entries])
 
 
-async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
-                   tracker: RequestTracker, request: Request) -> Response:
+async def collected(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> list[dict[str, list[str]]] | Response:
+    """Every choice's released text by section, once all have ended; or the response that ends the
+    request early (a client gone, a failure)."""
     parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
 
     async def collect() -> None:
@@ -419,9 +494,17 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
         return tracker.failed(exc).response()
     finally:
         if not task.done():
-            task.cancel()  # the sessions' own `finally` frees the slots; chat() closes them again regardless
+            task.cancel()  # the sessions' own `finally` frees the slots; the route closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
                 await task
+    return parts
+
+
+async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                   tracker: RequestTracker, request: Request) -> Response:
+    parts = await collected(sessions, tracker, request)
+    if isinstance(parts, Response):
+        return parts
     usage = _usage(sessions)
     tracker.finished(sessions, usage.completion_tokens)
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
@@ -440,6 +523,54 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
                               logprobs=logprobs(session.take_logprobs()) if logprobs else None))
     response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
     return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def complete_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                        tracker: RequestTracker, request: Request) -> Response:
+    parts = await collected(sessions, tracker, request)
+    if isinstance(parts, Response):
+        return parts
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    choices = []
+    for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
+        reasoning = "".join(text["reasoning"]) or None
+        choices.append(CompletionChoice(index=index, text="".join(text["answer"]), reasoning_content=reasoning, reasoning=reasoning,
+                                        finish_reason=session.finish_reason, safethink=session.report))
+    response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def stream_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                      tracker: RequestTracker) -> AsyncIterator[str]:
+    """`/v1/completions` streamed: each delta a `text_completion` chunk (the reasoning in its own fields)."""
+    chunk_id, created, model = text_completion_id(), int(time.time()), state.engine.model_name
+
+    def chunk(*choices: CompletionChoice, usage: Usage | None = None) -> str:
+        payload = CompletionResponse(id=chunk_id, created=created, model=model, choices=list(choices), usage=usage)
+        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+        async with contextlib.aclosing(choice_runs(sessions)) as runs:
+            async for index, delta in runs:
+                if delta is None:
+                    session = sessions[index]
+                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report))
+                    continue
+                tracker.saw(delta.text)
+                if delta.section == "reasoning":
+                    yield chunk(CompletionChoice(index=index, text="", reasoning_content=delta.text, reasoning=delta.text))
+                else:
+                    yield chunk(CompletionChoice(index=index, text=delta.text))
+    except Exception as exc:
+        yield _sse(tracker.failed(exc).body())
+        yield "data: [DONE]\n\n"
+        return
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield chunk(usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 class SessionStream(StreamingResponse):

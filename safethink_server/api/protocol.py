@@ -94,36 +94,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingFields):
-    """The fields this server reads. Any other field of the request is kept (extra="allow") so that the
-    API can refuse it by name (`api.fields`): nothing a client sends is silently ignored."""
+class GenerationRequest(SamplingFields):
+    """The fields both completion APIs share. Any other field of a request is kept (extra="allow") so
+    that the API can refuse it by name (`api.fields`): nothing a client sends is silently ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS, description="read with vLLM's request model")
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
-    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="extra variables for the chat template")
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
-        default=None, description="passed to the chat template, as vLLM does")
     safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
-    add_generation_prompt: bool = Field(default=True, description="vLLM extension: false only with continue_final_message")
-    continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message "
-                                         "(an assistant prefill: refused unless the server allows it)")
 
     @field_validator("stop")
     @classmethod
@@ -135,16 +120,57 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return v
 
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS, description="read with vLLM's request model")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="extra variables for the chat template")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = Field(
+        default=None, description="passed to the chat template, as vLLM does")
+    add_generation_prompt: bool = Field(default=True, description="vLLM extension: false only with continue_final_message")
+    continue_final_message: bool = Field(default=False, description="vLLM extension: continue the last assistant message "
+                                         "(an assistant prefill: refused unless the server allows it)")
+
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs to be true")
         return self
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+MAX_PROMPT_IDS = 1 << 20
+
+
+class CompletionRequest(GenerationRequest):
+    """`/v1/completions`: one raw prompt, text or token ids (a list of several prompts is refused)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="one prompt: a string or a list of token ids")
+    max_tokens: int | None = Field(default=16, ge=1, le=INT64_MAX)  # the completions API's default, as OpenAI's and vLLM's
+    add_special_tokens: bool = Field(default=True, description="vLLM extension: the tokenizer's special tokens around a text prompt")
+
+    def one_prompt(self) -> str | list[int]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise ValueError("one prompt per request: send a list of prompts as separate requests")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt or prompt == "":
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_IDS:
+            raise ValueError(f"a prompt is at most {MAX_PROMPT_IDS} token ids")
+        return prompt  # type: ignore[return-value]
 
 
 class CompletionTokensDetails(BaseModel):
@@ -250,6 +276,33 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[StreamChoice]
+    usage: Usage | None = None
+    safethink: SteeringReport | None = None
+
+
+class CompletionChoice(BaseModel):
+    """A `/v1/completions` choice. Where the model reasons, `text` is the answer and the reasoning is
+    split out as the chat API splits it (vLLM's reasoning fields)."""
+
+    index: int = 0
+    text: str
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    logprobs: None = None
+    finish_reason: str | None = None
+    safethink: SteeringReport | None = Field(default=None, description="this choice's steering")
+
+
+def text_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=text_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
     usage: Usage | None = None
     safethink: SteeringReport | None = None
 

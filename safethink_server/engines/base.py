@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from safethink_server.prompt import Conversation, RenderedPrompt, render_chat
+from safethink_server.prompt import Conversation, RenderedPrompt, render_chat, render_raw
 from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, ReasoningConfig, SamplingFields
 
 
@@ -207,6 +207,11 @@ class Engine(ABC):
     async def render(self, conversation: Conversation, reasoning: ReasoningConfig, model: str | None = None) -> RenderedPrompt:
         """The prompt for a conversation; local engines render with their tokenizer, off the event loop."""
         return await asyncio.to_thread(render_chat, self.tokenizer, conversation, reasoning)
+
+    async def render_raw(self, prompt: str | list[int], reasoning: ReasoningConfig, model: str | None = None,
+                         add_special_tokens: bool = True) -> RenderedPrompt:
+        """A raw prompt for `/v1/completions` (text, or token ids), off the event loop."""
+        return await asyncio.to_thread(render_raw, self.tokenizer, prompt, reasoning, add_special_tokens)
 
     def model_ids(self) -> list[str]:
         return [self.model_name]

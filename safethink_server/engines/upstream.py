@@ -38,7 +38,7 @@ from safethink_server.engines.base import (
 )
 from safethink_server.engines.upstream_answer import ANSWER_FIELDS, ToolCallFolder, answer_format, without_marks
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
-from safethink_server.prompt import Conversation, RenderedPrompt, open_turn
+from safethink_server.prompt import Conversation, PromptError, RenderedPrompt, open_turn, raw_prompt_section
 from safethink_server.schema import ReasoningConfig, SamplingFields, seed_plus
 
 logger = logging.getLogger(__name__)
@@ -450,6 +450,19 @@ class UpstreamEngine(Engine):
         rendered = open_turn(conversation, reasoning, self._template_opens_reasoning[model])
         rendered.ids = tokens + (await self.tokenize_text(model, rendered.opening) if rendered.opening else [])
         return rendered
+
+    async def render_raw(self, prompt: str | list[int], reasoning: ReasoningConfig, model: str | None = None,
+                         add_special_tokens: bool = True) -> RenderedPrompt:
+        """token_ids mode: a text prompt as the upstream's /tokenize encodes it; ids as they are."""
+        if self.mode == "chat":
+            raise PromptError("this gateway's upstream is served in chat mode: /v1/completions needs an upstream that takes "
+                              "token ids (vLLM, SGLang)", param="prompt")
+        model = self.upstream_name(model)
+        if isinstance(prompt, str):
+            body = {"model": model, "prompt": prompt, "add_special_tokens": add_special_tokens}
+            return RenderedPrompt(list((await self._post_json(self.root + "/tokenize", body))["tokens"]), raw_prompt_section(prompt, reasoning))
+        text = (await self._post_json(self.root + "/detokenize", {"model": model, "tokens": prompt})).get("prompt", "")
+        return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning))
 
     async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
         if self.mode != "token_ids":

@@ -43,9 +43,9 @@ class OutputCheckpoint:
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str],
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, strip_answer_start: bool = True) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
-        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section)
+        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section, strip_answer_start)
         self.stop = StopMatcher(stop)
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
         self.reasoning_tokens = 0

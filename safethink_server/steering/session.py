@@ -95,6 +95,7 @@ class SteeringSession:
         skip_special_tokens: bool = True,
         stream_interval: int = 1,
         warm: Callable[[StepItem], None] | None = None,
+        strip_answer_start: bool = True,
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -106,7 +107,8 @@ class SteeringSession:
         self.score = score
         self.observer = observer or SteeringObserver()
         self.model = model
-        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens)
+        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens,
+                                      strip_answer_start)
         self.report = SteeringReport()
         self.finish_reason: str | None = None
         self.generation: Generation | None = None

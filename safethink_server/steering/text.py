@@ -76,12 +76,13 @@ class SectionSplitter:
     reasoning parsers do). A text tail that could be the start of a marker is held back until the
     next piece decides it."""
 
-    def __init__(self, start_marker: str, end_marker: str, section: Section) -> None:
+    def __init__(self, start_marker: str, end_marker: str, section: Section, strip_answer_start: bool = True) -> None:
         self.start_marker = start_marker
         self.end_marker = end_marker
         self.section: Section = section
         self.buffer = ""
         self.answer_started = False
+        self.strip_answer_start = strip_answer_start  # False: the answer as written (a raw completion's " Paris")
 
     def feed(self, text: str, final: bool = False) -> list[Segment]:
         if self.section == "reasoning" and not self.buffer and self.end_marker[0] not in text:
@@ -91,7 +92,7 @@ class SectionSplitter:
         while self.buffer:
             marker = {"pre": self.start_marker, "reasoning": self.end_marker, "answer": None}[self.section]
             if marker is None:
-                text = self.buffer if self.answer_started else self.buffer.lstrip()
+                text = self.buffer if self.answer_started or not self.strip_answer_start else self.buffer.lstrip()
                 self.answer_started = self.answer_started or bool(text)
                 if text:
                     out.append(Segment("answer", text))

@@ -54,6 +54,7 @@ class Case:
     history: list[dict[str, str]]
     step_regex: str | None = None  # a step regex may stop matching as text grows: followed token by token
     constrained: bool = False  # a structured answer: a breach in it is refused, never given a prefix
+    raw_answer: bool = False  # the answer as written, its leading whitespace kept (/v1/completions)
 
 
 @dataclass
@@ -133,6 +134,7 @@ def cases(draw: st.DrawFn, long: bool = False) -> Case:
         end_on_eos=draw(st.booleans()),
         prefill=draw(st.sampled_from(["", "Sure, here is how:", "Step 1: BAD"])),
         step_regex=draw(st.sampled_from([None, None, r"\.$"])),
+        raw_answer=draw(st.booleans()),
         constrained=draw(st.booleans()),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
                                       [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
@@ -169,7 +171,7 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
-        stream_interval=stream_interval, warm=judge.warm)
+        stream_interval=stream_interval, warm=judge.warm, strip_answer_start=not case.raw_answer)
     return session, judge
 
 
@@ -210,19 +212,21 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
     return outcome
 
 
-def reference_sections(text: str, initial: str) -> tuple[str, str]:
-    """Reasoning and answer of a whole output, as vLLM's reasoning parsers split them."""
+def reference_sections(text: str, initial: str, raw_answer: bool = False) -> tuple[str, str]:
+    """Reasoning and answer of a whole output, as vLLM's reasoning parsers split them (`raw_answer`:
+    the answer's leading whitespace kept, as a completion continues its prompt)."""
+    lead = (lambda answer: answer) if raw_answer else str.lstrip
     if initial == "answer":
-        return "", text.lstrip()
+        return "", lead(text)
     if initial == "pre":
         stripped = text.lstrip()
         if not stripped.startswith(START):
-            return "", stripped
+            return "", lead(text)
         text = stripped[len(START):]
     reasoning, found, answer = text.partition(END)
     if not found:
         return reasoning, ""
-    return reasoning, answer.lstrip()
+    return reasoning, lead(answer)
 
 
 def truncate_at_stop(answer: str, stops: list[str]) -> str:
@@ -264,7 +268,10 @@ def assert_steps_end_where_they_should(outcome: Outcome, case: Case) -> None:
     for text, _ in outcome.judge.seen:
         first = next((m.end() for m in re.finditer("\n\n", text) if text[: m.start()].strip()), None)
         assert first is None or len(text) - first < LONGEST_PIECE, f"a step went on past its end: {text!r}"
-        assert not text.startswith("\n"), f"a step starts at its first text, not at a blank token: {text!r}"
+        # A raw answer (a completion) keeps the whitespace the "pre" section held back until it knew no
+        # marker followed: it comes out with the answer's first text, in that text's token.
+        glued = case.raw_answer and case.initial_section == "pre" and text.lstrip() and text is outcome.judge.seen[0][0]
+        assert glued or not text.startswith("\n"), f"a step starts at its first text, not at a blank token: {text!r}"
     assert all(s.tokens <= case.max_step_tokens + 4 for s in outcome.session.report.steps), "a step went on past max_step_tokens"
 
 
@@ -326,7 +333,7 @@ def assert_constrained_answers_are_sampled_constrained(outcome: Outcome, case: C
         assert not unconstrained(outcome.answer.replace(REFUSAL, "")), "an answer was sampled without its constraint"
         return
     before = tok.decode(generation.sequence[: generation.answer_begun_at])
-    _, answer = reference_sections(before, case.initial_section)  # the client's prefill is not the model's
+    _, answer = reference_sections(before, case.initial_section, case.raw_answer)  # the client's prefill is not the model's
     assert not unconstrained(answer), f"answer text {answer!r} was kept from before the constraint began"
 
 
@@ -427,7 +434,7 @@ def check_final_sequence(case: Case) -> None:
     # Each group of deltas handed out at once has one delta per run of section and origin.
     assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)
     assert tok.eos_token_id not in generation.sequence
-    reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section)
+    reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section, case.raw_answer)
     answer = truncate_at_stop(answer, case.stop)
     assert session.finish_reason in ("stop", "length", "content_filter")
     if session.finish_reason == "content_filter":

@@ -302,6 +302,9 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
                                                         max_tokens=48, temperature=0)
         message = r.choices[0].message
         assert r.choices[0].finish_reason == "content_filter" and message.tool_calls is None
+        with pytest.raises(openai.BadRequestError) as refused:  # chat mode has no raw prompts
+            client(judging_url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8)
+        assert refused.value.body["param"] == "prompt"
         assert message.content == "I can't help with that request."  # a breach in a call ends it: no prefix, no call
 
 
@@ -315,3 +318,9 @@ def test_proxy_in_token_ids_mode_refuses_tools_and_passes_structured_outputs(vll
             model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=40, temperature=0,
             response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
         assert isinstance(json.loads(answer.choices[0].message.content)["answer"], int)
+        # /v1/completions goes through by token ids, as vLLM completes the same prompt.
+        direct = client(vllm_upstream).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8,
+                                                          temperature=0)
+        proxied = client(proxy_url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8,
+                                                       temperature=0)
+        assert proxied.choices[0].text == direct.choices[0].text and proxied.usage.prompt_tokens == direct.usage.prompt_tokens

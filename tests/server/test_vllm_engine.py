@@ -349,3 +349,15 @@ async def test_stop_token_ids_end_the_answer_without_their_text(vllm_server):
                                                          extra_body={"safethink": {"early_steps": 0}, "stop_token_ids": [ids[at]]})
     # The model stops in its reasoning at that token (which is not output); the server then asks for the answer.
     assert stopped.choices[0].message.reasoning_content.rstrip() == engine.tokenizer.decode(ids[:at]).rstrip()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_completions_on_vllm_steer_an_open_reasoning(vllm_server):
+    url, engine = vllm_server
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], tokenize=False,
+                                                  add_generation_prompt=True) + "<think>\n"
+    r = await _client(url).completions.create(model=EMBEDDED_MODEL, prompt=prompt, max_tokens=48, temperature=0)
+    choice = r.choices[0]
+    assert choice.model_extra["reasoning_content"].lstrip().startswith("Wait, think safely.")  # --threshold 0: every step breaches
+    assert choice.model_extra["safethink"]["steps"][0]["section"] == "reasoning"
+    assert r.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
