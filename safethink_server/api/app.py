@@ -356,6 +356,12 @@ def _counts(session: SteeringSession) -> tuple[int, int, int]:
     return prompt, completion, reasoning
 
 
+def fingerprint(sessions: list[SteeringSession]) -> str | None:
+    """The backend's system_fingerprint (an upstream's), as it gave it."""
+    generation = sessions[0].generation
+    return generation.system_fingerprint if generation is not None else None
+
+
 def _usage(sessions: list[SteeringSession]) -> Usage:
     """The prompt once, the completions of every choice summed (as OpenAI counts n > 1)."""
     counts = [_counts(session) for session in sessions]
@@ -521,7 +527,8 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
                                                                     tool_calls=calls),
                               finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.report,
                               logprobs=logprobs(session.take_logprobs()) if logprobs else None))
-    response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
+    response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
+                                      system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
@@ -537,7 +544,8 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
         reasoning = "".join(text["reasoning"]) or None
         choices.append(CompletionChoice(index=index, text="".join(text["answer"]), reasoning_content=reasoning, reasoning=reasoning,
                                         finish_reason=session.finish_reason, safethink=session.report))
-    response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report)
+    response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
+                                  system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
@@ -546,8 +554,9 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
     """`/v1/completions` streamed: each delta a `text_completion` chunk (the reasoning in its own fields)."""
     chunk_id, created, model = text_completion_id(), int(time.time()), state.engine.model_name
 
-    def chunk(*choices: CompletionChoice, usage: Usage | None = None) -> str:
-        payload = CompletionResponse(id=chunk_id, created=created, model=model, choices=list(choices), usage=usage)
+    def chunk(*choices: CompletionChoice, usage: Usage | None = None, fingerprint: str | None = None) -> str:
+        payload = CompletionResponse(id=chunk_id, created=created, model=model, choices=list(choices), usage=usage,
+                                     system_fingerprint=fingerprint)
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
     try:
@@ -555,7 +564,8 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
             async for index, delta in runs:
                 if delta is None:
                     session = sessions[index]
-                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report))
+                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report),
+                                fingerprint=fingerprint([session]))
                     continue
                 tracker.saw(delta.text)
                 if delta.section == "reasoning":
@@ -655,7 +665,7 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
                     rest = logprobs(session.take_logprobs()) if logprobs else None
                     called = tools is not None and tools[index].called
                     yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
-                                     safethink=session.report))
+                                     safethink=session.report, system_fingerprint=fingerprint([session])))
                     continue
                 tracker.saw(delta.text)
                 if tools is not None and delta.section == "answer":

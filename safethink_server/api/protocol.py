@@ -252,6 +252,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    system_fingerprint: str | None = None
     safethink: SteeringReport
 
 
@@ -277,6 +278,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[StreamChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
     safethink: SteeringReport | None = None
 
 
@@ -304,6 +306,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
     safethink: SteeringReport | None = None
 
 

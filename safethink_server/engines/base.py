@@ -108,6 +108,7 @@ class Generation(ABC):
         """Tokens the engine ran a forward over for this sequence so far (prompt prefill included)."""
 
     finished_by_length = False  # the EOS last returned marks the engine's own token limit, not the model's stop
+    system_fingerprint: str | None = None  # the backend's configuration, where it reports one (an upstream)
 
     async def begin_answer(self) -> None:
         """The answer section begins after the last token read: an engine that constrains the answer

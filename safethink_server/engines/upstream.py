@@ -99,6 +99,7 @@ class UpstreamGeneration(Generation):
         self._usage_bytes = 0  # bytes that request generated
         self._request_bytes = 0
         self.finished_by_length = False
+        self.system_fingerprint: str | None = None  # the upstream's, passed back to the client
         # Logprob entries by the output position of the last byte of the event that brought them.
         self.logprobs_at: dict[int, list[TokenLogprob]] = {}
         self._unplaced: list[TokenLogprob] = []  # of events without text: placed with the next text
@@ -247,6 +248,9 @@ class UpstreamGeneration(Generation):
         return list(data)
 
     def _take_usage(self, event: dict[str, Any]) -> None:
+        fingerprint = event.get("system_fingerprint")
+        if isinstance(fingerprint, str):
+            self.system_fingerprint = fingerprint[:200]
         if event.get("usage"):
             self.usage = UpstreamUsage.model_validate(event["usage"])
             self._usage_kept_tokens, self._usage_bytes = self.kept_tokens, self._request_bytes

@@ -285,6 +285,7 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
         call = r.choices[0].message.tool_calls[0]
         assert (call.function.name, call.function.arguments) == (expected.name, expected.arguments)
         assert r.choices[0].message.content is None and r.choices[0].finish_reason == direct.choices[0].finish_reason
+        assert r.system_fingerprint and r.system_fingerprint.startswith("vllm-")  # the upstream's, passed back
         assert [s["section"] for s in r.model_extra["safethink"]["steps"]][:1] == ["answer"]  # the call was judged
         assert r.choices[0].logprobs.content and all(e.logprob <= 0 for e in r.choices[0].logprobs.content)
         streamed = list(c.chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
@@ -292,6 +293,7 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
         deltas = [t for chunk in streamed for choice in chunk.choices for t in choice.delta.tool_calls or []]
         assert deltas[0].id and deltas[0].function.name == expected.name
         assert "".join(d.function.arguments or "" for d in deltas) == expected.arguments
+        assert [c.system_fingerprint for c in streamed if c.choices and c.choices[0].finish_reason] == [r.system_fingerprint]
         answer = c.chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}],
                                            max_tokens=40, temperature=0,
                                            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
@@ -324,3 +326,4 @@ def test_proxy_in_token_ids_mode_refuses_tools_and_passes_structured_outputs(vll
         proxied = client(proxy_url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8,
                                                        temperature=0)
         assert proxied.choices[0].text == direct.choices[0].text and proxied.usage.prompt_tokens == direct.usage.prompt_tokens
+        assert proxied.system_fingerprint and proxied.system_fingerprint.startswith("vllm-")
