@@ -54,6 +54,7 @@ class RenderedPrompt:
     initial_section: Section  # the section the first generated token falls in
     assistant_text: str = ""  # the prefill as the assistant's text so far, markers removed: scorer context
     opening: str = ""  # the text after the rendered conversation: the reasoning's start marker, or the prefill
+    raw_text: str = ""  # a raw prompt's text (/v1/completions), ids decoded: the scorer's view of it
 
 
 def split_conversation(messages: list[dict[str, Any]], continue_final_message: bool, template: dict[str, Any] | None = None,
@@ -136,11 +137,13 @@ def raw_prompt_section(text: str, reasoning: ReasoningConfig) -> Section:
 def render_raw(tokenizer: Any, prompt: str | list[int], reasoning: ReasoningConfig, add_special_tokens: bool) -> RenderedPrompt:
     """A raw prompt (`/v1/completions`), text or token ids, as it is (blocking: run it off the event loop)."""
     if isinstance(prompt, str):
-        return RenderedPrompt(list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens)), raw_prompt_section(prompt, reasoning))
+        ids = list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return RenderedPrompt(ids, raw_prompt_section(prompt, reasoning), raw_text=prompt)
     vocab = len(tokenizer)
     if any(not 0 <= token < vocab for token in prompt):
         raise PromptError(f"a prompt token id is outside the vocabulary ({vocab} tokens)", param="prompt")
-    return RenderedPrompt(list(prompt), raw_prompt_section(tokenizer.decode(prompt), reasoning))
+    text = tokenizer.decode(prompt)
+    return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning), raw_text=text)
 
 
 def raw_conversation(prompt_text: str) -> Conversation:

@@ -46,6 +46,13 @@ from safethink_server.api.protocol import (
     completion_id,
     text_completion_id,
 )
+from safethink_server.api.responses import (
+    RESPONSES_FIELDS,
+    ResponseBuilder,
+    ResponseEvents,
+    ResponsesRequest,
+    refused_response_field,
+)
 from safethink_server.api.tokens import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -193,6 +200,17 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
         return await respond(state, body, request, sessions_for, complete_text, stream_text)
 
+    @app.post("/v1/responses", dependencies=[Depends(require_api_key)], response_model=None)
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
+            refused = refused_field(body, RESPONSES_FIELDS) or refused_response_field(body)
+            if refused is not None:
+                raise APIError(400, f"'{refused}' is not supported by this server's /v1/responses", param=refused,
+                               code="unsupported_parameter")
+            return await build_sessions(state, body.as_chat())
+
+        return await respond(state, body, request, sessions_for, complete_response, stream_response)
+
     return app
 
 
@@ -220,7 +238,7 @@ Completer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | No
 Streamer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | None, "RequestTracker"], AsyncIterator[str]]
 
 
-async def respond(state: ServerState, body: GenerationRequest, request: Request,
+async def respond(state: ServerState, body: GenerationRequest | ResponsesRequest, request: Request,
                   sessions_for: Callable[[], Awaitable[tuple[list[SteeringSession], AnswerFormat | None]]],
                   completer: Completer, streamer: Streamer) -> Response:
     """A completion request of either API: its sessions built and checked, then answered whole or
@@ -258,6 +276,12 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
         raise APIError(400, "add_generation_prompt is false exactly when continue_final_message is true", param="add_generation_prompt")
     if body.continue_final_message and not s.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
+    if body.continue_final_message:
+        continued = body.messages[-1]
+        extra = next((f for f in ("name", "tool_calls", "reasoning", "reasoning_content") if getattr(continued, f)), None)
+        if extra is not None:  # the prefill is the turn's text; these would not be rendered
+            param = f"messages[{len(body.messages) - 1}].{extra}"
+            raise APIError(400, f"'{param}' cannot be set on a continued assistant message", param=param, code="unsupported_parameter")
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
     reasoning = engine.reasoning_for(s.reasoning())
@@ -289,8 +313,7 @@ async def build_completion_sessions(state: ServerState, body: CompletionRequest)
     reasoning = engine.reasoning_for(s.reasoning())
     sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
     prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)
-    text = raw if isinstance(raw, str) else await asyncio.to_thread(engine.tokenizer.decode, raw) if engine.counts_tokens else ""
-    return choice_sessions(state, body, prompt, raw_conversation(text), sampling, policy, reasoning, keep_special_tokens=False,
+    return choice_sessions(state, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,
                            raw_text=True)
 
 
@@ -321,6 +344,8 @@ def choice_sessions(state: ServerState, body: GenerationRequest, prompt: Rendere
 
 
 def sampling_params(body: GenerationRequest, max_tokens: int, vocab_size: int | None) -> SamplingParams:
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens")
     try:
         bias = body.logit_bias_ids()
     except ValueError as exc:
@@ -532,6 +557,23 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
+class RawText:
+    """A completion's text as the model wrote it: its released sections joined with the reasoning
+    markers the section splitter took out (the start marker where the model opened the reasoning)."""
+
+    def __init__(self, session: SteeringSession) -> None:
+        self.markers = session.reasoning_cfg.start_marker, session.reasoning_cfg.end_marker
+        self.section = session.prompt.initial_section
+
+    def __call__(self, delta: Delta) -> str:
+        before, self.section = self.section, delta.section
+        if before == "pre" and delta.section == "reasoning":
+            return self.markers[0] + delta.text
+        if before == "reasoning" and delta.section == "answer":
+            return self.markers[1] + delta.text
+        return delta.text
+
+
 async def complete_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                         tracker: RequestTracker, request: Request) -> Response:
     parts = await collected(sessions, tracker, request)
@@ -541,9 +583,9 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
     tracker.finished(sessions, usage.completion_tokens)
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
-        reasoning = "".join(text["reasoning"]) or None
-        choices.append(CompletionChoice(index=index, text="".join(text["answer"]), reasoning_content=reasoning, reasoning=reasoning,
-                                        finish_reason=session.finish_reason, safethink=session.report))
+        written = RawText(session)
+        whole = "".join(written(Delta(section, part)) for section in ("reasoning", "answer") for part in text[section])  # type: ignore[arg-type]
+        choices.append(CompletionChoice(index=index, text=whole, finish_reason=session.finish_reason, safethink=session.report))
     response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
                                   system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
@@ -559,6 +601,7 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
                                      system_fingerprint=fingerprint)
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
+    written = [RawText(session) for session in sessions]
     try:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
             async for index, delta in runs:
@@ -568,10 +611,7 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
                                 fingerprint=fingerprint([session]))
                     continue
                 tracker.saw(delta.text)
-                if delta.section == "reasoning":
-                    yield chunk(CompletionChoice(index=index, text="", reasoning_content=delta.text, reasoning=delta.text))
-                else:
-                    yield chunk(CompletionChoice(index=index, text=delta.text))
+                yield chunk(CompletionChoice(index=index, text=written[index](delta)))
     except Exception as exc:
         yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"
@@ -581,6 +621,42 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
     if body.stream_options is not None and body.stream_options.include_usage:
         yield chunk(usage=usage)
     yield "data: [DONE]\n\n"
+
+
+async def complete_response(state: ServerState, body: ResponsesRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                            tracker: RequestTracker, request: Request) -> Response:
+    parts = await collected(sessions, tracker, request)
+    if isinstance(parts, Response):
+        return parts
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    session, text = sessions[0], parts[0]
+    whole = ResponseBuilder(body, state.engine.model_name).whole("".join(text["reasoning"]) or None, "".join(text["answer"]),
+                                                                session.finish_reason, usage, session.report)
+    return JSONResponse(whole)
+
+
+async def stream_response(state: ServerState, body: ResponsesRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
+                          tracker: RequestTracker) -> AsyncIterator[str]:
+    """`/v1/responses` streamed: the Responses API's events, each text delta as it is released."""
+    events = ResponseEvents(ResponseBuilder(body, state.engine.model_name))
+    for event in events.start():
+        yield event
+    try:
+        async with contextlib.aclosing(choice_runs(sessions)) as runs:
+            async for _, delta in runs:
+                if delta is None:
+                    continue
+                tracker.saw(delta.text)
+                for event in events.delta(delta.section, delta.text):
+                    yield event
+    except Exception as exc:
+        yield events.error(tracker.failed(exc))
+        return
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    for event in events.end(sessions[0].finish_reason, usage, sessions[0].report):
+        yield event
 
 
 class SessionStream(StreamingResponse):

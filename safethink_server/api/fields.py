@@ -29,6 +29,9 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "spaces_between_special_tokens": (True,),
     "add_generation_prompt": (True,),
     "modalities": (["text"],),
+    "truncation": ("disabled",),
+    "echo": (False,),
+    "best_of": (1,),
 }
 
 

@@ -68,7 +68,7 @@ class ChatMessage(BaseModel):
         if (name := _set_extra(self)) is not None:
             return name
         for field, role in _ROLE_FIELDS.items():
-            if self.role != role and getattr(self, field) is not None:
+            if self.role != role and not _unasked(getattr(self, field)):
                 return field
         for index, part in enumerate(self.content if isinstance(self.content, list) else []):
             if (name := _set_extra(part)) is not None:
@@ -283,13 +283,11 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    """A `/v1/completions` choice. Where the model reasons, `text` is the answer and the reasoning is
-    split out as the chat API splits it (vLLM's reasoning fields)."""
+    """A `/v1/completions` choice: `text` as the model wrote it, reasoning markers included (as vLLM's
+    completions give it), with the server's texts (prefix, refusal) where steering put them."""
 
     index: int = 0
     text: str
-    reasoning_content: str | None = None
-    reasoning: str | None = None
     logprobs: None = None
     finish_reason: str | None = None
     safethink: SteeringReport | None = Field(default=None, description="this choice's steering")

@@ -271,7 +271,8 @@ class UpstreamGeneration(Generation):
         reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
         content = delta.get("content") or ""
         if self._calls is not None:  # tool calls folded into the answer text, where they are judged
-            content = without_marks(content) + self._calls.fold(delta.get("tool_calls"))
+            reasoning = without_marks(reasoning)  # (reasoning may come after the answer has begun)
+            content = self._calls.fold(content, delta.get("tool_calls"))
         text = ""
         if reasoning:
             if not self._in_reasoning and not self._reasoned:
@@ -414,7 +415,7 @@ class UpstreamEngine(Engine):
 
     async def _has_tokenize(self) -> bool:
         """Whether the upstream renders with /tokenize and generates from token ids (/v1/completions,
-        asked for one token): vLLM and SGLang do; this project's own server has only the first."""
+        asked for one token): vLLM, SGLang and this project's own server do."""
         try:
             async with self.http.post(self.root + "/tokenize", json={"model": self.upstream_model, "prompt": "ok"}) as response:
                 tokens = (await response.json(content_type=None)).get("tokens") if response.status == 200 else None
@@ -447,7 +448,7 @@ class UpstreamEngine(Engine):
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         if conversation.template_kwargs:
             body["chat_template_kwargs"] = conversation.template_kwargs
-        tokens = list((await self._post_json(self.root + "/tokenize", body))["tokens"])
+        tokens = _tokens(await self._post_json(self.root + "/tokenize", body))
         if model not in self._template_opens_reasoning:  # the same for every prompt of a model: ask once
             tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
             self._template_opens_reasoning[model] = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
@@ -464,9 +465,14 @@ class UpstreamEngine(Engine):
         model = self.upstream_name(model)
         if isinstance(prompt, str):
             body = {"model": model, "prompt": prompt, "add_special_tokens": add_special_tokens}
-            return RenderedPrompt(list((await self._post_json(self.root + "/tokenize", body))["tokens"]), raw_prompt_section(prompt, reasoning))
-        text = (await self._post_json(self.root + "/detokenize", {"model": model, "tokens": prompt})).get("prompt", "")
-        return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning))
+            ids = _tokens(await self._post_json(self.root + "/tokenize", body))
+            return RenderedPrompt(ids, raw_prompt_section(prompt, reasoning), raw_text=prompt)
+        if any(token < 0 for token in prompt):
+            raise PromptError("a prompt token id is negative", param="prompt")
+        text = (await self._post_json(self.root + "/detokenize", {"model": model, "tokens": prompt})).get("prompt")
+        if not isinstance(text, str):
+            raise UpstreamError("the upstream's /detokenize answered without a prompt", 502, "protocol")
+        return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning), raw_text=text)
 
     async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
         if self.mode != "token_ids":
@@ -475,7 +481,7 @@ class UpstreamEngine(Engine):
 
     async def tokenize_text(self, model: str, text: str) -> list[int]:
         body = {"model": model, "prompt": text, "add_special_tokens": False}
-        return list((await self._post_json(self.root + "/tokenize", body))["tokens"])
+        return _tokens(await self._post_json(self.root + "/tokenize", body))
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -544,6 +550,14 @@ class UpstreamEngine(Engine):
             self._discovery.cancel()
         if self._http is not None:
             await self._http.close()
+
+
+def _tokens(reply: dict[str, Any]) -> list[int]:
+    """The ids of an upstream's /tokenize answer."""
+    tokens = reply.get("tokens") if isinstance(reply, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise UpstreamError("the upstream's /tokenize answered without token ids", 502, "protocol")
+    return tokens
 
 
 def _upstream_message(text: str) -> tuple[str, str | None]:

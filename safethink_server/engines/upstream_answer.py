@@ -22,36 +22,74 @@ from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.prompt import PromptError
 
 ANSWER_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs")
-CALL = "\x02"  # a folded tool call begins (STX, not whitespace: text is stripped): its function's name follows
+CALL = "\x02"  # a folded tool call begins (STX: not whitespace, which text handling strips): its function's name follows
 ARGUMENTS = "\x03"  # the call's arguments follow
+CALL_END = "\x04"  # content follows the calls
+_MARKS = (CALL, ARGUMENTS, CALL_END)
+_NO_CALL = -1
 
 
 def without_marks(text: str) -> str:
     """The upstream's own text, with the characters that mark a folded tool call removed."""
-    return text.replace(CALL, "").replace(ARGUMENTS, "") if CALL in text or ARGUMENTS in text else text
+    if any(mark in text for mark in _MARKS):
+        for mark in _MARKS:
+            text = text.replace(mark, "")
+    return text
+
+
+def _malformed(calls: Any) -> UpstreamError:
+    return UpstreamError(f"the upstream sent malformed tool calls: {str(calls)[:200]}", 502, "protocol")
 
 
 class ToolCallFolder:
-    """Folds one choice's streamed `delta.tool_calls` into answer text: a call begins where its index
-    changes."""
+    """Folds one choice's answer deltas, text and `tool_calls`, into one text: each call as
+    CALL name ARGUMENTS arguments, and CALL_END before text that follows a call. A call begins where
+    the (required) `index` changes; its name may come in a later delta than its id, but before its
+    arguments."""
 
     def __init__(self) -> None:
-        self._index: int | None = None
+        self._index = _NO_CALL
+        self._header_written = False  # the current call's CALL name ARGUMENTS is out
+        self._after_call = False  # text now would follow a call
 
-    def fold(self, calls: Any) -> str:
+    def fold(self, content: str, calls: Any) -> str:
         text = ""
+        if content:
+            text += (CALL_END if self._after_call else "") + without_marks(content)
+            self._after_call, self._index = False, _NO_CALL
         if calls is None:
-            return ""
-        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function") or {}, dict) for c in calls):
-            raise UpstreamError(f"the upstream sent malformed tool calls: {str(calls)[:200]}", 502, "protocol")
+            return text
+        if not isinstance(calls, list):
+            raise _malformed(calls)
         for call in calls:
-            function = call.get("function") or {}
-            index = call.get("index", 0)
+            function = call.get("function") if isinstance(call, dict) else None
+            index = call.get("index") if isinstance(call, dict) else None
+            if (not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(function or {}, dict)):
+                raise _malformed(calls)
+            name, arguments = (function or {}).get("name"), (function or {}).get("arguments")
+            if not isinstance(name, str | None) or not isinstance(arguments, str | None):
+                raise _malformed(calls)
             if index != self._index:
-                self._index = index
-                text += CALL + without_marks(str(function.get("name") or "")) + ARGUMENTS
-            text += without_marks(str(function.get("arguments") or ""))
+                self._index, self._header_written = index, False
+            if name and self._header_written:
+                raise _malformed(calls)  # a second name for a call whose arguments have begun
+            if not self._header_written and (name or arguments):
+                text += CALL + without_marks(name or "") + ARGUMENTS
+                self._header_written = self._after_call = True
+            text += without_marks(arguments or "")
         return text
+
+
+def read_folded(answer: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the text outside calls, [(name, arguments)]) of a folded answer."""
+    content, *folded = answer.split(CALL)
+    texts, calls = [content], []
+    for call in folded:
+        name, _, rest = call.partition(ARGUMENTS)
+        arguments, _, after = rest.partition(CALL_END)
+        calls.append((name, arguments))
+        texts.append(after)
+    return "".join(texts), calls
 
 
 class FoldedToolCalls(ToolCallReader):
@@ -59,12 +97,11 @@ class FoldedToolCalls(ToolCallReader):
     delta per call)."""
 
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
-        content, *calls = answer.split(CALL)
-        folded = [call.partition(ARGUMENTS) for call in calls]
-        return content.strip() or None if calls else content, [(name, arguments) for name, _, arguments in folded]
+        content, calls = read_folded(answer)
+        return (content.strip() or None) if calls else content, calls
 
     def plain(self, text: str) -> str:
-        return without_marks(text.replace(ARGUMENTS, " "))
+        return without_marks(text.replace(ARGUMENTS, " ").replace(CALL_END, " "))
 
 
 def answer_format(request: dict[str, Any], chat_mode: bool) -> AnswerFormat | None:

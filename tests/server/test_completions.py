@@ -42,19 +42,27 @@ def test_a_text_prompt_is_completed_and_counted(url, embedded_model_dir):
 
 
 def test_an_open_reasoning_is_steered_and_the_discarded_step_never_sent(url):
+    """The text is as the model wrote it, the end marker included; the first step, judged unsafe, is
+    replaced before anything of it goes out."""
     bare = client(url).completions.create(model=EMBEDDED_MODEL, prompt=REASONING_PROMPT, max_tokens=64, temperature=0, extra_body=BARE)
-    first_step = bare.choices[0].model_extra["reasoning_content"].strip().split("\n\n")[0]
+    first_step = bare.choices[0].text.strip().split("\n\n")[0]
     assert first_step and not bare.choices[0].model_extra["safethink"]["steps"]
     for stream in (False, True):
         r = client(url).completions.create(model=EMBEDDED_MODEL, prompt=REASONING_PROMPT, max_tokens=64, temperature=0,
                                            stream=stream, extra_body=FORCED)
         chunks = list(r) if stream else [r]
-        reasoning = "".join(c.choices[0].model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         info = next(c.choices[0].model_extra["safethink"] for c in reversed(chunks) if c.choices and c.choices[0].model_extra.get("safethink"))
         assert info["steps"][0]["section"] == "reasoning" and info["steps"][0]["action"] == "replaced"
-        assert reasoning.lstrip().startswith("Wait, think safely.")
-        assert first_step not in reasoning + text
+        assert text.lstrip().startswith("Wait, think safely.") and first_step not in text
+        assert "</think>" not in text or text.count("</think>") == 1
+
+
+def test_the_answer_to_a_plain_prompt_is_judged(url):
+    r = client(url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=24, temperature=0,
+                                       extra_body=FORCED)
+    steps = r.choices[0].model_extra["safethink"]["steps"]
+    assert steps and steps[0]["section"] == "answer" and steps[0]["action"] in ("replaced", "refused")
 
 
 def test_n_choices_each_steered(url):

@@ -33,7 +33,8 @@ def plain_url():
 
 @pytest.fixture(scope="module")
 def proxy_url(plain_url):
-    with running_server("--engine", "upstream", "--upstream-url", plain_url + "/v1", "--threshold", "0", "--max-step-tokens", "12",
+    with running_server("--engine", "upstream", "--upstream-url", plain_url + "/v1", "--upstream-mode", "chat", "--threshold", "0",
+                        "--max-step-tokens", "12",
                         "--max-interventions", "1", "--on-budget-exhausted", "release") as url:
         yield url
 
@@ -71,14 +72,14 @@ def test_upstream_honours_or_refuses(proxy_url, example):
 
 
 def test_neutral_values_ask_for_nothing():
-    neutral = {"n": 1, "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "tools": [], "echo": None,
+    neutral = {"n": 1, "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "tools": [], "echo": False, "best_of": 1,
                "response_format": {"type": "text"}, "top_k": -1, "repetition_penalty": 1.0, "logit_bias": {}, "min_tokens": 0,
                "parallel_tool_calls": True, "top_logprobs": 0}
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **neutral})
     assert refused_field(body, frozenset({"model", "messages"})) is None
     assert not is_neutral("n", 2) and not is_neutral("top_k", 1) and not is_neutral("frequency_penalty", 0.1)
     assert not is_neutral("tool_choice", "required") and not is_neutral("response_format", {"type": "json_object"})
-    for unknown in ({"echo": False}, {"thinking_token_budget": 0}, {"prompt_logprobs": 0}, {"bad_words": []}):
+    for unknown in ({"thinking_token_budget": 0}, {"prompt_logprobs": 0}, {"bad_words": []}):
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **unknown})
         assert refused_field(body, frozenset({"model", "messages"})) == next(iter(unknown)), "an unknown field may mean something at 0"
 
@@ -209,7 +210,8 @@ def test_logprobs_through_the_proxy_are_the_upstreams_for_the_kept_text(plain_ur
      "messages[0].content[0].cache_control"),
     ({"role": "user", "content": "Hi.", "reasoning_content": "I think."}, "messages[0].reasoning_content"),
     ({"role": "user", "content": "Hi.", "tool_call_id": "call_1"}, "messages[0].tool_call_id"),
-    ({"role": "tool", "content": "Sunny.", "tool_call_id": "call_1", "tool_calls": []}, "messages[0].tool_calls"),
+    ({"role": "tool", "content": "Sunny.", "tool_call_id": "call_1",
+      "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "messages[0].tool_calls"),
 ])
 def test_message_fields_honoured_or_refused(hf_url, message, param):
     for path, extra in (("/v1/chat/completions", {"max_tokens": 4}), ("/tokenize", {})):
@@ -225,9 +227,20 @@ def test_a_returned_message_goes_back_as_history(hf_url):
     c = client(hf_url)
     first = c.chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=24, extra_body=UNSTEERED)
     returned = first.choices[0].message.model_dump()
-    assert "reasoning_content" in returned and "refusal" in returned
+    assert "reasoning_content" in returned
     messages = [*MATH, returned, {"role": "user", "content": "And 12 + 31?"}]
     second = c.chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=8, extra_body=UNSTEERED)
     assert second.choices[0].message.role == "assistant"
     message = ChatMessage.model_validate({"role": "assistant", "content": "42", "reasoning_content": "12 + 30."})
     assert message.for_template()["reasoning"] == message.for_template()["reasoning_content"] == "12 + 30."
+
+
+def test_a_continued_assistant_message_is_only_its_text(plain_url):
+    messages = [*MATH, {"role": "assistant", "content": "First,", "reasoning": "12 + 30."}]
+    response = httpx.post(plain_url + "/v1/chat/completions", timeout=120, json={
+        "model": EMBEDDED_MODEL, "messages": messages, "max_tokens": 4, "continue_final_message": True, "add_generation_prompt": False})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].reasoning", response.text
+    messages[-1].pop("reasoning")
+    response = httpx.post(plain_url + "/v1/chat/completions", timeout=120, json={
+        "model": EMBEDDED_MODEL, "messages": messages, "max_tokens": 4, "continue_final_message": True, "add_generation_prompt": False})
+    assert response.status_code == 200, response.text

@@ -44,9 +44,20 @@ def own_upstream():
 
 @pytest.fixture(scope="module")
 def proxy(own_upstream):
-    with running_server("--engine", "upstream", "--upstream-url", own_upstream + "/v1", "--threshold", "0",
+    with running_server("--engine", "upstream", "--upstream-url", own_upstream + "/v1", "--upstream-mode", "chat", "--threshold", "0",
                         "--max-step-tokens", "24") as url:
         yield url
+
+
+def test_this_server_as_an_upstream_is_continued_by_token_ids(own_upstream):
+    """Auto mode finds /tokenize and /v1/completions on this server: the proxy steers it by token ids,
+    reading the reasoning from the completion's text as the model wrote it."""
+    with running_server("--engine", "upstream", "--upstream-url", own_upstream + "/v1", "--threshold", "0",
+                        "--max-step-tokens", "24") as url:
+        assert httpx.get(url + "/health").json()["upstream_mode"] == "token_ids"
+        r = client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0)
+        assert r.choices[0].message.reasoning_content.startswith("Wait, think safely.")
+        assert len(r.model_extra["safethink"]["interventions"]) == 2
 
 
 def test_models_come_from_the_upstream(proxy):
@@ -98,6 +109,9 @@ def test_a_model_cannot_forge_a_tool_call_and_a_malformed_call_is_a_protocol_err
     forged = client(faulty_proxy).chat.completions.create(model="forged-call", messages=WEATHER, max_tokens=64, **tools)
     assert forged.choices[0].message.tool_calls is None and forged.choices[0].finish_reason == "stop"
     assert forged.choices[0].message.content == 'Sunny. get_weather{"city": "Paris"}get_weather{"city": "Paris"}'
+    in_reasoning = client(faulty_proxy).chat.completions.create(model="forged-call-in-reasoning", messages=WEATHER, max_tokens=64, **tools)
+    assert in_reasoning.choices[0].message.tool_calls is None
+    assert in_reasoning.choices[0].message.content == 'Sunny.get_weather{"city": "Paris"}'
     before = labelled(faulty_proxy, "safethink_upstream_errors_total", 'kind="protocol"')
     with pytest.raises(openai.APIStatusError) as caught:
         client(faulty_proxy).chat.completions.create(model="malformed-call", messages=WEATHER, max_tokens=64, **tools)

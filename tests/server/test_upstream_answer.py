@@ -1,14 +1,19 @@
 """Tool calls folded into the proxy's answer text and read back: every call comes back as the
-upstream streamed it, however its arguments were cut into deltas, and text alone never makes one."""
+upstream streamed it (its name in the first delta or a later one, its arguments cut anywhere), text
+before, between and after calls stays text, and text alone never makes a call."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safethink_server.engines.upstream_answer import ARGUMENTS, CALL, FoldedToolCalls, ToolCallFolder, without_marks
+from safethink_server.engines.upstream_answer import CALL, CALL_END, FoldedToolCalls, ToolCallFolder, read_folded, without_marks
+from safethink_server.engines.upstream_stream import UpstreamError
 
-TEXT = st.text(alphabet=st.sampled_from(["a", " ", "{", '"', "\n", "é", CALL, ARGUMENTS]), max_size=30)
+MARKS = [CALL, "\x03", CALL_END]
+TEXT = st.text(alphabet=st.sampled_from(["a", " ", "{", '"', "\n", "é", *MARKS]), max_size=20)
+NAME = st.text(alphabet=st.sampled_from(["f", "_", "é", *MARKS]), min_size=1, max_size=8)
 
 
 def pieces(text: str, cuts: list[int]) -> list[str]:
@@ -16,17 +21,54 @@ def pieces(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip([0, *at], [*at, len(text)], strict=True)]
 
 
-@settings(max_examples=300, deadline=None)
-@given(content=TEXT, calls=st.lists(st.tuples(TEXT, TEXT), max_size=3), cuts=st.lists(st.integers(0, 30), max_size=4))
-def test_folded_calls_read_back_as_streamed(content, calls, cuts):
+# An answer: runs of text and of calls, each call (name, arguments, whether its name comes in a delta
+# of its own after the one with its id).
+ANSWERS = st.lists(st.one_of(TEXT.map(lambda t: ("text", t)),
+                             st.lists(st.tuples(NAME, TEXT, st.booleans()), min_size=1, max_size=3).map(lambda c: ("calls", c))),
+                   max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(answer=ANSWERS, cuts=st.lists(st.integers(0, 20), max_size=4), first_index=st.integers(0, 2))
+def test_folded_calls_read_back_as_streamed(answer, cuts, first_index):
+    folder, folded, index = ToolCallFolder(), "", first_index
+    expected_calls, expected_text = [], ""
+    for kind, run in answer:
+        if kind == "text":
+            folded += folder.fold(run, None)
+            expected_text += without_marks(run)
+            continue
+        for name, arguments, late_name in run:
+            head = {"index": index, "id": f"call_{index}", "type": "function"}
+            if late_name:
+                folded += folder.fold("", [head])
+                folded += folder.fold("", [{"index": index, "function": {"name": name}}])
+            else:
+                folded += folder.fold("", [{**head, "function": {"name": name, "arguments": ""}}])
+            for piece in pieces(arguments, cuts):
+                folded += folder.fold("", [{"index": index, "function": {"arguments": piece}}])
+            expected_calls.append((without_marks(name), without_marks(arguments)))
+            index += 1
+    text, calls = read_folded(folded)
+    assert calls == expected_calls and text == expected_text
+    content, final_calls = FoldedToolCalls().final(folded)
+    assert final_calls == expected_calls
+    assert content == (expected_text if not expected_calls else expected_text.strip() or None)
+    assert not any(mark in FoldedToolCalls().plain(folded) for mark in MARKS)
+
+
+@pytest.mark.parametrize("calls", [
+    "not a list", [{"function": {"name": "f"}}], [{"index": None, "function": {"name": "f"}}], [{"index": True, "function": {}}],
+    [{"index": 0, "function": "f"}], [{"index": 0, "function": {"name": "f", "arguments": {"x": 1}}}],
+])
+def test_malformed_calls_are_a_protocol_error(calls):
+    with pytest.raises(UpstreamError) as caught:
+        ToolCallFolder().fold("", calls)
+    assert caught.value.kind == "protocol"
+
+
+def test_a_second_name_once_arguments_have_begun_is_a_protocol_error():
     folder = ToolCallFolder()
-    answer = without_marks(content)  # the upstream's own text, as the engine keeps it
-    for index, (name, arguments) in enumerate(calls):
-        first, *rest = pieces(arguments, cuts)
-        answer += folder.fold([{"index": index, "id": f"call_{index}", "type": "function", "function": {"name": name, "arguments": first}}])
-        for piece in rest:
-            answer += folder.fold([{"index": index, "function": {"arguments": piece}}])
-    text, read = FoldedToolCalls().final(answer)
-    assert read == [(without_marks(name), without_marks(arguments)) for name, arguments in calls]
-    assert text == (without_marks(content).strip() or None if calls else without_marks(content))
-    assert CALL not in FoldedToolCalls().plain(answer) and ARGUMENTS not in FoldedToolCalls().plain(answer)
+    folder.fold("", [{"index": 0, "function": {"name": "f", "arguments": "{"}}])
+    with pytest.raises(UpstreamError):
+        folder.fold("", [{"index": 0, "function": {"name": "g"}}])
