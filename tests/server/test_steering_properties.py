@@ -55,6 +55,7 @@ class Case:
     step_regex: str | None = None  # a step regex may stop matching as text grows: followed token by token
     constrained: bool = False  # a structured answer: a breach in it is refused, never given a prefix
     raw_answer: bool = False  # the answer as written, its leading whitespace kept (/v1/completions)
+    constrains_itself: bool = False  # the engine's backend applies the constraint where the answer begins (an upstream)
 
 
 @dataclass
@@ -135,6 +136,7 @@ def cases(draw: st.DrawFn, long: bool = False) -> Case:
         prefill=draw(st.sampled_from(["", "Sure, here is how:", "Step 1: BAD"])),
         step_regex=draw(st.sampled_from([None, None, r"\.$"])),
         raw_answer=draw(st.booleans()),
+        constrains_itself=draw(st.booleans()),
         constrained=draw(st.booleans()),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
                                       [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
@@ -158,6 +160,7 @@ def scripted_engine(case: Case, by_position: bool = False) -> ScriptedEngine:
                             by_position=by_position)
     tok = engine.tokenizer
     engine.script = [tok.eos_token_id if p == "<EOS>" else tok.ids[p] for p in case.pieces]
+    engine.constrains_answer_itself = case.constrains_itself
     return engine
 
 
@@ -319,6 +322,9 @@ def assert_constrained_answers_are_sampled_constrained(outcome: Outcome, case: C
     """A structured answer is sampled under its constraint from its first token: the engine is told
     before any answer text is kept, and never told while the output is still in the reasoning."""
     if not case.constrained or not outcome.engine.generations or outcome.cancelled:
+        return
+    if case.constrains_itself:  # nothing is resampled: the backend constrains from where the answer begins
+        assert all(g.answer_begun_at is None for g in outcome.engine.generations), "the loop resampled an answer the engine constrains"
         return
     generation = outcome.engine.generations[0]
     tok = outcome.engine.tokenizer
