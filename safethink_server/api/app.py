@@ -501,9 +501,9 @@ class LogprobEntries:
             for e in entries])
 
 
-async def collected(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> list[dict[str, list[str]]] | Response:
-    """Every choice's released text by section, once all have ended; or the response that ends the
-    request early (a client gone, a failure)."""
+async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[dict[str, list[str]]], Usage] | Response:
+    """Every choice's released text by section and the usage, once all have ended (the request counted
+    as a success); or the response that ends the request early (a client gone, a failure)."""
     parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
 
     async def collect() -> None:
@@ -528,16 +528,17 @@ async def collected(sessions: list[SteeringSession], tracker: RequestTracker, re
             task.cancel()  # the sessions' own `finally` frees the slots; the route closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
                 await task
-    return parts
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    return parts, usage
 
 
 async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                    tracker: RequestTracker, request: Request) -> Response:
-    parts = await collected(sessions, tracker, request)
-    if isinstance(parts, Response):
-        return parts
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
+    done = await finished(sessions, tracker, request)
+    if isinstance(done, Response):
+        return done
+    parts, usage = done
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
@@ -576,11 +577,10 @@ class RawText:
 
 async def complete_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                         tracker: RequestTracker, request: Request) -> Response:
-    parts = await collected(sessions, tracker, request)
-    if isinstance(parts, Response):
-        return parts
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
+    done = await finished(sessions, tracker, request)
+    if isinstance(done, Response):
+        return done
+    parts, usage = done
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
         written = RawText(session)
@@ -593,7 +593,7 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
 
 async def stream_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                       tracker: RequestTracker) -> AsyncIterator[str]:
-    """`/v1/completions` streamed: each delta a `text_completion` chunk (the reasoning in its own fields)."""
+    """`/v1/completions` streamed: each delta a `text_completion` chunk, its text as the model wrote it."""
     chunk_id, created, model = text_completion_id(), int(time.time()), state.engine.model_name
 
     def chunk(*choices: CompletionChoice, usage: Usage | None = None, fingerprint: str | None = None) -> str:
@@ -625,11 +625,10 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
 
 async def complete_response(state: ServerState, body: ResponsesRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
                             tracker: RequestTracker, request: Request) -> Response:
-    parts = await collected(sessions, tracker, request)
-    if isinstance(parts, Response):
-        return parts
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
+    done = await finished(sessions, tracker, request)
+    if isinstance(done, Response):
+        return done
+    parts, usage = done
     session, text = sessions[0], parts[0]
     whole = ResponseBuilder(body, state.engine.model_name).whole("".join(text["reasoning"]) or None, "".join(text["answer"]),
                                                                 session.finish_reason, usage, session.report)
