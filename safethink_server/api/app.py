@@ -31,6 +31,7 @@ from safethink_server.api.protocol import (
     Choice,
     ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionTokensDetails,
@@ -304,7 +305,7 @@ COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "
 async def build_completion_sessions(state: ServerState, body: CompletionRequest) -> list[SteeringSession]:
     """`/v1/completions`: one session per choice over the raw prompt, steered where the model reasons."""
     s, engine = state.settings, state.engine
-    policy = checked_policy(state, body, COMPLETION_FIELDS | (engine.honoured_fields & SAMPLING_FIELDS))
+    policy = checked_policy(state, body, COMPLETION_FIELDS | (engine.honoured_fields & (SAMPLING_FIELDS | {"logprobs"})))
     try:
         raw = body.one_prompt()
     except ValueError as exc:
@@ -356,7 +357,14 @@ def sampling_params(body: GenerationRequest, max_tokens: int, vocab_size: int | 
     return SamplingParams(
         **body.model_dump(include=set(SamplingFields.model_fields)), max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed, logprobs=(body.top_logprobs or 0) if isinstance(body, ChatCompletionRequest) and body.logprobs else None)
+        seed=body.seed, logprobs=asked_logprobs(body))
+
+
+def asked_logprobs(body: GenerationRequest) -> int | None:
+    """None: no logprobs; else the sampled token's and this many alternatives (the two APIs ask differently)."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs if isinstance(body, CompletionRequest) else None
 
 
 async def close_all(sessions: list[SteeringSession]) -> None:
@@ -500,6 +508,12 @@ class LogprobEntries:
             TokenLogprobEntry(**self._top(e.token_id, e.logprob).model_dump(), top_logprobs=[self._top(i, lp) for i, lp in e.top])
             for e in entries])
 
+    def of_text(self, entries: list[TokenLogprob]) -> CompletionLogprobs:
+        """The completions API's form of the same entries."""
+        sampled = [self._top(e.token_id, e.logprob) for e in entries]
+        return CompletionLogprobs(tokens=[t.token for t in sampled], token_logprobs=[t.logprob for t in sampled],
+                                  top_logprobs=[{t.token: t.logprob for t in (self._top(i, lp) for i, lp in e.top)} for e in entries])
+
 
 async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[dict[str, list[str]]], Usage] | Response:
     """Every choice's released text by section and the usage, once all have ended (the request counted
@@ -581,11 +595,13 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
     if isinstance(done, Response):
         return done
     parts, usage = done
+    logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs is not None else None
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
         written = RawText(session)
         whole = "".join(written(Delta(section, part)) for section in ("reasoning", "answer") for part in text[section])  # type: ignore[arg-type]
-        choices.append(CompletionChoice(index=index, text=whole, finish_reason=session.finish_reason, safethink=session.report))
+        choices.append(CompletionChoice(index=index, text=whole, finish_reason=session.finish_reason, safethink=session.report,
+                                        logprobs=logprobs.of_text(session.take_logprobs()) if logprobs else None))
     response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
                                   system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
@@ -602,16 +618,18 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
     written = [RawText(session) for session in sessions]
+    logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs is not None else None
     try:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
             async for index, delta in runs:
+                session = sessions[index]
+                entries = logprobs.of_text(session.take_logprobs()) if logprobs else None
                 if delta is None:
-                    session = sessions[index]
-                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report),
-                                fingerprint=fingerprint([session]))
+                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report,
+                                                 logprobs=entries), fingerprint=fingerprint([session]))
                     continue
                 tracker.saw(delta.text)
-                yield chunk(CompletionChoice(index=index, text=written[index](delta)))
+                yield chunk(CompletionChoice(index=index, text=written[index](delta), logprobs=entries))
     except Exception as exc:
         yield _sse(tracker.failed(exc).body())
         yield "data: [DONE]\n\n"
@@ -649,12 +667,13 @@ async def stream_response(state: ServerState, body: ResponsesRequest, sessions: 
                 tracker.saw(delta.text)
                 for event in events.delta(delta.section, delta.text):
                     yield event
+        usage = _usage(sessions)
+        ending = list(events.end(sessions[0].finish_reason, usage, sessions[0].report))
     except Exception as exc:
         yield events.error(tracker.failed(exc))
         return
-    usage = _usage(sessions)
     tracker.finished(sessions, usage.completion_tokens)
-    for event in events.end(sessions[0].finish_reason, usage, sessions[0].report):
+    for event in ending:
         yield event
 
 

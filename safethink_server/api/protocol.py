@@ -158,6 +158,7 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str | list[int] | list[str] | list[list[int]] = Field(description="one prompt: a string or a list of token ids")
     max_tokens: int | None = Field(default=16, ge=1, le=INT64_MAX)  # the completions API's default, as OpenAI's and vLLM's
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description="the sampled token's and this many alternatives")
     add_special_tokens: bool = Field(default=True, description="vLLM extension: the tokenizer's special tokens around a text prompt")
 
     def one_prompt(self) -> str | list[int]:
@@ -282,13 +283,21 @@ class ChatCompletionChunk(BaseModel):
     safethink: SteeringReport | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions API's logprobs: per token its text, its logprob and the likeliest alternatives."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+
+
 class CompletionChoice(BaseModel):
     """A `/v1/completions` choice: `text` as the model wrote it, reasoning markers included (as vLLM's
     completions give it), with the server's texts (prefix, refusal) where steering put them."""
 
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     safethink: SteeringReport | None = Field(default=None, description="this choice's steering")
 

@@ -32,7 +32,7 @@ from openai.types.responses import (
     ResponseUsage,
 )
 from openai.types.responses.response_reasoning_item import Content as ReasoningText
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
 
 from safethink_server.api.errors import APIError
 from safethink_server.api.protocol import ChatCompletionRequest, Usage
@@ -42,9 +42,15 @@ Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class InputText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # what a returned output part carries (`annotations: []`) asks for nothing
     type: Literal["input_text", "output_text"]
     text: str
+
+    @model_validator(mode="after")
+    def _nothing_else(self) -> InputText:
+        if any(value not in (None, [], {}, "") for value in (self.model_extra or {}).values()):
+            raise ValueError(f"a text part takes only type and text, not {sorted(self.model_extra or {})}")
+        return self
 
 
 class InputMessage(BaseModel):
@@ -63,8 +69,9 @@ class InputMessage(BaseModel):
 
 
 class ReasoningOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # `summary`: no summaries are written; refused by name
+    model_config = ConfigDict(extra="forbid")
     effort: Effort | None = None
+    summary: None = Field(default=None, description="no summaries are written: only null is taken")
 
 
 class ResponsesRequest(BaseModel):
@@ -98,7 +105,7 @@ class ResponsesRequest(BaseModel):
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat request that serves this one."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
         else:
@@ -133,6 +140,8 @@ def refused_response_field(body: ResponsesRequest) -> str | None:
         return "truncation"
     if extra.get("include"):
         return "include"
+    if extra.get("store"):  # nothing is stored to be fetched or continued later
+        return "store"
     return None
 
 
@@ -170,7 +179,8 @@ class ResponseBuilder:
             id=self.id, object="response", created_at=self.created_at, model=self.model, output=output, status=status,  # type: ignore[arg-type]
             parallel_tool_calls=False, tool_choice="none", tools=[], instructions=self.body.instructions,
             max_output_tokens=self.body.max_output_tokens, temperature=self.body.temperature, top_p=self.body.top_p,
-            incomplete_details={"reason": incomplete} if incomplete else None, usage=_usage(usage) if usage else None)
+            incomplete_details={"reason": incomplete} if incomplete else None, usage=_usage(usage) if usage else None,
+            store=False, metadata=(self.body.model_extra or {}).get("metadata"))
         wire = response.model_dump(mode="json", exclude_none=True)
         if report is not None:
             wire["safethink"] = report.model_dump(mode="json")
@@ -264,7 +274,8 @@ class ResponseEvents:
             yield from self._close("completed")
         if self._open is None and not any(item.type == "message" for item in self.output):
             yield from self.delta("answer", "")  # every response has its message, empty or not
-        yield from self._close(status)
+        if self._open is not None:
+            yield from self._close(status)
         response = self.builder.response(self.output, status, finish_reason, usage, report)
         kind = ResponseCompletedEvent if status == "completed" else ResponseIncompleteEvent
         event_type = "response.completed" if status == "completed" else "response.incomplete"

@@ -340,7 +340,7 @@ def upstream_logprobs(logprobs: Any) -> list[TokenLogprob]:
                 for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True)
                 if logprob is not None]
     except (KeyError, TypeError, ValueError) as exc:
-        raise UpstreamError(f"the upstream sent malformed logprobs: {exc!r}", 502, "protocol") from exc
+        raise UpstreamError(f"the upstream sent malformed logprobs ({type(exc).__name__})", 502, "protocol") from exc
 
 
 class UpstreamEngine(Engine):

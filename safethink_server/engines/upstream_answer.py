@@ -37,44 +37,59 @@ def without_marks(text: str) -> str:
     return text
 
 
-def _malformed(calls: Any) -> UpstreamError:
-    return UpstreamError(f"the upstream sent malformed tool calls: {str(calls)[:200]}", 502, "protocol")
+def _malformed(what: str) -> UpstreamError:
+    # Only the shape is named, never a value: arguments are model text that was never judged.
+    return UpstreamError(f"the upstream sent malformed tool calls: {what}", 502, "protocol")
 
 
 class ToolCallFolder:
     """Folds one choice's answer deltas, text and `tool_calls`, into one text: each call as
     CALL name ARGUMENTS arguments, and CALL_END before text that follows a call. A call begins where
-    the (required) `index` changes; its name may come in a later delta than its id, but before its
-    arguments."""
+    the (required) `index` changes; its name comes with its id or in a later delta, but before its
+    arguments, and a call that has ended does not come back."""
 
     def __init__(self) -> None:
         self._index = _NO_CALL
         self._header_written = False  # the current call's CALL name ARGUMENTS is out
+        self._ended: set[int] = set()  # indices of calls that are over
         self._after_call = False  # text now would follow a call
+
+    def _end_call(self) -> None:
+        if self._index != _NO_CALL:
+            self._ended.add(self._index)
+        self._index, self._header_written = _NO_CALL, False
 
     def fold(self, content: str, calls: Any) -> str:
         text = ""
         if content:
             text += (CALL_END if self._after_call else "") + without_marks(content)
-            self._after_call, self._index = False, _NO_CALL
+            self._after_call = False
+            self._end_call()
         if calls is None:
             return text
         if not isinstance(calls, list):
-            raise _malformed(calls)
+            raise _malformed("tool_calls is not a list")
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             index = call.get("index") if isinstance(call, dict) else None
-            if (not isinstance(index, int) or isinstance(index, bool) or index < 0 or not isinstance(function or {}, dict)):
-                raise _malformed(calls)
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise _malformed("a call without an integer index")
+            if not isinstance(function or {}, dict):
+                raise _malformed("a call whose function is not an object")
             name, arguments = (function or {}).get("name"), (function or {}).get("arguments")
             if not isinstance(name, str | None) or not isinstance(arguments, str | None):
-                raise _malformed(calls)
+                raise _malformed("a name or arguments that are not strings")
             if index != self._index:
-                self._index, self._header_written = index, False
+                if index in self._ended:
+                    raise _malformed("a call that had ended came back")
+                self._end_call()
+                self._index = index
             if name and self._header_written:
-                raise _malformed(calls)  # a second name for a call whose arguments have begun
-            if not self._header_written and (name or arguments):
-                text += CALL + without_marks(name or "") + ARGUMENTS
+                raise _malformed("a second name for a call whose arguments have begun")
+            if not self._header_written and arguments and not name:
+                raise _malformed("arguments before the call's name")
+            if not self._header_written and name:
+                text += CALL + without_marks(name) + ARGUMENTS
                 self._header_written = self._after_call = True
             text += without_marks(arguments or "")
         return text

@@ -121,7 +121,8 @@ async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, c
                 try:
                     event = from_json(data)  # pydantic's parser: a quarter of json.loads' time per event
                 except ValueError:
-                    raise UpstreamError(f"the upstream sent malformed event data: {data[:80]!r}", 502, "protocol") from None
+                    # (the data is not quoted: it may hold model text that was never judged)
+                    raise UpstreamError(f"the upstream sent malformed event data ({len(data)} bytes, not JSON)", 502, "protocol") from None
                 if not isinstance(event, dict):
                     raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
                 if "error" in event:

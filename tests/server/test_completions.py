@@ -58,6 +58,20 @@ def test_an_open_reasoning_is_steered_and_the_discarded_step_never_sent(url):
         assert "</think>" not in text or text.count("</think>") == 1
 
 
+def test_logprobs_in_the_completions_shape(url):
+    """Each released token's text, logprob and alternatives; streamed, with the text they came with."""
+    whole = client(url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=12, temperature=0,
+                                           logprobs=2, extra_body=BARE)
+    entries = whole.choices[0].logprobs
+    assert "".join(entries.tokens) == whole.choices[0].text and len(entries.token_logprobs) == 12
+    assert all(lp <= 0 for lp in entries.token_logprobs) and all(len(top) == 2 for top in entries.top_logprobs)
+    streamed = [c.choices[0] for c in client(url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is",
+                                                                     max_tokens=12, temperature=0, logprobs=2, stream=True,
+                                                                     extra_body=BARE) if c.choices]
+    assert all("".join(c.logprobs.tokens) == c.text for c in streamed if c.text)
+    assert [t for c in streamed if c.logprobs for t in c.logprobs.tokens] == entries.tokens
+
+
 def test_the_answer_to_a_plain_prompt_is_judged(url):
     r = client(url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=24, temperature=0,
                                        extra_body=FORCED)
@@ -72,7 +86,7 @@ def test_n_choices_each_steered(url):
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"), ({"suffix": " the end"}, "suffix"), ({"best_of": 2}, "best_of"),
+    ({"echo": True}, "echo"), ({"logprobs": 99}, "logprobs"), ({"suffix": " the end"}, "suffix"), ({"best_of": 2}, "best_of"),
     ({"prompt": ["one", "two"]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": [10**9]}, "prompt"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
 ])

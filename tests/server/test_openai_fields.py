@@ -235,12 +235,14 @@ def test_a_returned_message_goes_back_as_history(hf_url):
     assert message.for_template()["reasoning"] == message.for_template()["reasoning_content"] == "12 + 30."
 
 
-def test_a_continued_assistant_message_is_only_its_text(plain_url):
-    messages = [*MATH, {"role": "assistant", "content": "First,", "reasoning": "12 + 30."}]
+@pytest.mark.parametrize(("field", "value"), [("reasoning", "12 + 30."), ("reasoning_content", "12 + 30."), ("name", "helper"),
+                                              ("tool_calls", [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}])])
+def test_a_continued_assistant_message_is_only_its_text(plain_url, field, value):
+    messages = [*MATH, {"role": "assistant", "content": "First,", field: value}]
     response = httpx.post(plain_url + "/v1/chat/completions", timeout=120, json={
         "model": EMBEDDED_MODEL, "messages": messages, "max_tokens": 4, "continue_final_message": True, "add_generation_prompt": False})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].reasoning", response.text
-    messages[-1].pop("reasoning")
+    assert response.status_code == 400 and response.json()["error"]["param"] == f"messages[1].{field}", response.text
+    messages[-1].pop(field)
     response = httpx.post(plain_url + "/v1/chat/completions", timeout=120, json={
         "model": EMBEDDED_MODEL, "messages": messages, "max_tokens": 4, "continue_final_message": True, "add_generation_prompt": False})
     assert response.status_code == 200, response.text

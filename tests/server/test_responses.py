@@ -58,6 +58,8 @@ def test_a_steered_response_streams_only_judged_text(url):
     assert streamed == "".join(texts) == "".join("".join(c.text for c in o.content or []) for o in whole.output)
     assert texts[0].lstrip().startswith("Wait, think safely.") and first_step not in streamed
     assert final.model_extra["safethink"]["steps"][0]["action"] == "replaced"
+    refused = final.model_extra["safethink"].get("refusal") is not None
+    assert not refused or (final.status == "incomplete" and final.incomplete_details.reason == "content_filter")
     done = [e.item for e in events if e.type == "response.output_item.done"]
     assert [item.id for item in done] == [item.id for item in final.output]
 
@@ -66,7 +68,8 @@ def test_a_steered_response_streams_only_judged_text(url):
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"text": {"format": {"type": "json_object"}}}, "text"), ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "sunny"}]}, "input"), ({"background": True}, "background"),
-    ({"top_logprobs": 2}, "top_logprobs"), ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"include": ["reasoning.encrypted_content"]}, "include"), ({"store": True}, "store"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
 ])
 def test_fields_it_does_not_honour_are_refused_by_name(url, fields, param):
     response = httpx.post(url + "/v1/responses", json={"model": EMBEDDED_MODEL, "input": "Hello", "max_output_tokens": 4, **fields},
@@ -78,6 +81,6 @@ def test_fields_it_does_not_honour_are_refused_by_name(url, fields, param):
 def test_neutral_fields_and_message_input_are_served(url):
     r = client(url).responses.create(
         model=EMBEDDED_MODEL, max_output_tokens=8, temperature=0, store=False, text={"format": {"type": "text"}}, tool_choice="none",
-        truncation="disabled", reasoning={"effort": "low"}, extra_body=BARE,
+        truncation="disabled", reasoning={"effort": "low", "summary": None}, metadata={"team": "a"}, extra_body=BARE,
         input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hi."}]}])
-    assert r.output[-1].type == "message"
+    assert r.output[-1].type == "message" and r.store is False and r.metadata == {"team": "a"}

@@ -53,11 +53,20 @@ def test_this_server_as_an_upstream_is_continued_by_token_ids(own_upstream):
     """Auto mode finds /tokenize and /v1/completions on this server: the proxy steers it by token ids,
     reading the reasoning from the completion's text as the model wrote it."""
     with running_server("--engine", "upstream", "--upstream-url", own_upstream + "/v1", "--threshold", "0",
-                        "--max-step-tokens", "24") as url:
+                        "--max-step-tokens", "24", "--allow-client-overrides") as url:
         assert httpx.get(url + "/health").json()["upstream_mode"] == "token_ids"
         r = client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=96, temperature=0)
         assert r.choices[0].message.reasoning_content.startswith("Wait, think safely.")
         assert len(r.model_extra["safethink"]["interventions"]) == 2
+        # Unsteered, the proxy gives what the upstream's own chat API gives: the text, split the same way.
+        unsteered = {"safethink": {"early_steps": 0}}
+        direct = client(own_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=64, temperature=0)
+        proxied = client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=64, temperature=0,
+                                                      logprobs=True, top_logprobs=2, extra_body=unsteered)
+        assert (proxied.choices[0].message.reasoning_content, proxied.choices[0].message.content) == (
+            direct.choices[0].message.reasoning_content, direct.choices[0].message.content)
+        entries = proxied.choices[0].logprobs.content
+        assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
 
 
 def test_models_come_from_the_upstream(proxy):
