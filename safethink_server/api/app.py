@@ -64,7 +64,7 @@ from safethink_server.api.tokens import (
 )
 from safethink_server.api.tool_calls import ToolCallStream, tool_call_message
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
+from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, Generation, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import (
@@ -379,13 +379,25 @@ async def close_all(sessions: list[SteeringSession]) -> None:
         raise errors[0]
 
 
+def reasoning_count(generation: Generation, pre: int, reasoning: int) -> int | None:
+    """Tokens of the output's ids `pre`..`pre + reasoning`, where the engine knows its counts."""
+    if not reasoning:
+        return 0
+    start, end = generation.token_count_at(pre), generation.token_count_at(pre + reasoning)
+    return None if start is None or end is None else end - start
+
+
 def _counts(session: SteeringSession) -> tuple[int, int, int]:
     """(prompt, completion, reasoning) tokens of one session."""
     counted = session.generation.token_usage() if session.generation is not None else None
     if counted is None:
         return session.prompt_tokens, session.output_tokens, session.reasoning_tokens
-    prompt, completion = counted  # the engine's ids are not tokens: take its counts, and split off the reasoning share
-    reasoning = round(completion * session.reasoning_tokens / session.output_tokens) if session.output_tokens else 0
+    prompt, completion = counted  # the engine's ids are not tokens: take its counts
+    # The reasoning is the output's first ids, after a start marker the model wrote and up to its end
+    # marker: counted where the engine knows, else its share.
+    reasoning = reasoning_count(session.generation, session.output.pre_tokens, session.reasoning_tokens)
+    if reasoning is None:
+        reasoning = round(completion * session.reasoning_tokens / session.output_tokens) if session.output_tokens else 0
     return prompt, completion, reasoning
 
 

@@ -125,6 +125,11 @@ class Generation(ABC):
         """(prompt, completion) tokens when the engine counts them itself (upstream); else None."""
         return None
 
+    def token_count_at(self, position: int) -> int | None:
+        """Tokens of the output's first `position` ids, where the engine's ids are not tokens and it
+        knows the count (an upstream that gives token ids); else None."""
+        return None
+
 
 class SequenceCursor:
     """Reads a generation token by token and keeps the contract above: the unread rest of a batch

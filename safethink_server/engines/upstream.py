@@ -38,6 +38,7 @@ from safethink_server.engines.base import (
 )
 from safethink_server.engines.upstream_answer import ANSWER_FIELDS, ToolCallFolder, answer_format, without_marks
 from safethink_server.engines.upstream_stream import EventReader, UpstreamError
+from safethink_server.engines.upstream_tokens import TokenMarks
 from safethink_server.prompt import Conversation, PromptError, RenderedPrompt, open_turn, raw_prompt_section
 from safethink_server.schema import ReasoningConfig, SamplingFields, seed_plus
 
@@ -98,6 +99,8 @@ class UpstreamGeneration(Generation):
         self._usage_kept_tokens = 0  # kept tokens sent with that request
         self._usage_bytes = 0  # bytes that request generated
         self._request_bytes = 0
+        # Token counts by byte position, where the upstream gives each event's token ids (vLLM).
+        self.marks: TokenMarks | None = TokenMarks() if engine.returns_token_ids else None
         self.finished_by_length = False
         self.system_fingerprint: str | None = None  # the upstream's, passed back to the client
         # Logprob entries by the output position of the last byte of the event that brought them.
@@ -135,13 +138,21 @@ class UpstreamGeneration(Generation):
                 body["logprobs"] = self.sampling.logprobs
             else:
                 body.update(logprobs=True, top_logprobs=self.sampling.logprobs)
+        if self.marks is not None:
+            body["return_token_ids"] = True
         if e.mode == "token_ids":
             kept_ids = await e.tokenize_text(self.model, text) if text else []
             self.kept_tokens = len(kept_ids)
+            if self.marks is not None:
+                self.marks.rebase(len(self.kept), len(kept_ids))
             body["prompt"] = self.prompt_ids + kept_ids
             path = "/completions"
         else:
-            self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
+            if self.marks is not None and self.marks.complete:
+                self.marks.add_estimated(len(self.kept), BYTES_PER_TOKEN)  # text injected here: no tokenizer in chat mode
+                self.kept_tokens = self.marks.at(len(self.kept))
+            else:
+                self.kept_tokens = round(len(self.kept) / BYTES_PER_TOKEN)  # chat mode has no tokenizer: an estimate
             body["messages"] = self.messages
             template = dict(self.template_kwargs)
             if "reasoning_effort" in template:  # a field of its own in the chat API (OpenAI's, gpt-oss on vLLM)
@@ -175,9 +186,16 @@ class UpstreamGeneration(Generation):
             prompt = max(0, self.usage.prompt_tokens - self._usage_kept_tokens)
         else:
             prompt = round(sum(len(m["content"].encode()) for m in self.messages) / BYTES_PER_TOKEN)
+        if self.marks is not None and self.marks.complete:
+            return prompt, self.marks.at(len(self.kept))
         if self.usage is not None and self.usage.completion_tokens and self._usage_bytes:
             bytes_per_token = self._usage_bytes / self.usage.completion_tokens
         return prompt, round(len(self.kept) / bytes_per_token)
+
+    def token_count_at(self, position: int) -> int | None:
+        if self.marks is None or not self.marks.complete:
+            return None
+        return self.marks.at(position)
 
     async def _close(self) -> None:
         response, events, self._response, self._events = self._response, self._events, None, None
@@ -216,9 +234,12 @@ class UpstreamGeneration(Generation):
                     continue
                 choice = choices[0]
                 text.append((choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
-                if self.sampling.logprobs is not None:
+                if self.sampling.logprobs is not None or self.marks is not None:
                     end += len(text[-1].encode("utf-8"))
-                    self._place_logprobs(choice.get("logprobs"), end)
+                    if self.sampling.logprobs is not None:
+                        self._place_logprobs(choice.get("logprobs"), end)
+                    if self.marks is not None:
+                        self._mark(choice.get("token_ids"), end)
                 if choice.get("finish_reason") is not None:
                     self.finished_by_length = choice["finish_reason"] == "length"
                     data = self._keep(text)
@@ -230,6 +251,13 @@ class UpstreamGeneration(Generation):
             data = self._keep(text)
             if data:
                 return data
+
+    def _mark(self, token_ids: Any, end: int) -> None:
+        assert self.marks is not None
+        if isinstance(token_ids, list):
+            self.marks.add(end, len(token_ids))
+        else:
+            self.marks.complete = False  # an event without its count: usage falls back to the estimate
 
     def _place_logprobs(self, logprobs: Any, end: int) -> None:
         """An event's entries go out once its text has all been released: they sit at its last byte."""
@@ -297,6 +325,8 @@ class UpstreamGeneration(Generation):
             raise ValueError("cannot roll back into the prompt")
         await self._close()
         del self.kept[len(self.kept) - n_tokens :]
+        if self.marks is not None:
+            self.marks.cut(len(self.kept))
         self._unplaced = []
         for at in [at for at in self.logprobs_at if at >= len(self.kept)]:
             del self.logprobs_at[at]
@@ -348,6 +378,7 @@ class UpstreamEngine(Engine):
     # Passed through to the upstream, which may refuse them; logprobs come back with the text they belong to.
     honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS | {"logprobs", "top_logprobs", *ANSWER_FIELDS}
     counts_tokens = False  # the stream is bytes: limits and usage come from the upstream
+    returns_token_ids = False  # the upstream gives each event's token ids (vLLM): token counts are exact
     constrains_answer_itself = True  # the upstream applies a structured answer where its reasoning parser sees it begin
     ids_per_token = BYTES_PER_TOKEN
 
@@ -405,6 +436,7 @@ class UpstreamEngine(Engine):
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
             logger.warning("upstream %s: could not list models yet (%r)", self.base, exc)
             return False
+        self.returns_token_ids = any(m.get("owned_by") == "vllm" for m in self.upstream_models if isinstance(m, dict))
         if not self.upstream_model and self.upstream_models:
             self.upstream_model = self.upstream_models[0]["id"]
         self.model_name = self.model_name or self.upstream_model

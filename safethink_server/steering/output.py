@@ -39,6 +39,7 @@ class OutputCheckpoint:
     splitter: tuple[Section, str, bool]
     output_tokens: int
     reasoning_tokens: int
+    pre_tokens: int
 
 
 class OutputProcessor:
@@ -49,6 +50,7 @@ class OutputProcessor:
         self.stop = StopMatcher(stop)
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
         self.reasoning_tokens = 0
+        self.pre_tokens = 0  # before any section is known (a reasoning marker the model writes itself)
         self.stopped = False  # a stop string was hit: nothing more is released
         self._released: list[str] = []  # every text released so far, all sections, server texts included
 
@@ -59,8 +61,11 @@ class OutputProcessor:
     def push(self, token: int) -> list[Delta]:
         """Count one token of the sequence and return the text it completes, split by section."""
         self.output_tokens += 1
-        if self.splitter.section == "reasoning":
+        section = self.splitter.section
+        if section == "reasoning":
             self.reasoning_tokens += 1
+        elif section == "pre":
+            self.pre_tokens += 1
         text = self.detok.push(token)
         if not text:
             return []
@@ -75,6 +80,8 @@ class OutputProcessor:
         self.output_tokens += len(ids)
         if section == "reasoning":
             self.reasoning_tokens += len(ids)
+        elif section == "pre":
+            self.pre_tokens += len(ids)
         text = self.detok.push_many(ids)
         segments = self.splitter.feed(text) if text else []
         if (self.splitter.section != section or not self.detok.settled  # a partial character may hide a marker
@@ -88,12 +95,13 @@ class OutputProcessor:
         return merged([Delta(d.section, d.text, server) for token in ids for d in self.push(token)])
 
     def checkpoint(self) -> OutputCheckpoint:
-        return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens)
+        return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens,
+                                self.pre_tokens)
 
     def restore(self, c: OutputCheckpoint) -> None:
         self.detok.restore(c.detokenizer)
         self.splitter.restore(c.splitter)
-        self.output_tokens, self.reasoning_tokens = c.output_tokens, c.reasoning_tokens
+        self.output_tokens, self.reasoning_tokens, self.pre_tokens = c.output_tokens, c.reasoning_tokens, c.pre_tokens
 
     def release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
         """The texts that go to the client: answer text passes the stop strings (a partial match is

@@ -350,3 +350,11 @@ def test_proxy_in_token_ids_mode_refuses_tools_and_passes_structured_outputs(vll
                                                        temperature=0)
         assert proxied.choices[0].text == direct.choices[0].text and proxied.usage.prompt_tokens == direct.usage.prompt_tokens
         assert proxied.system_fingerprint and proxied.system_fingerprint.startswith("vllm-")
+    # vLLM gives each event's token ids: a reasoning closed by the server's budget is counted in tokens.
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--early-steps", "0",
+                        "--reasoning-budget", "12") as budget_url:
+        r = client(budget_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=60, temperature=0)
+        reasoning, content = r.choices[0].message.reasoning_content, r.choices[0].message.content
+        counted = httpx.post(vllm_upstream + "/tokenize", json={"prompt": reasoning + "</think>", "add_special_tokens": False}).json()
+        assert content and abs(r.usage.completion_tokens_details.reasoning_tokens - counted["count"]) <= 1
+        assert r.usage.completion_tokens == 60 or r.choices[0].finish_reason == "stop"
