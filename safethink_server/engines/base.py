@@ -56,6 +56,7 @@ class ToolCallReader(ABC):
     """Turns a choice's answer text into tool calls, for an engine that honours `tools`."""
 
     named: str | None = None  # a forced function: the answer is its arguments, streamed as they are released
+    folded = False  # the answer holds calls folded with marks (`upstream_answer`): streamed as they are released
 
     @abstractmethod
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:

@@ -111,6 +111,8 @@ class FoldedToolCalls(ToolCallReader):
     """Reads the folded calls back from the whole answer (held until the choice ends, then sent as one
     delta per call)."""
 
+    folded = True
+
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
         content, calls = read_folded(answer)
         return (content.strip() or None) if calls else content, calls

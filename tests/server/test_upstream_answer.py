@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safethink_server.api.tool_calls import ToolCallStream
 from safethink_server.engines.upstream_answer import CALL, CALL_END, FoldedToolCalls, ToolCallFolder, read_folded, without_marks
 from safethink_server.engines.upstream_stream import UpstreamError
 
@@ -55,6 +56,19 @@ def test_folded_calls_read_back_as_streamed(answer, cuts, first_index):
     assert final_calls == expected_calls
     assert content == (expected_text if not expected_calls else expected_text.strip() or None)
     assert not any(mark in FoldedToolCalls().plain(folded) for mark in MARKS)
+
+    # Streamed as released, in pieces cut anywhere: the same calls and text, as the upstream's deltas.
+    stream, names, arguments, streamed_text = ToolCallStream(FoldedToolCalls()), {}, {}, ""
+    for piece in pieces(folded, [c * 3 for c in cuts]):
+        for message in stream.answer(piece):
+            streamed_text += message.content or ""
+            for call in message.tool_calls or []:
+                if call.id is not None:
+                    assert call.index not in names and call.function.name is not None
+                    names[call.index] = call.function.name
+                arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+    assert stream.end() == [] and stream.called == bool(expected_calls)
+    assert [(names[i], arguments[i]) for i in sorted(names)] == expected_calls and streamed_text == expected_text
 
 
 SECRET = "unjudged model text"
