@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from openai.types.responses import (
     Response,
@@ -32,7 +32,16 @@ from openai.types.responses import (
     ResponseUsage,
 )
 from openai.types.responses.response_reasoning_item import Content as ReasoningText
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from safethink_server.api.errors import APIError
 from safethink_server.api.protocol import ChatCompletionRequest, Usage
@@ -101,6 +110,8 @@ class ResponsesRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
     reasoning: ReasoningOptions | None = None
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] | None = Field(
+        default=None, max_length=16, description="returned with the response, as OpenAI's: at most 16 pairs of strings")
     safethink: SteeringOverrides | None = None  # type: ignore[valid-type]
 
     def as_chat(self) -> ChatCompletionRequest:
@@ -180,7 +191,7 @@ class ResponseBuilder:
             parallel_tool_calls=False, tool_choice="none", tools=[], instructions=self.body.instructions,
             max_output_tokens=self.body.max_output_tokens, temperature=self.body.temperature, top_p=self.body.top_p,
             incomplete_details={"reason": incomplete} if incomplete else None, usage=_usage(usage) if usage else None,
-            store=False, metadata=(self.body.model_extra or {}).get("metadata"))
+            store=False, metadata=self.body.metadata)
         wire = response.model_dump(mode="json", exclude_none=True)
         if report is not None:
             wire["safethink"] = report.model_dump(mode="json")

@@ -101,6 +101,7 @@ class UpstreamGeneration(Generation):
         self._request_bytes = 0
         # Token counts by byte position, where the upstream gives each event's token ids (vLLM).
         self.marks: TokenMarks | None = TokenMarks() if engine.returns_token_ids else None
+        self._marker_spans: list[tuple[int, int]] = []  # chat mode: reasoning markers folded into the current event's text
         self.finished_by_length = False
         self.system_fingerprint: str | None = None  # the upstream's, passed back to the client
         # Logprob entries by the output position of the last byte of the event that brought them.
@@ -178,7 +179,8 @@ class UpstreamGeneration(Generation):
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens of the final sequence. The prompt is exact in token_ids mode and
         from the upstream's count in chat mode; the completion (kept text, injected text included) is
-        converted from bytes at the bytes-per-token rate of the upstream's last counted answer."""
+        counted from the upstream's token ids where it gives them (vLLM), else converted from bytes at
+        the bytes-per-token rate of the upstream's last counted answer."""
         bytes_per_token = float(BYTES_PER_TOKEN)
         if self.prompt_ids:
             prompt = len(self.prompt_ids)
@@ -228,6 +230,7 @@ class UpstreamGeneration(Generation):
             text: list[str] = []
             end = len(self.kept)
             for at, event in enumerate(events):
+                self._marker_spans.clear()
                 self._take_usage(event)
                 choices = event.get("choices") or []
                 if not choices:
@@ -235,11 +238,11 @@ class UpstreamGeneration(Generation):
                 choice = choices[0]
                 text.append((choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
                 if self.sampling.logprobs is not None or self.marks is not None:
-                    end += len(text[-1].encode("utf-8"))
+                    start, end = end, end + len(text[-1].encode("utf-8"))
                     if self.sampling.logprobs is not None:
                         self._place_logprobs(choice.get("logprobs"), end)
                     if self.marks is not None:
-                        self._mark(choice.get("token_ids"), end)
+                        self._mark(choice.get("token_ids"), start, end)
                 if choice.get("finish_reason") is not None:
                     self.finished_by_length = choice["finish_reason"] == "length"
                     data = self._keep(text)
@@ -252,12 +255,20 @@ class UpstreamGeneration(Generation):
             if data:
                 return data
 
-    def _mark(self, token_ids: Any, end: int) -> None:
-        assert self.marks is not None
-        if isinstance(token_ids, list):
-            self.marks.add(end, len(token_ids))
-        else:
-            self.marks.complete = False  # an event without its count: usage falls back to the estimate
+    def _mark(self, token_ids: Any, start: int, end: int) -> None:
+        """An event's token count at the end of its text; markers this engine wrote into it count none."""
+        marks = self.marks
+        assert marks is not None
+        if not marks.complete:
+            return
+        if not isinstance(token_ids, list):
+            if end > start:
+                marks.complete = False  # text without its count: usage falls back to the estimate
+            return  # (an event without text, as vLLM's first chat event, is no tokens)
+        for span_start, span_end in self._marker_spans:
+            marks.add(start + span_start, 0)
+            marks.add(start + span_end, 0)
+        marks.add(end, len(token_ids))
 
     def _place_logprobs(self, logprobs: Any, end: int) -> None:
         """An event's entries go out once its text has all been released: they sit at its last byte."""
@@ -304,15 +315,23 @@ class UpstreamGeneration(Generation):
         text = ""
         if reasoning:
             if not self._in_reasoning and not self._reasoned:
-                text += self.engine.config.reasoning_start
+                text += self._folded_marker(text, self.engine.config.reasoning_start)
             self._in_reasoning = self._reasoned = True
             text += reasoning
         if content:
             if self._in_reasoning:
-                text += self.engine.config.reasoning_end
+                text += self._folded_marker(text, self.engine.config.reasoning_end)
                 self._in_reasoning = False
             text += content
         return text
+
+    def _folded_marker(self, before: str, marker: str) -> str:
+        """A marker this engine writes into the text: (start, end) offsets within the event's text go to
+        `_marker_spans`, where it counts no tokens (the upstream sent none for it)."""
+        if self.marks is not None:
+            start = len(before.encode("utf-8"))
+            self._marker_spans.append((start, start + len(marker.encode("utf-8"))))
+        return marker
 
     async def rollback(self, n_tokens: int) -> None:
         if n_tokens <= 0:

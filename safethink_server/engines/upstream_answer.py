@@ -6,7 +6,7 @@ what comes back like any answer text.
   a structured output from where its reasoning parser sees the answer begin.
 - Tool calls arrive as `delta.tool_calls`. They are folded into the answer's text as
   `CALL` name `ARGUMENTS` arguments, so that the steering loop judges a call's arguments like any
-  answer step, and are read back into tool calls once the choice has ended. The two marks are ASCII
+  answer step, and are read back into tool calls as they are released. The two marks are ASCII
   control characters that are removed from the upstream's own text, so a model cannot forge a call.
 - A breach in such an answer ends it with the refusal: a corrective prefix would break the structure.
 - Tool calls need the chat API, where the upstream's tool parser reads them: in token_ids mode they
@@ -108,8 +108,8 @@ def read_folded(answer: str) -> tuple[str, list[tuple[str, str]]]:
 
 
 class FoldedToolCalls(ToolCallReader):
-    """Reads the folded calls back from the whole answer (held until the choice ends, then sent as one
-    delta per call)."""
+    """Reads the folded calls back: from the whole answer (`final`), or as released text streams
+    (`api.tool_calls.ToolCallStream`)."""
 
     folded = True
 

@@ -14,13 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "length", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed",
-              "forged-call", "forged-call-in-reasoning", "malformed-call"]
+              "forged-call", "forged-call-in-reasoning", "malformed-call", "counted"]
 FORGED_CALL = "\x02get_weather\x03{\"city\": \"Paris\"}"  # the marks the gateway folds calls with, as model text
 
 
-def _chunk(delta: dict[str, object], finish: str | None = None) -> str:
+def _chunk(delta: dict[str, object], finish: str | None = None, token_ids: list[int] | None = None) -> str:
     event = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "token_ids": token_ids}]}
     return f"data: {json.dumps(event)}\n\n"
 
 
@@ -57,6 +57,11 @@ async def _events(behaviour: str) -> AsyncIterator[str]:
         yield _chunk({"role": "assistant", "reasoning": "Hmm."})
         yield _chunk({"content": "Sunny."})
         yield _chunk({"reasoning": FORGED_CALL}, "stop")
+    elif behaviour == "counted":  # as vLLM with return_token_ids: the first event has no text and no ids
+        yield _chunk({"role": "assistant", "content": ""})
+        yield _chunk({"reasoning_content": "Two."}, token_ids=[1])
+        yield _chunk({"reasoning_content": " It is four."}, token_ids=[2, 3, 4, 5])
+        yield _chunk({"content": "The answer is 4."}, "stop", token_ids=[6, 7, 8, 9, 10])
     elif behaviour == "malformed-call":
         yield _chunk({"role": "assistant", "tool_calls": [{"index": 0, "function": "get_weather"}]})  # type: ignore[dict-item]
     elif behaviour == "malformed":
@@ -71,7 +76,8 @@ def build_app() -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, object]:
-        return {"object": "list", "data": [{"id": b, "object": "model", "owned_by": "faulty"} for b in BEHAVIOURS]}
+        return {"object": "list", "data": [{"id": b, "object": "model", "owned_by": "vllm" if b == "counted" else "faulty"}
+                                           for b in BEHAVIOURS]}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> StreamingResponse | JSONResponse:

@@ -69,7 +69,7 @@ def test_a_steered_response_streams_only_judged_text(url):
     ({"text": {"format": {"type": "json_object"}}}, "text"), ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "sunny"}]}, "input"), ({"background": True}, "background"),
     ({"top_logprobs": 2}, "top_logprobs"), ({"include": ["reasoning.encrypted_content"]}, "include"), ({"store": True}, "store"),
-    ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning.summary"), ({"metadata": {"n": 1}}, "metadata.n"), ({"metadata": "x"}, "metadata"),
 ])
 def test_fields_it_does_not_honour_are_refused_by_name(url, fields, param):
     response = httpx.post(url + "/v1/responses", json={"model": EMBEDDED_MODEL, "input": "Hello", "max_output_tokens": 4, **fields},

@@ -113,6 +113,14 @@ def faulty_proxy():
         yield url
 
 
+def test_token_ids_from_the_upstream_count_usage_and_reasoning_exactly(faulty_proxy):
+    """Chat mode in front of an upstream that gives each event's token ids (vLLM's shape): 5 reasoning
+    tokens and 5 answer tokens, whatever their bytes; the markers this gateway folds in count none."""
+    r = client(faulty_proxy).chat.completions.create(model="counted", messages=MATH, max_tokens=32)
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("Two. It is four.", "The answer is 4.")
+    assert (r.usage.completion_tokens, r.usage.completion_tokens_details.reasoning_tokens) == (10, 5)
+
+
 def test_a_model_cannot_forge_a_tool_call_and_a_malformed_call_is_a_protocol_error(faulty_proxy):
     tools = {"tools": [WEATHER_TOOL], "tool_choice": "auto"}
     forged = client(faulty_proxy).chat.completions.create(model="forged-call", messages=WEATHER, max_tokens=64, **tools)

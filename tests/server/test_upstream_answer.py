@@ -30,8 +30,9 @@ ANSWERS = st.lists(st.one_of(TEXT.map(lambda t: ("text", t)),
 
 
 @settings(max_examples=400, deadline=None)
-@given(answer=ANSWERS, cuts=st.lists(st.integers(0, 20), max_size=4), first_index=st.integers(0, 2))
-def test_folded_calls_read_back_as_streamed(answer, cuts, first_index):
+@given(answer=ANSWERS, cuts=st.lists(st.integers(0, 20), max_size=4), first_index=st.integers(0, 2),
+       release_cuts=st.one_of(st.lists(st.integers(0, 300), max_size=12), st.just(list(range(300)))))
+def test_folded_calls_read_back_as_streamed(answer, cuts, first_index, release_cuts):
     folder, folded, index = ToolCallFolder(), "", first_index
     expected_calls, expected_text = [], ""
     for kind, run in answer:
@@ -59,7 +60,7 @@ def test_folded_calls_read_back_as_streamed(answer, cuts, first_index):
 
     # Streamed as released, in pieces cut anywhere: the same calls and text, as the upstream's deltas.
     stream, names, arguments, streamed_text = ToolCallStream(FoldedToolCalls()), {}, {}, ""
-    for piece in pieces(folded, [c * 3 for c in cuts]):
+    for piece in pieces(folded, release_cuts):  # (all of 0..299: a character at a time)
         for message in stream.answer(piece):
             streamed_text += message.content or ""
             for call in message.tool_calls or []:
