@@ -90,7 +90,8 @@ class UpstreamGeneration(Generation):
         self.model = model
         self.messages = conversation.messages
         self.template_kwargs = conversation.template_kwargs
-        self.opening = prompt.opening if engine.mode == "chat" else ""  # chat mode: the prefill, continued upstream
+        self.mode = engine.route(conversation)
+        self.opening = prompt.opening if self.mode == "chat" else ""  # chat mode: the prefill, continued upstream
         self.sampling = sampling
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
         self.kept_tokens = 0  # tokens of `kept` when the current request was sent
@@ -135,13 +136,13 @@ class UpstreamGeneration(Generation):
         if self.sampling.seed is not None:  # a continuation derives its seed, kept within 64 bits
             body["seed"] = seed_plus(self.sampling.seed, self.continuations)
         if self.sampling.logprobs is not None:
-            if e.mode == "token_ids":
+            if self.mode == "token_ids":
                 body["logprobs"] = self.sampling.logprobs
             else:
                 body.update(logprobs=True, top_logprobs=self.sampling.logprobs)
         if self.marks is not None:
             body["return_token_ids"] = True
-        if e.mode == "token_ids":
+        if self.mode == "token_ids":
             kept_ids = await e.tokenize_text(self.model, text) if text else []
             self.kept_tokens = len(kept_ids)
             if self.marks is not None:
@@ -236,7 +237,7 @@ class UpstreamGeneration(Generation):
                 if not choices:
                     continue
                 choice = choices[0]
-                text.append((choice.get("text") or "") if self.engine.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
+                text.append((choice.get("text") or "") if self.mode == "token_ids" else self._chat_text(choice.get("delta") or {}))
                 if self.sampling.logprobs is not None or self.marks is not None:
                     start, end = end, end + len(text[-1].encode("utf-8"))
                     if self.sampling.logprobs is not None:
@@ -479,7 +480,13 @@ class UpstreamEngine(Engine):
             return False
 
     def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
-        return answer_format(request, chat_mode=self.mode == "chat")
+        return answer_format(request)
+
+    def route(self, conversation: Conversation) -> Literal["token_ids", "chat"]:
+        """The API a request goes through: a request with tools takes the chat API in either mode, where
+        the upstream's template renders the tools and its tool parser reads the calls (its
+        /v1/completions would ignore them)."""
+        return "chat" if self.mode == "chat" or conversation.tools else "token_ids"
 
     def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
         budget = configured.budget_tokens
@@ -494,8 +501,8 @@ class UpstreamEngine(Engine):
         section opened (or the client's prefill appended). chat mode: the upstream renders the
         messages itself; only the opening is known here."""
         model = self.upstream_name(model)
-        if self.mode == "chat":
-            return open_turn(conversation, reasoning, template_opens_reasoning=False)
+        if self.route(conversation) == "chat":  # reasoning arrives folded between the markers: the section starts closed
+            return open_turn(conversation, reasoning.model_copy(update={"prefill_start": False}), template_opens_reasoning=False)
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         if conversation.template_kwargs:
             body["chat_template_kwargs"] = conversation.template_kwargs

@@ -9,8 +9,8 @@ what comes back like any answer text.
   answer step, and are read back into tool calls as they are released. The two marks are ASCII
   control characters that are removed from the upstream's own text, so a model cannot forge a call.
 - A breach in such an answer ends it with the refusal: a corrective prefix would break the structure.
-- Tool calls need the chat API, where the upstream's tool parser reads them: in token_ids mode they
-  are refused (a structured output is passed to /v1/completions, which takes it).
+- Tool calls need the chat API, where the upstream's tool parser reads them: a request with tools
+  takes it in token_ids mode too (a structured output is passed to /v1/completions, which takes it).
 """
 
 from __future__ import annotations
@@ -121,16 +121,13 @@ class FoldedToolCalls(ToolCallReader):
         return without_marks(text.replace(ARGUMENTS, " ").replace(CALL_END, " "))
 
 
-def answer_format(request: dict[str, Any], chat_mode: bool) -> AnswerFormat | None:
+def answer_format(request: dict[str, Any]) -> AnswerFormat | None:
     """`request`: the chat request's fields as the client sent them. What is passed on is the
     answer's constraint; None where nothing is asked of the answer."""
     asked = {name: request[name] for name in ANSWER_FIELDS if request.get(name) is not None}
     tools, choice = bool(asked.get("tools")), asked.get("tool_choice")
     if not tools and (isinstance(choice, dict) or choice == "required"):
         raise PromptError("tool_choice names a function but no tools are given", param="tool_choice")
-    if tools and not chat_mode:
-        raise PromptError("tools through this gateway need the upstream's chat API (--upstream-mode chat), where the "
-                          "upstream's chat template renders them and its tool parser reads the calls", param="tools")
     if asked.get("response_format") == {"type": "text"}:
         del asked["response_format"]
     passed = asked if tools else {name: value for name, value in asked.items() if name in ("response_format", "structured_outputs")}

@@ -341,12 +341,18 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
         assert message.content == "I can't help with that request."  # a breach in a call ends it: no prefix, no call
 
 
-def test_proxy_in_token_ids_mode_refuses_tools_and_passes_structured_outputs(vllm_upstream):
+def test_proxy_in_token_ids_mode_routes_tools_through_chat_and_passes_structured_outputs(vllm_upstream):
+    """In token_ids mode (auto, in front of vLLM) a request with tools takes the chat API, where vLLM's
+    template renders them and its parser reads the calls; a structured output goes to /v1/completions."""
+    direct = client(vllm_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL],
+                                                           tool_choice=NAMED, max_tokens=48, temperature=0)
     with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--threshold", "1") as proxy_url:
-        with pytest.raises(openai.BadRequestError) as refused:
-            client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], max_tokens=8)
-        assert refused.value.body["param"] == "tools" and "--upstream-mode chat" in refused.value.body["message"]
         assert httpx.get(proxy_url + "/health").json()["upstream_mode"] == "token_ids"
+        r = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
+                                                      max_tokens=48, temperature=0)
+        call, expected = r.choices[0].message.tool_calls[0].function, direct.choices[0].message.tool_calls[0].function
+        assert (call.name, call.arguments) == (expected.name, expected.arguments)
+        assert r.usage.completion_tokens == direct.usage.completion_tokens
         answer = client(proxy_url).chat.completions.create(
             model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 12 + 30?"}], max_tokens=40, temperature=0,
             response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
