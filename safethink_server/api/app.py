@@ -285,12 +285,12 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
             raise APIError(400, f"'{param}' cannot be set on a continued assistant message", param=param, code="unsupported_parameter")
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
-    reasoning = engine.reasoning_for(s.reasoning())
     answer = engine.answer_format(body.model_dump(exclude_unset=True))
     sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
     sampling.answer_constraint = answer.constraint if answer is not None else None
     template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
+    reasoning = engine.reasoning_for(s.reasoning(), conversation)
     prompt = await engine.render(conversation, reasoning, body.model)
     sessions = choice_sessions(state, body, prompt, conversation, sampling, policy, reasoning,
                                keep_special_tokens=answer is not None and answer.keep_special_tokens)

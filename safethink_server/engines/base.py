@@ -235,8 +235,9 @@ class Engine(ABC):
     def accepts_model(self, name: str) -> bool:
         return name in self.model_ids()
 
-    def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
-        """The reasoning settings as this engine's token stream needs them."""
+    def reasoning_for(self, configured: ReasoningConfig, conversation: Conversation | None = None) -> ReasoningConfig:
+        """The reasoning settings as this engine's token stream needs them, for a chat request's
+        conversation (None: a raw prompt)."""
         return configured
 
     @property

@@ -10,7 +10,8 @@ Two ways to talk to the upstream, chosen by `--upstream-mode` (`auto` detects):
   messages) and generated through `/v1/completions` with token ids. The text is the model's raw
   text, reasoning markers included, exactly as the local engines see it. A continuation after an
   injection sends `prompt ids + /tokenize(kept text)`, so the upstream's prefix cache serves it.
-- `chat`: `/v1/chat/completions`. Reasoning arrives as `delta.reasoning_content`, `delta.reasoning`
+- `chat`: `/v1/chat/completions` (also, in token_ids mode, for a request with tools, which
+  /v1/completions would ignore). Reasoning arrives as `delta.reasoning_content`, `delta.reasoning`
   or `<think>` text inside `content`; this engine folds the first two back into `<think>...</think>`
   text so that one splitter serves all three. A continuation resends the messages with the kept
   text as a final assistant message and `continue_final_message` (vLLM, SGLang, this server).
@@ -90,7 +91,7 @@ class UpstreamGeneration(Generation):
         self.model = model
         self.messages = conversation.messages
         self.template_kwargs = conversation.template_kwargs
-        self.mode = engine.route(conversation)
+        self.mode: Literal["token_ids", "chat"] = "token_ids" if prompt.ids else "chat"  # the route render() took
         self.opening = prompt.opening if self.mode == "chat" else ""  # chat mode: the prefill, continued upstream
         self.sampling = sampling
         self.kept = bytearray()  # the kept output: bytes sampled upstream and bytes injected here
@@ -181,7 +182,8 @@ class UpstreamGeneration(Generation):
         """(prompt, completion) tokens of the final sequence. The prompt is exact in token_ids mode and
         from the upstream's count in chat mode; the completion (kept text, injected text included) is
         counted from the upstream's token ids where it gives them (vLLM), else converted from bytes at
-        the bytes-per-token rate of the upstream's last counted answer."""
+        the bytes-per-token rate of the upstream's last counted answer. (The prompt is exact on the
+        token_ids route; on the chat route it is the upstream's count.)"""
         bytes_per_token = float(BYTES_PER_TOKEN)
         if self.prompt_ids:
             prompt = len(self.prompt_ids)
@@ -488,21 +490,22 @@ class UpstreamEngine(Engine):
         /v1/completions would ignore them)."""
         return "chat" if self.mode == "chat" or conversation.tools else "token_ids"
 
-    def reasoning_for(self, configured: ReasoningConfig) -> ReasoningConfig:
+    def reasoning_for(self, configured: ReasoningConfig, conversation: Conversation | None = None) -> ReasoningConfig:
         budget = configured.budget_tokens
+        route = self.route(conversation) if conversation is not None else self.mode
         return configured.model_copy(update={
-            # chat mode: reasoning arrives folded between the markers, so the section starts closed.
-            "prefill_start": self.mode == "token_ids" and configured.prefill_start,
+            # the chat API: reasoning arrives folded between the markers, so the section starts closed.
+            "prefill_start": route == "token_ids" and configured.prefill_start,
             "budget_tokens": budget * self.ids_per_token if budget else None,  # the loop's ids are bytes
         })
 
     async def render(self, conversation: Conversation, reasoning: ReasoningConfig, model: str | None = None) -> RenderedPrompt:
-        """token_ids mode: the chat prompt as the upstream's /tokenize renders it, with the reasoning
-        section opened (or the client's prefill appended). chat mode: the upstream renders the
-        messages itself; only the opening is known here."""
+        """The token_ids route: the chat prompt as the upstream's /tokenize renders it, with the
+        reasoning section opened (or the client's prefill appended). The chat route (chat mode, or a
+        request with tools): the upstream renders the messages itself; only the opening is known here."""
         model = self.upstream_name(model)
-        if self.route(conversation) == "chat":  # reasoning arrives folded between the markers: the section starts closed
-            return open_turn(conversation, reasoning.model_copy(update={"prefill_start": False}), template_opens_reasoning=False)
+        if self.route(conversation) == "chat":
+            return open_turn(conversation, reasoning, template_opens_reasoning=False)
         body = {"model": model, "messages": conversation.messages, "add_generation_prompt": True}
         if conversation.template_kwargs:
             body["chat_template_kwargs"] = conversation.template_kwargs

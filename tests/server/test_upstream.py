@@ -113,6 +113,17 @@ def faulty_proxy():
         yield url
 
 
+def test_a_request_with_tools_takes_the_chat_api_in_token_ids_mode():
+    """The misbehaving server has no /tokenize: in token_ids mode a plain request fails there, while a
+    request with tools never asks for it and is served through /v1/chat/completions."""
+    with FaultyUpstream(free_port()) as upstream, running_server(
+        "--engine", "upstream", "--upstream-url", upstream.url, "--upstream-mode", "token_ids", "--early-steps", "0") as url:
+        with pytest.raises(openai.APIStatusError):
+            client(url).chat.completions.create(model="ok", messages=MATH, max_tokens=32)
+        r = client(url).chat.completions.create(model="ok", messages=MATH, max_tokens=32, tools=[WEATHER_TOOL])
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("Two plus two. It is four.", "4")
+
+
 def test_token_ids_from_the_upstream_count_usage_and_reasoning_exactly(faulty_proxy):
     """Chat mode in front of an upstream that gives each event's token ids (vLLM's shape): 5 reasoning
     tokens and 5 answer tokens, whatever their bytes; the markers this gateway folds in count none."""
