@@ -166,11 +166,17 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
                                  if json.loads(key)[1] == "safethink_requests_total" and 'success' in key)
                     for db in tmp_path.glob("counter_*.db")}
 
-        # /health answered from one worker; the other may still be loading, so rounds go on until
-        # both have served (a worker that is up takes its share of new connections).
-        sent = 0
+        # /health answered from one worker; the other may still be loading (its metrics file does not
+        # exist yet), so rounds go on until both have served (a worker that is up takes its share of
+        # new connections), for up to two minutes.
+        sent, deadline = 0, time.monotonic() + 120
+
+        def both_served() -> bool:
+            counts = served_by()
+            return len(counts) == 2 and all(counts.values())
+
         with ThreadPoolExecutor(8) as pool:
-            while sent < 24 or (not all(served_by().values()) and sent < 240):
+            while sent < 24 or (not both_served() and time.monotonic() < deadline):
                 assert list(pool.map(ask, range(24))) == ["4"] * 24
                 sent += 24
         assert labelled(url, "safethink_requests_total", 'status="success"') == sent
