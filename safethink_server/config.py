@@ -93,6 +93,12 @@ class ServerSettings(BaseSettings, PolicyConfig):
         return self
 
     @model_validator(mode="after")
+    def _no_empty_api_key(self) -> ServerSettings:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty: set a key, or leave --api-key / SAFETHINK_API_KEY unset to serve without one")
+        return self
+
+    @model_validator(mode="after")
     def _auto_tool_choice_needs_a_parser(self) -> ServerSettings:
         if self.enable_auto_tool_choice and (self.engine != "vllm" or not self.tool_call_parser):
             raise ValueError("--enable-auto-tool-choice needs --engine vllm and --tool-call-parser NAME")

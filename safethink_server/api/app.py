@@ -158,7 +158,8 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+        # As bytes: a header with non-ASCII characters is a wrong key, not an error.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("utf-8"), settings.api_key.encode("utf-8")):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     @app.get("/health")

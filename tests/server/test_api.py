@@ -281,6 +281,7 @@ def assert_error(response: httpx.Response, status: int, type_: str, param: str |
 def test_error_shapes(bare_url):
     good = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert_error(post(bare_url, good, headers={"Authorization": "Bearer wrong"}), 401, "authentication_error")
+    assert_error(post(bare_url, good, headers={"Authorization": "Bearer clé-ключ".encode()}), 401, "authentication_error")
     assert_error(httpx.post(bare_url + "/v1/chat/completions", json=good), 401, "authentication_error")
     assert_error(post(bare_url, {**good, "model": "nope"}), 404, "not_found_error", "model")
     assert_error(post(bare_url, {**good, "messages": [{"role": "robot", "content": "x"}]}), 400, "invalid_request_error", "messages.0.role")
@@ -301,3 +302,11 @@ def test_error_shapes(bare_url):
     assert post(bare_url, {**good, "seed": 2**63 - 1}).status_code == 200
     assert post(bare_url, {**good, "seed": -(2**63)}).status_code == 200
     assert post(bare_url, good).status_code == 200
+
+
+@pytest.mark.parametrize(("flags", "env"), [(("--api-key", " "), {}), ((), {"SAFETHINK_API_KEY": ""})])
+def test_an_empty_api_key_is_refused_at_startup(flags, env):
+    """An empty key would let everyone in: the server does not start, whether the key comes from a flag or the environment."""
+    with pytest.raises(RuntimeError, match="exited") as caught, running_server(*flags, env=env, timeout_s=120):
+        pass
+    assert "API key is empty" in str(caught.value)
