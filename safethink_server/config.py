@@ -94,8 +94,10 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     @model_validator(mode="after")
     def _no_empty_api_key(self) -> ServerSettings:
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty: set a key, or leave --api-key / SAFETHINK_API_KEY unset to serve without one")
+        if self.api_key is not None:
+            if not self.api_key.strip():
+                raise ValueError("the API key is empty: set a key, or leave --api-key / SAFETHINK_API_KEY unset to serve without one")
+            self.api_key = self.api_key.strip()  # (a Secret made from a file often ends in a newline; a header's token is stripped)
         return self
 
     @model_validator(mode="after")

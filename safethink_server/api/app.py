@@ -158,8 +158,9 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        # As bytes: a header with non-ASCII characters is a wrong key, not an error.
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("utf-8"), settings.api_key.encode("utf-8")):
+        # As the header's own bytes (Starlette decodes them as latin-1): a non-ASCII header is a wrong key, not an error.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(" \t").encode("latin-1"),
+                                                                    settings.api_key.encode("utf-8")):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     @app.get("/health")
