@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -556,9 +556,7 @@ async def finished(sessions: list[SteeringSession], tracker: RequestTracker, req
             task.cancel()  # the sessions' own `finally` frees the slots; the route closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
                 await task
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
-    return parts, usage
+    return parts, counted_usage(sessions, tracker)
 
 
 async def complete(state: ServerState, body: ChatCompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
@@ -645,14 +643,11 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
                 tracker.saw(delta.text)
                 yield chunk(CompletionChoice(index=index, text=written[index](delta), logprobs=entries))
     except Exception as exc:
-        yield _sse(tracker.failed(exc).body())
-        yield "data: [DONE]\n\n"
+        for event in failed_stream(tracker, exc):
+            yield event
         return
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield chunk(usage=usage)
-    yield "data: [DONE]\n\n"
+    for event in stream_tail(body, sessions, tracker, lambda usage: chunk(usage=usage)):
+        yield event
 
 
 async def complete_response(state: ServerState, body: ResponsesRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
@@ -714,6 +709,28 @@ class SessionStream(StreamingResponse):
                         await close_all(self.sessions)
             finally:
                 self.tracker.close()
+
+
+def counted_usage(sessions: list[SteeringSession], tracker: RequestTracker) -> Usage:
+    """The usage of a request whose choices all ended, counted as a success."""
+    usage = _usage(sessions)
+    tracker.finished(sessions, usage.completion_tokens)
+    return usage
+
+
+def stream_tail(body: GenerationRequest, sessions: list[SteeringSession], tracker: RequestTracker,
+                usage_event: Callable[[Usage], str]) -> Iterator[str]:
+    """A finished stream's last events: the usage where the client asked for it, then [DONE]."""
+    usage = counted_usage(sessions, tracker)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield usage_event(usage)
+    yield "data: [DONE]\n\n"
+
+
+def failed_stream(tracker: RequestTracker, exc: Exception) -> Iterator[str]:
+    """A stream that failed after it began: the error as an event, then [DONE]."""
+    yield _sse(tracker.failed(exc).body())
+    yield "data: [DONE]\n\n"
 
 
 def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
@@ -785,11 +802,9 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
                 else:
                     yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))
     except Exception as exc:
-        yield _sse(tracker.failed(exc).body())
-        yield "data: [DONE]\n\n"
+        for event in failed_stream(tracker, exc):
+            yield event
         return
-    usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))
-    yield "data: [DONE]\n\n"
+    for event in stream_tail(body, sessions, tracker,
+                             lambda usage: _sse(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=[], usage=usage))):
+        yield event
