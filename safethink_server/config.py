@@ -81,6 +81,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
     allow_assistant_prefill: bool = Field(default=False, description="accept continue_final_message (a client-written start of the "
                                           "assistant turn); the scorer then reads it as context")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body accepted (413 above)")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long requests in flight may finish (new ones get 503) "
+                                   "before they are aborted; keep it below Kubernetes' terminationGracePeriodSeconds")
     log_level: str = Field(default="info", description="uvicorn log level")
     workers: int = Field(default=1, ge=1, le=64, description="server processes sharing the port (--engine upstream): each has "
                          "its own event loop, upstream connections and scorer; metrics are summed across them")

@@ -49,7 +49,7 @@ class Metrics(SteeringObserver):
 
     def initialise(self, engine: str, early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""
-        for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error"):
+        for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error", "unavailable"):
             self.requests.labels(engine=engine, status=status)
         for step in range(1, early_steps + 1):
             self.interventions.labels(step=str(step))

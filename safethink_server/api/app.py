@@ -23,6 +23,7 @@ from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
 from safethink_server.api.errors import APIError, install_error_handlers
 from safethink_server.api.fields import refuse_message_fields, refused_field
+from safethink_server.api.lifecycle import Lifecycle, shutting_down
 from safethink_server.api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -47,6 +48,7 @@ from safethink_server.api.protocol import (
     completion_id,
     text_completion_id,
 )
+from safethink_server.api.request_json import CheckedRoute
 from safethink_server.api.responses import (
     RESPONSES_FIELDS,
     ResponseBuilder,
@@ -82,6 +84,16 @@ from safethink_server.steering.session import SteeringSession
 
 logger = logging.getLogger(__name__)
 
+# What the OpenAPI schema documents: every error is an ErrorResponse; a stream is text/event-stream.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in (
+        (400, "invalid request"), (401, "invalid or missing API key"), (404, "unknown model"), (413, "request body too large"),
+        (429, "upstream rate limit"), (500, "server error"), (502, "upstream error"), (503, "overloaded, draining, or engine dead"),
+        (504, "upstream timeout"))}
+GENERATION = {**ERRORS, 200: {"description": "the completion, or its events with stream=true",
+                              "content": {"application/json": {}, "text/event-stream": {}}}}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "not alive, or not ready"}}
+
 
 @dataclass
 class ServerState:
@@ -90,6 +102,7 @@ class ServerState:
     scorer: Scorer
     batcher: MicroBatcher
     metrics: Metrics
+    lifecycle: Lifecycle
 
     @property
     def max_model_len(self) -> int:
@@ -138,17 +151,20 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     metrics.initialise(engine.name, settings.early_steps)
     batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done,
                            warm_observer=metrics.scorer_warmed)
-    state = ServerState(settings, engine, scorer, batcher, metrics)
+    state = ServerState(settings, engine, scorer, batcher, metrics, Lifecycle(settings.drain_timeout_s))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
+        state.lifecycle.handle_sigterm()
+        state.lifecycle.started = True
         yield
         await batcher.aclose()
         await engine.close()
         scorer.close()
 
     app = FastAPI(title="safethink-server", lifespan=lifespan)
+    app.router.route_class = CheckedRoute
     app.state.safethink = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -163,47 +179,65 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
                                                                     settings.api_key.encode("utf-8")):
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
-    @app.get("/health")
-    async def health() -> dict[str, object]:
-        return {"status": "ok", "engine": engine.name, "model": engine.model_name, **engine.stats()}
+    @app.get("/health", responses=UNAVAILABLE)
+    async def health() -> JSONResponse:
+        """Details; 503 when the engine is dead."""
+        dead = engine.dead_reason()
+        status = "dead" if dead else "draining" if state.lifecycle.draining else "ok"
+        body = {"status": status, "engine": engine.name, "model": engine.model_name, **engine.stats()}
+        return JSONResponse({**body, "error": dead} if dead else body, status_code=503 if dead else 200)
 
-    @app.get("/metrics")
+    @app.get("/health/live", responses=UNAVAILABLE)
+    async def live() -> JSONResponse:
+        """Liveness: 503 when the engine is dead (restart the pod)."""
+        dead = engine.dead_reason()
+        return JSONResponse({"status": "dead", "error": dead} if dead else {"status": "ok"}, status_code=503 if dead else 200)
+
+    @app.get("/health/ready", responses=UNAVAILABLE)
+    async def ready() -> JSONResponse:
+        """Readiness: 200 only while requests are admitted (not loading, draining, or dead)."""
+        lifecycle = state.lifecycle
+        dead = engine.dead_reason()
+        status = "dead" if dead else "draining" if lifecycle.draining else "ok" if lifecycle.started else "starting"
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)], responses=ERRORS)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id) for model_id in engine.model_ids()])
 
-    @app.post("/tokenize", dependencies=[Depends(require_api_key)])
+    @app.post("/tokenize", dependencies=[Depends(require_api_key)], responses=ERRORS)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         try:
             return await tokenize(engine, body, state.max_model_len)
         except (PromptError, UpstreamError) as exc:
             raise _failure(exc, metrics)[0] from exc
 
-    @app.post("/detokenize", dependencies=[Depends(require_api_key)])
+    @app.post("/detokenize", dependencies=[Depends(require_api_key)], responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
             return await detokenize(engine, body, getattr(engine, "vocab_size", None))
         except (PromptError, UpstreamError) as exc:
             raise _failure(exc, metrics)[0] from exc
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None)
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             return await build_sessions(state, body)
 
         return await respond(state, body, request, sessions_for, complete, stream)
 
-    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None)
+    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             return await build_completion_sessions(state, body), None
 
         return await respond(state, body, request, sessions_for, complete_text, stream_text)
 
-    @app.post("/v1/responses", dependencies=[Depends(require_api_key)], response_model=None)
+    @app.post("/v1/responses", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
     async def responses(body: ResponsesRequest, request: Request) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             refused = refused_field(body, RESPONSES_FIELDS) or refused_response_field(body)
@@ -212,7 +246,8 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
                                code="unsupported_parameter")
             return await build_sessions(state, body.as_chat())
 
-        return await respond(state, body, request, sessions_for, complete_response, stream_response)
+        abort_event = ResponseEvents(ResponseBuilder(body, engine.model_name)).error
+        return await respond(state, body, request, sessions_for, complete_response, stream_response, abort_event)
 
     return app
 
@@ -243,22 +278,28 @@ Streamer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | Non
 
 async def respond(state: ServerState, body: GenerationRequest | ResponsesRequest, request: Request,
                   sessions_for: Callable[[], Awaitable[tuple[list[SteeringSession], AnswerFormat | None]]],
-                  completer: Completer, streamer: Streamer) -> Response:
+                  completer: Completer, streamer: Streamer, abort_event: Callable[[APIError], str] | None = None) -> Response:
     """A completion request of either API: its sessions built and checked, then answered whole or
-    streamed. The request is counted once and every slot is freed, however it ends."""
+    streamed. The request is counted once and every slot is freed, however it ends (a drain that
+    times out aborts it: `abort_event` is a stream's last event then)."""
     tracker = RequestTracker(state)
     sessions: list[SteeringSession] = []
     streaming = False
     try:
-        sessions, answer = await sessions_for()
-        if not body.stream:
-            return await completer(state, body, sessions, answer, tracker, request)
-        # A full queue answers 503 before the stream begins. The other choices take their slots as
-        # they run: with fewer slots than choices, they wait for the first ones to end.
-        await sessions[0].start()
-        response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker))
-        streaming = True  # from here the response owns the slots and the count
-        return response
+        tracker.admit()
+        with state.lifecycle.abortable() as scope:
+            sessions, answer = await sessions_for()
+            if not body.stream:
+                return await completer(state, body, sessions, answer, tracker, request)
+            # A full queue answers 503 before the stream begins. The other choices take their slots as
+            # they run: with fewer slots than choices, they wait for the first ones to end.
+            await sessions[0].start()
+            response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker), state.lifecycle,
+                                     abort_event or (lambda error: _sse(error.body()) + "data: [DONE]\n\n"))
+            streaming = True  # from here the response owns the slots and the count
+            return response
+        tracker.status = "aborted"  # the drain timed out
+        return shutting_down().response()
     except Exception as exc:
         return tracker.failed(exc).response()
     finally:
@@ -424,12 +465,22 @@ class RequestTracker:
 
     def __init__(self, state: ServerState) -> None:
         self.metrics = state.metrics
-        self.engine = state.engine.name
+        self.engine = state.engine
+        self.lifecycle = state.lifecycle
         self.arrived = time.perf_counter()
         self.first = False
         self.status = "aborted"
         self.closed = False
+        self.admitted = False
         self.metrics.active.inc()
+
+    def admit(self) -> None:
+        """503 while the server drains, or once its engine is dead."""
+        dead = self.engine.dead_reason()
+        if dead is not None:
+            raise APIError(503, f"the engine is dead ({dead}); the server is waiting to be restarted", code="engine_dead")
+        self.lifecycle.admit()
+        self.admitted = True
 
     def saw(self, text: str) -> None:
         if not self.first and text:
@@ -449,14 +500,16 @@ class RequestTracker:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.admitted:
+                self.lifecycle.leave()
             self.metrics.active.dec()
-            self.metrics.requests.labels(engine=self.engine, status=self.status).inc()
+            self.metrics.requests.labels(engine=self.engine.name, status=self.status).inc()
 
 
 def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
     """The API error a failure answers with, and the status it is counted under."""
     if isinstance(exc, APIError):
-        return exc, "invalid" if exc.status < 500 else "error"
+        return exc, "invalid" if exc.status < 500 else "unavailable" if exc.status == 503 else "error"
     if isinstance(exc, PromptError):
         return APIError(400, str(exc), param=exc.param, code=exc.code), "invalid"
     if isinstance(exc, UpstreamError):
@@ -691,11 +744,26 @@ class SessionStream(StreamingResponse):
     released when the response ends, however it ends (finished, failed, cancelled, or a client
     that left before the first chunk, when the body iterator never even starts)."""
 
-    def __init__(self, sessions: list[SteeringSession], tracker: RequestTracker, content: AsyncIterator[str]) -> None:
+    def __init__(self, sessions: list[SteeringSession], tracker: RequestTracker, content: AsyncIterator[str], lifecycle: Lifecycle,
+                 abort_event: Callable[[APIError], str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.sessions = sessions
         self.tracker = tracker
         self.content = content
+        self.lifecycle = lifecycle
+        self.abort_event = abort_event
+
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, in a scope that a drain past its timeout cancels: the stream then ends with an
+        error event and [DONE]."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        with self.lifecycle.abortable() as scope:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+        if scope.cancelled_caught:
+            self.tracker.status = "aborted"
+            await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -734,7 +802,8 @@ def failed_stream(tracker: RequestTracker, exc: Exception) -> Iterator[str]:
 
 
 def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
-    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+    # An error keeps its null `param` and `code`, as OpenAI's do.
+    return f"data: {payload.model_dump_json(exclude_none=not isinstance(payload, ErrorResponse))}\n\n"
 
 
 class DeltaEvents:

@@ -43,9 +43,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return APIError(400, "request body is not valid JSON")
     param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
-        message = f"'{param}' is a required property"
+        message = f"'{param}' is a required property" if param else "the request needs a JSON body"
     elif param:
         message = f"invalid value for '{param}': {message}"
     return APIError(400, message, param=param)
@@ -63,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return APIError(exc.status_code, message).response()
+        return APIError(exc.status_code, message, param=getattr(exc, "param", None)).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -13,6 +13,8 @@ from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, Samp
 MAX_STOP_CHARS = 256
 MAX_TOOLS = 128
 MAX_CHOICES = 16  # n: each choice takes an engine slot of its own
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024
 
 
 def _unasked(value: Any) -> bool:
@@ -41,12 +43,26 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(default=None, union_mode="left_to_right")
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = None
     reasoning: str | None = Field(default=None, description="an assistant turn's reasoning, for templates that render it")
     reasoning_content: str | None = Field(default=None, description="the same, under the older name")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            if len(content) > MAX_CONTENT_PARTS:
+                raise ValueError(f"a message has at most {MAX_CONTENT_PARTS} content parts")
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content parts must be objects of type 'text' (this server reads text only), not {str(kind)[:40]!r}")
+        elif content is not None and not isinstance(content, str):
+            raise ValueError("content is a string or a list of text parts")
+        return content
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates and upstreams take it (as vLLM builds it): role, text, a tool
@@ -127,7 +143,7 @@ class GenerationRequest(SamplingFields):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT64_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)

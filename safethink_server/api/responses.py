@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from safethink_server.api.errors import APIError
-from safethink_server.api.protocol import ChatCompletionRequest, Usage
+from safethink_server.api.protocol import MAX_MESSAGES, ChatCompletionRequest, Usage
 from safethink_server.schema import INT64_MAX, SteeringOverrides, SteeringReport
 
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -94,6 +94,8 @@ class ResponsesRequest(BaseModel):
     @classmethod
     def _one_problem(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> str | list[InputMessage]:
         """A bad input is named as `input` with its first problem (not as a member of the union)."""
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"input has at most {MAX_MESSAGES} items")
         try:
             return handler(value)  # type: ignore[no-any-return]
         except ValidationError as exc:

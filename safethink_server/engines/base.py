@@ -254,3 +254,7 @@ class Engine(ABC):
 
     def stats(self) -> dict[str, int | str]:
         return {}
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve no more requests, if it cannot (the pod should be restarted)."""
+        return None

@@ -127,6 +127,8 @@ class HFGeneration(Generation):
         except (ValueError, EngineError):
             raise
         except Exception as exc:
+            if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+                self.engine.failure = f"out of memory in a forward: {exc}"
             raise EngineError(f"model forward failed: {exc}") from exc
 
     async def next_tokens(self) -> list[int]:
@@ -162,6 +164,7 @@ class HFEngine(Engine):
         self._slots = asyncio.Semaphore(max_concurrent_sequences)
         self._waiting = 0
         self._running = 0
+        self.failure: str | None = None  # what killed the engine, if anything did
 
     async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
@@ -186,6 +189,11 @@ class HFEngine(Engine):
 
     def stats(self) -> dict[str, int | str]:
         return {"running": self._running, "waiting": self._waiting}
+
+    def dead_reason(self) -> str | None:
+        if getattr(self.executor, "_shutdown", False):
+            return "the engine's worker thread is shut down"
+        return self.failure
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

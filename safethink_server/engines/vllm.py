@@ -284,6 +284,11 @@ class VLLMEngine(Engine):
         unfinished = self.llm.output_processor.get_num_unfinished_requests() if self.llm is not None else 0
         return {"running": self._active, "engine_unfinished_requests": unfinished}
 
+    def dead_reason(self) -> str | None:
+        if self.llm is not None and self.llm.errored:
+            return f"the vLLM engine died ({type(self.llm.dead_error).__name__})"
+        return None
+
     async def close(self) -> None:
         if self.llm is not None:
             self.llm.shutdown()
