@@ -21,6 +21,8 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", type=Path, help="YAML file with settings (same names as the flags, with underscores)")
     for name, field in ServerSettings.model_fields.items():
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("no_flag"):
+            continue  # set in the environment or the YAML file
         flag = "--" + name.replace("_", "-")
         annotation = field.annotation
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -79,7 +81,7 @@ def worker_environment(settings: typing.Any) -> Iterator[None]:
 
     own = tempfile.mkdtemp(prefix="safethink-workers-")  # private to this user (mode 0700)
     settings_file = Path(own) / "settings.json"
-    settings_file.write_text(settings.model_dump_json())
+    settings_file.write_text(settings.model_dump_json(context={"secrets": True}))
     metrics = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(own) / "metrics"))
     Path(metrics).mkdir(parents=True, exist_ok=True)
     for stale in Path(metrics).glob("*.db"):  # values left by an earlier run would be summed in

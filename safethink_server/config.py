@@ -13,6 +13,7 @@ from reward_models.registry import ScorerConfig, ScorerKind
 from safethink_server.engines.upstream import UpstreamConfig
 from safethink_server.schema import PolicyConfig, ReasoningConfig
 from safethink_server.steering.steps import StepBoundaryDetector
+from safethink_server.tenants import KeyConfig, Keyring, check_unique, read_keys_file
 
 
 class ServerSettings(BaseSettings, PolicyConfig):
@@ -76,13 +77,19 @@ class ServerSettings(BaseSettings, PolicyConfig):
     prefill_reasoning: bool = Field(default=True, description="open the reasoning section in the assistant turn")
     reasoning_budget: int | None = Field(default=1024, ge=1, description="reasoning tokens before the server closes the section")
 
-    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on /v1")
+    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on /v1 (its id is 'default')")
+    api_keys: list[KeyConfig] = Field(default_factory=list, json_schema_extra={"no_flag": True},
+                                      description="keys, each with an id and its own policy (SAFETHINK_API_KEYS as JSON, or YAML)")
+    api_keys_file: Path | None = Field(default=None, description="YAML or JSON file of keys: {keys: [{id, key, policy: {threshold, "
+                                       "early_steps, mode, prefix, ...}, allow_client_overrides, allow_assistant_prefill}]}")
     allow_client_overrides: bool = Field(default=False, description="let requests change steering via a 'safethink' object")
     allow_assistant_prefill: bool = Field(default=False, description="accept continue_final_message (a client-written start of the "
                                           "assistant turn); the scorer then reads it as context")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body accepted (413 above)")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long requests in flight may finish (new ones get 503) "
                                    "before they are aborted; keep it below Kubernetes' terminationGracePeriodSeconds")
+    audit_log: str = Field(default="stdout", description="one JSON line per request: stdout, a file path (appended), or off")
+    audit_log_text: bool = Field(default=False, description="put the prompt and the released output text into the audit log")
     log_level: str = Field(default="info", description="uvicorn log level")
     workers: int = Field(default=1, ge=1, le=64, description="server processes sharing the port (--engine upstream): each has "
                          "its own event loop, upstream connections and scorer; metrics are summed across them")
@@ -101,6 +108,20 @@ class ServerSettings(BaseSettings, PolicyConfig):
                 raise ValueError("the API key is empty: set a key, or leave --api-key / SAFETHINK_API_KEY unset to serve without one")
             self.api_key = self.api_key.strip()  # (a Secret made from a file often ends in a newline; a header's token is stripped)
         return self
+
+    @model_validator(mode="after")
+    def _keys_are_readable_and_unique(self) -> ServerSettings:
+        check_unique(self.keys())
+        return self
+
+    def keys(self) -> list[KeyConfig]:
+        """Every key: --api-key (id 'default'), --api-keys, and the keys file's."""
+        single = [KeyConfig(id="default", key=self.api_key)] if self.api_key is not None else []  # type: ignore[arg-type]
+        from_file = read_keys_file(self.api_keys_file) if self.api_keys_file is not None else []
+        return [*single, *self.api_keys, *from_file]
+
+    def keyring(self) -> Keyring:
+        return Keyring(self.keys(), self.policy(), self.allow_client_overrides, self.allow_assistant_prefill)
 
     @model_validator(mode="after")
     def _auto_tool_choice_needs_a_parser(self) -> ServerSettings:

@@ -1,6 +1,7 @@
 """Prometheus metrics. Names are fixed: dashboards and alert rules rely on them.
 
 Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safethink_requests_total[5m]))
+(`sum by (key)` for each API key's: `key` is the key's id, `anonymous` on a server without keys).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 _P_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
-class Metrics(SteeringObserver):
+class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("safethink_requests", "Chat completion requests by outcome.", ["engine", "status"], registry=r)
+        self.requests = Counter("safethink_requests", "Chat completion requests by outcome.", ["engine", "status", "key"], registry=r)
         self.steps_scored = Counter("safethink_steps_scored", "Reasoning steps judged by the scorer.", registry=r)
-        self.interventions = Counter("safethink_interventions", "Corrective prefixes injected, by step index (1..m).", ["step"], registry=r)
+        self.interventions = Counter("safethink_interventions", "Corrective prefixes injected, by step index (1..m) and API key id.", ["step", "key"], registry=r)
         self.p_unsafe = Histogram("safethink_step_p_unsafe", "p_unsafe of scored steps.", buckets=_P_BUCKETS, registry=r)
         self.scorer_latency = Histogram("safethink_scorer_latency_seconds", "Time of one scorer forward (a micro-batch).", buckets=_LATENCY_BUCKETS, registry=r)
         self.scorer_batch = Histogram("safethink_scorer_batch_size", "Steps per scorer forward.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
@@ -33,7 +34,7 @@ class Metrics(SteeringObserver):
         self.injected_total = Counter("safethink_injected_tokens", "Tokens injected by the server (prefixes, reasoning end markers).", registry=r)
         self.discarded = Counter("safethink_discarded_tokens", "Sampled tokens rolled back (replaced unsafe steps).", registry=r)
         self.withheld = Counter("safethink_withheld_tokens", "Sampled tokens judged unsafe and never released (refusals, token limit).", registry=r)
-        self.refusals = Counter("safethink_refusals", "Responses ended with the refusal (content_filter): a breach with no intervention left, or a scorer failure under fail_closed.", registry=r)
+        self.refusals = Counter("safethink_refusals", "Responses ended with the refusal (content_filter): a breach with no intervention left, or a scorer failure under fail_closed; by API key id.", ["key"], registry=r)
         self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
         self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r,
                             multiprocess_mode="livesum")
@@ -47,30 +48,19 @@ class Metrics(SteeringObserver):
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
-    def initialise(self, engine: str, early_steps: int) -> None:
+    def initialise(self, engine: str, keys: list[str], early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""
-        for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error", "unavailable"):
-            self.requests.labels(engine=engine, status=status)
-        for step in range(1, early_steps + 1):
-            self.interventions.labels(step=str(step))
+        for key in keys:
+            for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error", "unavailable"):
+                self.requests.labels(engine=engine, status=status, key=key)
+            for step in range(1, early_steps + 1):
+                self.interventions.labels(step=str(step), key=key)
+            self.refusals.labels(key=key)
         for kind in ("connect", "timeout", "closed", "protocol", "status_429", "status_5xx", "upstream_error"):
             self.upstream_errors.labels(kind=kind)
 
-    # SteeringObserver hooks
-    def step_scored(self, p_unsafe: float, error: bool) -> None:
-        self.steps_scored.inc()
-        self.p_unsafe.observe(p_unsafe)
-        if error:
-            self.scorer_errors.inc()
-
-    def intervention(self, step_index: int) -> None:
-        self.interventions.labels(step=str(step_index)).inc()
-
-    def injected(self, n_tokens: int) -> None:
-        self.injected_total.inc(n_tokens)
-
-    def refused(self) -> None:
-        self.refusals.inc()
+    def of_key(self, key: str) -> KeyObserver:
+        return KeyObserver(self, key)
 
     def scorer_batch_done(self, size: int, seconds: float, error: BaseException | None) -> None:
         self.scorer_latency.observe(seconds)
@@ -78,3 +68,25 @@ class Metrics(SteeringObserver):
 
     def scorer_warmed(self, seconds: float) -> None:
         self.scorer_warm_seconds.inc(seconds)
+
+
+class KeyObserver(SteeringObserver):
+    """The steering loop's events of one API key's request, into the metrics."""
+
+    def __init__(self, metrics: Metrics, key: str) -> None:
+        self.metrics, self.key = metrics, key
+
+    def step_scored(self, p_unsafe: float, error: bool) -> None:
+        self.metrics.steps_scored.inc()
+        self.metrics.p_unsafe.observe(p_unsafe)
+        if error:
+            self.metrics.scorer_errors.inc()
+
+    def intervention(self, step_index: int) -> None:
+        self.metrics.interventions.labels(step=str(step_index), key=self.key).inc()
+
+    def injected(self, n_tokens: int) -> None:
+        self.metrics.injected_total.inc(n_tokens)
+
+    def refused(self) -> None:
+        self.metrics.refusals.labels(key=self.key).inc()

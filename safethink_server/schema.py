@@ -37,7 +37,8 @@ class PolicyConfig(BaseModel):
 # The fields a request may change with `"safethink": {...}` (only where the server allows it).
 OVERRIDABLE_POLICY_FIELDS = ("threshold", "early_steps", "max_interventions", "mode", "prefix", "on_budget_exhausted")
 
-def _optional(name: str) -> tuple[object, object]:
+def optional_policy_field(name: str) -> tuple[object, object]:
+    """A PolicyConfig field as an optional one (None: not set), with its bounds."""
     field = PolicyConfig.model_fields[name]
     annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
     return annotation | None, Field(default=None, description=field.description)
@@ -47,7 +48,7 @@ SteeringOverrides: type[BaseModel] = create_model(
     "SteeringOverrides",
     __config__=ConfigDict(extra="forbid"),
     __doc__="Per-request steering changes, honoured only where the server allows client overrides.",
-    **{name: _optional(name) for name in OVERRIDABLE_POLICY_FIELDS},  # type: ignore[arg-type]
+    **{name: optional_policy_field(name) for name in OVERRIDABLE_POLICY_FIELDS},  # type: ignore[arg-type]
 )
 
 

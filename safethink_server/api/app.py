@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -49,6 +48,7 @@ from safethink_server.api.protocol import (
     text_completion_id,
 )
 from safethink_server.api.request_json import CheckedRoute
+from safethink_server.api.audit import AuditLog
 from safethink_server.api.responses import (
     RESPONSES_FIELDS,
     ResponseBuilder,
@@ -65,8 +65,9 @@ from safethink_server.api.tokens import (
     tokenize,
 )
 from safethink_server.api.tool_calls import ToolCallStream, tool_call_message
+from safethink_server.api.tracker import RequestTracker, failure
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, Generation, EngineError, EngineOverloaded, SamplingParams, TokenLogprob
+from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, Generation, SamplingParams, TokenLogprob
 from safethink_server.engines.upstream_stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import (
@@ -81,6 +82,7 @@ from safethink_server.prompt import (
 from safethink_server.schema import PolicyConfig, ReasoningConfig, SamplingFields, seed_plus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
+from safethink_server.tenants import Keyring, Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ class ServerState:
     batcher: MicroBatcher
     metrics: Metrics
     lifecycle: Lifecycle
+    keyring: Keyring
+    audit: AuditLog
 
     @property
     def max_model_len(self) -> int:
@@ -147,11 +151,14 @@ class _BodyTooLarge(Exception):
 
 
 def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
+    keyring = settings.keyring()
     metrics = Metrics()
-    metrics.initialise(engine.name, settings.early_steps)
+    tenants = keyring.tenants()
+    metrics.initialise(engine.name, [t.id for t in tenants], max(t.policy.early_steps for t in tenants))
     batcher = MicroBatcher(scorer, settings.scorer_max_batch, settings.scorer_max_wait_ms, observer=metrics.scorer_batch_done,
                            warm_observer=metrics.scorer_warmed)
-    state = ServerState(settings, engine, scorer, batcher, metrics, Lifecycle(settings.drain_timeout_s))
+    state = ServerState(settings, engine, scorer, batcher, metrics, Lifecycle(settings.drain_timeout_s), keyring,
+                        AuditLog(settings.audit_log, settings.audit_log_text))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -162,6 +169,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         await batcher.aclose()
         await engine.close()
         scorer.close()
+        state.audit.close()
 
     app = FastAPI(title="safethink-server", lifespan=lifespan)
     app.router.route_class = CheckedRoute
@@ -169,15 +177,11 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    async def require_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # As the header's own bytes (Starlette decodes them as latin-1): a non-ASCII header is a wrong key, not an error.
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(" \t").encode("latin-1"),
-                                                                    settings.api_key.encode("utf-8")):
+    async def authenticate(request: Request) -> Tenant:
+        tenant = state.keyring.tenant(request.headers.get("authorization", ""))
+        if tenant is None:
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return tenant
 
     @app.get("/health", responses=UNAVAILABLE)
     async def health() -> JSONResponse:
@@ -205,56 +209,59 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)], responses=ERRORS)
+    @app.get("/v1/models", dependencies=[Depends(authenticate)], responses=ERRORS)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id) for model_id in engine.model_ids()])
 
-    @app.post("/tokenize", dependencies=[Depends(require_api_key)], responses=ERRORS)
+    @app.post("/tokenize", dependencies=[Depends(authenticate)], responses=ERRORS)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         try:
             return await tokenize(engine, body, state.max_model_len)
         except (PromptError, UpstreamError) as exc:
-            raise _failure(exc, metrics)[0] from exc
+            raise failure(exc, metrics)[0] from exc
 
-    @app.post("/detokenize", dependencies=[Depends(require_api_key)], responses=ERRORS)
+    @app.post("/detokenize", dependencies=[Depends(authenticate)], responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
             return await detokenize(engine, body, getattr(engine, "vocab_size", None))
         except (PromptError, UpstreamError) as exc:
-            raise _failure(exc, metrics)[0] from exc
+            raise failure(exc, metrics)[0] from exc
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=None, responses=GENERATION)
+    async def chat(body: ChatCompletionRequest, request: Request, tenant: Tenant = Depends(authenticate)) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
-            return await build_sessions(state, body)
+            return await build_sessions(state, tenant, body)
 
-        return await respond(state, body, request, sessions_for, complete, stream)
+        return await respond(state, RequestTracker(state, tenant.id, "chat.completions", body), body, request, sessions_for,
+                             complete, stream)
 
-    @app.post("/v1/completions", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", response_model=None, responses=GENERATION)
+    async def completions(body: CompletionRequest, request: Request, tenant: Tenant = Depends(authenticate)) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
-            return await build_completion_sessions(state, body), None
+            return await build_completion_sessions(state, tenant, body), None
 
-        return await respond(state, body, request, sessions_for, complete_text, stream_text)
+        return await respond(state, RequestTracker(state, tenant.id, "completions", body), body, request, sessions_for,
+                             complete_text, stream_text)
 
-    @app.post("/v1/responses", dependencies=[Depends(require_api_key)], response_model=None, responses=GENERATION)
-    async def responses(body: ResponsesRequest, request: Request) -> Response:
+    @app.post("/v1/responses", response_model=None, responses=GENERATION)
+    async def responses(body: ResponsesRequest, request: Request, tenant: Tenant = Depends(authenticate)) -> Response:
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             refused = refused_field(body, RESPONSES_FIELDS) or refused_response_field(body)
             if refused is not None:
                 raise APIError(400, f"'{refused}' is not supported by this server's /v1/responses", param=refused,
                                code="unsupported_parameter")
-            return await build_sessions(state, body.as_chat())
+            return await build_sessions(state, tenant, body.as_chat())
 
         abort_event = ResponseEvents(ResponseBuilder(body, engine.model_name)).error
-        return await respond(state, body, request, sessions_for, complete_response, stream_response, abort_event)
+        return await respond(state, RequestTracker(state, tenant.id, "responses", body), body, request, sessions_for,
+                             complete_response, stream_response, abort_event)
 
     return app
 
 
-def checked_policy(state: ServerState, body: GenerationRequest, honoured: frozenset[str]) -> PolicyConfig:
+def checked_policy(state: ServerState, tenant: Tenant, body: GenerationRequest, honoured: frozenset[str]) -> PolicyConfig:
     """The checks both completion APIs make before anything else, and the request's steering policy."""
-    s, engine = state.settings, state.engine
+    engine = state.engine
     if not engine.accepts_model(body.model):
         raise APIError(404, f"the model '{body.model}' does not exist; this server serves {', '.join(engine.model_ids())}",
                        param="model", code="model_not_found")
@@ -264,9 +271,9 @@ def checked_policy(state: ServerState, body: GenerationRequest, honoured: frozen
                        code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only taken with stream=true", param="stream_options")
-    policy = s.policy()
+    policy = tenant.policy
     if body.safethink is not None:
-        if not s.allow_client_overrides:
+        if not tenant.allow_client_overrides:
             raise APIError(400, "per-request steering overrides are disabled on this server", param="safethink")
         policy = policy.model_copy(update=body.safethink.model_dump(exclude_none=True))
     return policy
@@ -276,27 +283,30 @@ Completer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | No
 Streamer = Callable[[ServerState, Any, list[SteeringSession], AnswerFormat | None, "RequestTracker"], AsyncIterator[str]]
 
 
-async def respond(state: ServerState, body: GenerationRequest | ResponsesRequest, request: Request,
+async def respond(state: ServerState, tracker: RequestTracker, body: GenerationRequest | ResponsesRequest, request: Request,
                   sessions_for: Callable[[], Awaitable[tuple[list[SteeringSession], AnswerFormat | None]]],
                   completer: Completer, streamer: Streamer, abort_event: Callable[[APIError], str] | None = None) -> Response:
     """A completion request of either API: its sessions built and checked, then answered whole or
     streamed. The request is counted once and every slot is freed, however it ends (a drain that
     times out aborts it: `abort_event` is a stream's last event then)."""
-    tracker = RequestTracker(state)
     sessions: list[SteeringSession] = []
     streaming = False
     try:
         tracker.admit()
-        with state.lifecycle.abortable() as scope:
+        with state.lifecycle.abortable():  # returns from inside unless a drain past its timeout cancels it
             sessions, answer = await sessions_for()
+            tracker.sessions = sessions
             if not body.stream:
-                return await completer(state, body, sessions, answer, tracker, request)
+                whole = await completer(state, body, sessions, answer, tracker, request)
+                whole.headers["x-request-id"] = tracker.request_id
+                return whole
             # A full queue answers 503 before the stream begins. The other choices take their slots as
             # they run: with fewer slots than choices, they wait for the first ones to end.
             await sessions[0].start()
             response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker), state.lifecycle,
                                      abort_event or (lambda error: _sse(error.body()) + "data: [DONE]\n\n"))
             streaming = True  # from here the response owns the slots and the count
+            response.headers["x-request-id"] = tracker.request_id
             return response
         tracker.status = "aborted"  # the drain timed out
         return shutting_down().response()
@@ -310,15 +320,15 @@ async def respond(state: ServerState, body: GenerationRequest | ResponsesRequest
                 tracker.close()
 
 
-async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tuple[list[SteeringSession], AnswerFormat | None]:
+async def build_sessions(state: ServerState, tenant: Tenant, body: ChatCompletionRequest) -> tuple[list[SteeringSession], AnswerFormat | None]:
     """One session per choice, and what the answer must be (tools, structured output). Everything about
     the request is checked here, before an engine slot is taken."""
     s, engine = state.settings, state.engine
-    policy = checked_policy(state, body, engine.honoured_fields)
+    policy = checked_policy(state, tenant, body, engine.honoured_fields)
     refuse_message_fields(body.messages)
     if body.continue_final_message == body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
         raise APIError(400, "add_generation_prompt is false exactly when continue_final_message is true", param="add_generation_prompt")
-    if body.continue_final_message and not s.allow_assistant_prefill:
+    if body.continue_final_message and not tenant.allow_assistant_prefill:
         raise APIError(400, "an assistant prefill (continue_final_message) is not allowed on this server", param="continue_final_message")
     if body.continue_final_message:
         continued = body.messages[-1]
@@ -335,7 +345,7 @@ async def build_sessions(state: ServerState, body: ChatCompletionRequest) -> tup
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
     reasoning = engine.reasoning_for(s.reasoning(), conversation)
     prompt = await engine.render(conversation, reasoning, body.model)
-    sessions = choice_sessions(state, body, prompt, conversation, sampling, policy, reasoning,
+    sessions = choice_sessions(state, tenant, body, prompt, conversation, sampling, policy, reasoning,
                                keep_special_tokens=answer is not None and answer.keep_special_tokens)
     return sessions, answer
 
@@ -345,10 +355,10 @@ COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "
                                "stream_options", "safethink", "add_special_tokens"})
 
 
-async def build_completion_sessions(state: ServerState, body: CompletionRequest) -> list[SteeringSession]:
+async def build_completion_sessions(state: ServerState, tenant: Tenant, body: CompletionRequest) -> list[SteeringSession]:
     """`/v1/completions`: one session per choice over the raw prompt, steered where the model reasons."""
     s, engine = state.settings, state.engine
-    policy = checked_policy(state, body, COMPLETION_FIELDS | (engine.honoured_fields & (SAMPLING_FIELDS | {"logprobs"})))
+    policy = checked_policy(state, tenant, body, COMPLETION_FIELDS | (engine.honoured_fields & (SAMPLING_FIELDS | {"logprobs"})))
     try:
         raw = body.one_prompt()
     except ValueError as exc:
@@ -357,16 +367,17 @@ async def build_completion_sessions(state: ServerState, body: CompletionRequest)
     reasoning = engine.reasoning_for(s.reasoning())
     sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
     prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)
-    return choice_sessions(state, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,
+    return choice_sessions(state, tenant, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,
                            raw_text=True)
 
 
-def choice_sessions(state: ServerState, body: GenerationRequest, prompt: RenderedPrompt, conversation: Conversation,
+def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest, prompt: RenderedPrompt, conversation: Conversation,
                     sampling: SamplingParams, policy: PolicyConfig, reasoning: ReasoningConfig,
                     keep_special_tokens: bool, raw_text: bool = False) -> list[SteeringSession]:
     """One session per choice (each its own seed), once the prompt fits the context. `raw_text`: the
     answer goes out as written, its leading whitespace kept (a completion continues its prompt)."""
     s, engine = state.settings, state.engine
+    observer = state.metrics.of_key(tenant.id)
     if engine.counts_tokens:
         check_context_length(len(prompt.ids), sampling.max_tokens, state.max_model_len)
 
@@ -379,7 +390,7 @@ def choice_sessions(state: ServerState, body: GenerationRequest, prompt: Rendere
         seeded = sampling if sampling.seed is None or not choice else sampling.model_copy(
             update={"seed": seed_plus(sampling.seed, choice)})  # each choice its own seed
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
-                               stop=body.stop_list(), observer=state.metrics, model=body.model,
+                               stop=body.stop_list(), observer=observer, model=body.model,
                                skip_special_tokens=not keep_special_tokens,
                                stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None,
                                strip_answer_start=not raw_text)
@@ -459,71 +470,6 @@ def _usage(sessions: list[SteeringSession]) -> Usage:
                  completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
 
 
-class RequestTracker:
-    """Counts one request in the metrics exactly once: active gauge, outcome, time to first token,
-    tokens returned, discarded and withheld."""
-
-    def __init__(self, state: ServerState) -> None:
-        self.metrics = state.metrics
-        self.engine = state.engine
-        self.lifecycle = state.lifecycle
-        self.arrived = time.perf_counter()
-        self.first = False
-        self.status = "aborted"
-        self.closed = False
-        self.admitted = False
-        self.metrics.active.inc()
-
-    def admit(self) -> None:
-        """503 while the server drains, or once its engine is dead."""
-        dead = self.engine.dead_reason()
-        if dead is not None:
-            raise APIError(503, f"the engine is dead ({dead}); the server is waiting to be restarted", code="engine_dead")
-        self.lifecycle.admit()
-        self.admitted = True
-
-    def saw(self, text: str) -> None:
-        if not self.first and text:
-            self.first = True
-            self.metrics.ttft.observe(time.perf_counter() - self.arrived)
-
-    def failed(self, exc: Exception) -> APIError:
-        error, self.status = _failure(exc, self.metrics)
-        return error
-
-    def finished(self, sessions: list[SteeringSession], completion_tokens: int) -> None:
-        self.status = "success"
-        self.metrics.generated.inc(completion_tokens)
-        self.metrics.discarded.inc(sum(session.report.discarded_tokens for session in sessions))
-        self.metrics.withheld.inc(sum(session.report.withheld_tokens for session in sessions))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.admitted:
-                self.lifecycle.leave()
-            self.metrics.active.dec()
-            self.metrics.requests.labels(engine=self.engine.name, status=self.status).inc()
-
-
-def _failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
-    """The API error a failure answers with, and the status it is counted under."""
-    if isinstance(exc, APIError):
-        return exc, "invalid" if exc.status < 500 else "unavailable" if exc.status == 503 else "error"
-    if isinstance(exc, PromptError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code), "invalid"
-    if isinstance(exc, UpstreamError):
-        metrics.upstream_errors.labels(kind=exc.kind).inc()
-        code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"
-        return APIError(exc.status, str(exc), param=exc.param, code=code), "upstream_error"
-    if isinstance(exc, EngineOverloaded):
-        return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
-    if isinstance(exc, EngineError):
-        return APIError(500, f"generation failed: {exc}", type_="server_error"), "error"
-    logger.exception("unexpected error while serving a request")
-    return APIError(500, "internal server error", type_="server_error"), "error"
-
-
 async def choice_runs(sessions: list[SteeringSession]) -> AsyncIterator[tuple[int, Delta | None]]:
     """Every choice's deltas tagged with its index as they come, then (index, None) when it ends.
     One choice runs inline; several run as tasks feeding a bounded queue (a slow reader holds them
@@ -592,7 +538,7 @@ async def finished(sessions: list[SteeringSession], tracker: RequestTracker, req
             async for index, delta in runs:
                 if delta is None:
                     continue
-                tracker.saw(delta.text)
+                tracker.saw(delta.text, index)
                 parts[index][delta.section].append(delta.text)
 
     task = asyncio.create_task(collect())
@@ -693,7 +639,7 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
                     yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report,
                                                  logprobs=entries), fingerprint=fingerprint([session]))
                     continue
-                tracker.saw(delta.text)
+                tracker.saw(delta.text, index)
                 yield chunk(CompletionChoice(index=index, text=written[index](delta), logprobs=entries))
     except Exception as exc:
         for event in failed_stream(tracker, exc):
@@ -734,7 +680,7 @@ async def stream_response(state: ServerState, body: ResponsesRequest, sessions: 
     except Exception as exc:
         yield events.error(tracker.failed(exc))
         return
-    tracker.finished(sessions, usage.completion_tokens)
+    tracker.finished(sessions, usage)
     for event in ending:
         yield event
 
@@ -782,7 +728,7 @@ class SessionStream(StreamingResponse):
 def counted_usage(sessions: list[SteeringSession], tracker: RequestTracker) -> Usage:
     """The usage of a request whose choices all ended, counted as a success."""
     usage = _usage(sessions)
-    tracker.finished(sessions, usage.completion_tokens)
+    tracker.finished(sessions, usage)
     return usage
 
 
@@ -861,7 +807,7 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
                     yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
                                      safethink=session.report, system_fingerprint=fingerprint([session])))
                     continue
-                tracker.saw(delta.text)
+                tracker.saw(delta.text, index)
                 if tools is not None and delta.section == "answer":
                     messages = tools[index].server_text(delta.text) if delta.server else tools[index].answer(delta.text)
                     for message in messages:

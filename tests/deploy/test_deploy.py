@@ -10,12 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from safethink_server.config import ServerSettings
 from tests.conftest import EMBEDDED_MODEL, free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,11 +38,47 @@ def run(*args: str) -> str:
     return done.stdout + done.stderr
 
 
+ALERTS = {"SafeThinkHighInterventionRate", "SafeThinkHighRefusalRate", "SafeThinkKeyHighRefusalRate", "SafeThinkScorerErrors",
+          "SafeThinkScorerSlow", "SafeThinkNoTraffic"}
+
+
+def rules() -> dict[str, dict]:
+    """rules.yml's rules by name (a recording rule's name is the series it records)."""
+    groups = yaml.safe_load((DEPLOY / "prometheus/rules.yml").read_text())["groups"]
+    return {r.get("alert") or r["record"]: r for g in groups for r in g["rules"]}
+
+
+def flat(expr: str) -> str:
+    return " ".join(expr.split())
+
+
 def test_promtool_checks_and_unit_tests_the_alert_rules():
     out = run(tool("promtool"), "check", "rules", str(DEPLOY / "prometheus/rules.yml"))
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 10 rules found" in out
     assert "SUCCESS" in run(tool("promtool"), "test", "rules", str(DEPLOY / "prometheus/rules_test.yml"))
     run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus/prometheus.yml"))
+    # Every alert has a unit test in which it fires (the rate alerts one in which they stay quiet too), and every
+    # recorded series is tested or alerted on.
+    tests = yaml.safe_load((DEPLOY / "prometheus/rules_test.yml").read_text())["tests"]
+    cases = [case for t in tests for case in t.get("alert_rule_test", [])]
+    assert {c["alertname"] for c in cases if c["exp_alerts"]} == ALERTS
+    assert {c["alertname"] for c in cases if not c["exp_alerts"]} >= ALERTS - {"SafeThinkScorerErrors", "SafeThinkScorerSlow"}
+    tested = " ".join(case["expr"] for t in tests for case in t.get("promql_expr_test", []))
+    alerting = " ".join(r["expr"] for r in rules().values() if "alert" in r)
+    assert all(name in tested or name in alerting for name, r in rules().items() if "record" in r)
+
+
+def test_alerts_and_recording_rules_per_api_key():
+    found = rules()
+    assert {name for name, r in found.items() if "alert" in r} == ALERTS
+    # Per key: the key's interventions over the key's requests, as the dashboard and README have it.
+    assert flat(found["safethink:intervention_rate_by_key:5m"]["expr"]) == (
+        "sum by (key) (rate(safethink_interventions_total[5m])) / sum by (key) (rate(safethink_requests_total[5m]))")
+    assert flat(found["safethink:refusal_rate_by_key:10m"]["expr"]) == (
+        "sum by (key) (rate(safethink_refusals_total[10m])) / sum by (key) (rate(safethink_requests_total[10m]))")
+    refusals = found["SafeThinkKeyHighRefusalRate"]
+    assert flat(refusals["expr"]).startswith("safethink:refusal_rate_by_key:10m > 0.2 ") and refusals["for"] == "10m"
+    assert "{{ $labels.key }}" in refusals["annotations"]["summary"]
 
 
 def test_kubernetes_manifests_validate():
@@ -54,13 +93,114 @@ def test_kubernetes_manifests_validate():
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
 
 
+VLLM_LABELS = {"app.kubernetes.io/name": "vllm"}
+
+
+def manifest(kind: str) -> dict:
+    docs = [doc for m in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(m.read_text())]
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} manifests"
+    return found[0]
+
+
+def gateway_container() -> dict:
+    (container,) = manifest("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def container_env(name: str) -> str | None:
+    return next((e.get("value") for e in gateway_container()["env"] if e["name"] == name), None)
+
+
+def test_network_policy_lets_only_the_gateway_pods_reach_vllm():
+    policy = manifest("NetworkPolicy")["spec"]
+    pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
+    upstream = urlsplit(container_env("SAFETHINK_UPSTREAM_URL"))
+    # It selects the vLLM pods (by the label the README and the manifest's comment ask for), not the gateway's.
+    assert policy["podSelector"] == {"matchLabels": VLLM_LABELS} and upstream.hostname == "vllm"
+    label = "app.kubernetes.io/name: vllm"
+    assert label in (ROOT / "README.md").read_text()
+    assert any(label in line for line in (DEPLOY / "k8s/networkpolicy.yaml").read_text().splitlines() if line.startswith("#"))
+    assert not VLLM_LABELS.items() <= pod_labels.items()
+    # Ingress is governed: whatever no rule allows is denied. Each rule names its peers (a rule without `from`
+    # allows every source) and opens the serving port only.
+    assert "Ingress" in policy["policyTypes"]
+    assert policy["ingress"]
+    for rule in policy["ingress"]:
+        assert rule.get("from") and rule["ports"] == [{"protocol": "TCP", "port": upstream.port}]
+    peers = [peer for rule in policy["ingress"] for peer in rule["from"]]
+    assert all(set(peer) <= {"podSelector", "namespaceSelector"} for peer in peers), "no ipBlock"
+    # In this namespace: the gateway's pods, by its pod template's labels.
+    local = [peer["podSelector"] for peer in peers if "namespaceSelector" not in peer]
+    assert len(local) == 1 and list(local[0]) == ["matchLabels"], local
+    assert local[0]["matchLabels"] and local[0]["matchLabels"].items() <= pod_labels.items()
+    # Elsewhere: Prometheus pods of the monitoring namespace, both selectors set (an empty one selects everything).
+    remote = [peer for peer in peers if "namespaceSelector" in peer]
+    assert remote == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                       "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+
+def drain_timeout_s() -> float:
+    """The drain the gateway pods run with: the Deployment's SAFETHINK_DRAIN_TIMEOUT_S, else the server's default."""
+    field = ServerSettings.model_fields.get("drain_timeout_s")
+    default = field.default if field is not None else 30.0
+    assert default >= 30.0
+    return float(container_env("SAFETHINK_DRAIN_TIMEOUT_S") or default)
+
+
+def test_gateway_probes_and_graceful_shutdown():
+    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    container = gateway_container()
+    ports = {p["name"] for p in container["ports"]}
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {kind: probe["path"] for kind, probe in probes.items()} == {
+        "startupProbe": "/health/live", "readinessProbe": "/health/ready", "livenessProbe": "/health/live"}
+    assert all(probe["port"] in ports for probe in probes.values())
+    # The grace period counts from the preStop hook on: it must cover the hook's sleep and the drain.
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and 0 < int(pre_stop[1]) <= 10
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain_timeout_s() >= 30
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["safethink"]
+    assert int(compose["stop_grace_period"].removesuffix("s")) > drain_timeout_s()
+
+
 def test_dockerfile_lints_clean():
     run(tool("hadolint"), str(ROOT / "Dockerfile"))
 
 
+def dashboard_panels() -> list[dict]:
+    return json.loads((DEPLOY / "grafana/safethink-dashboard.json").read_text())["panels"]
+
+
 def dashboard_expressions() -> list[str]:
-    dashboard = json.loads((DEPLOY / "grafana/safethink-dashboard.json").read_text())
-    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return [t["expr"] for panel in dashboard_panels() for t in panel["targets"]]
+
+
+def test_dashboard_has_the_refusal_and_per_key_panels():
+    panels = dashboard_panels()
+    assert len({p["id"] for p in panels}) == len(panels)
+    taken = set()
+    for p in panels:  # on the 24-column grid, no two panels overlap
+        x, y, w, h = (p["gridPos"][k] for k in "xywh")
+        cells = {(x + dx, y + dy) for dx in range(w) for dy in range(h)}
+        assert x + w <= 24 and not cells & taken, p["title"]
+        taken |= cells
+    by_title = {p["title"]: p for p in panels}
+    found = rules()
+    # Refusals: their rate, and their share of requests (the fleet's refusal rate, as the alert reads it).
+    refusals = {t["refId"]: t for t in by_title["Refusals"]["targets"]}
+    assert flat(refusals["A"]["expr"]) == "sum(rate(safethink_refusals_total[5m]))"
+    assert flat(refusals["B"]["expr"]) == flat(found["safethink:refusal_rate:5m"]["expr"])
+    share = by_title["Refusals"]["fieldConfig"]["overrides"]
+    assert {"id": "unit", "value": "percentunit"} in next(o for o in share if o["matcher"]["options"] == "B")["properties"]
+    # Interventions per request of each API key: the recorded per-key rate, one series per key.
+    (per_key,) = by_title["Intervention rate by API key"]["targets"]
+    assert flat(per_key["expr"]) == flat(found["safethink:intervention_rate_by_key:5m"]["expr"])
+    assert per_key["legendFormat"] == "{{key}}"
+    # Panels over labelled counters aggregate: each one shows a fleet-wide series, or one per label it groups by.
+    for expr in dashboard_expressions():
+        for call in re.findall(r"rate\((safethink_\w+)\[", expr):
+            assert re.search(rf"sum(?: by \(\w+\) )?\(rate\({call}\[", expr), expr
 
 
 def readme_intervention_rate() -> str:
@@ -131,7 +271,42 @@ def test_prometheus_scrapes_the_gateway_and_every_dashboard_query_returns_data(g
     assert float(result[0]["value"][1]) > 0
     empty = [expr for expr in dashboard_expressions() if not query(prometheus, expr)]
     assert not empty, f"dashboard queries without data: {empty}"
-    rules = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
-    assert {r["name"] for r in rules if r["type"] == "alerting"} == {
-        "SafeThinkHighInterventionRate", "SafeThinkHighRefusalRate", "SafeThinkScorerErrors", "SafeThinkScorerSlow",
-        "SafeThinkNoTraffic"}
+    loaded = httpx.get(prometheus + "/api/v1/rules").json()["data"]["groups"][0]["rules"]
+    assert {r["name"] for r in loaded if r["type"] == "alerting"} == ALERTS
+
+
+def exposed_names(gateway: str) -> set[str]:
+    """The series names the gateway's /metrics declares, labelled families without children included."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    families = text_string_to_metric_families(httpx.get(gateway + "/metrics", timeout=10).text)
+    return {f.name + suffix for f in families for suffix in suffixes.get(f.type, [""])}
+
+
+def test_dashboard_and_rules_read_only_metrics_the_gateway_exposes(gateway):
+    exprs = dashboard_expressions() + [r["expr"] for r in rules().values()] + [readme_intervention_rate()]
+    used = {name for expr in exprs for name in re.findall(r"\bsafethink_\w+", expr)}
+    assert {"safethink_refusals_total", "safethink_interventions_total", "safethink_requests_total"} <= used
+    assert used <= exposed_names(gateway), used - exposed_names(gateway)
+
+
+def test_the_gateway_answers_the_deployments_probes(gateway):
+    container = gateway_container()
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        response = httpx.get(gateway + container[kind]["httpGet"]["path"], timeout=10)
+        assert response.status_code == 200, (kind, response.status_code, response.text)
+    assert httpx.get(gateway + "/health", timeout=10).status_code == 200
+
+
+def test_request_metrics_carry_the_api_key_id(gateway, prometheus):
+    # This gateway has no API keys: its traffic is counted under the key id `anonymous`.
+    c = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=120)
+    c.chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=48,
+                              temperature=0)
+    deadline = time.monotonic() + 60
+    while not query(prometheus, 'safethink_requests_total{status="success", key="anonymous"} > 0'):
+        assert time.monotonic() < deadline, f"no requests under key=anonymous: {query(prometheus, 'safethink_requests_total')}"
+        time.sleep(1)
+    for metric in ("safethink_requests_total", "safethink_interventions_total", "safethink_refusals_total"):
+        assert {r["metric"].get("key") for r in query(prometheus, metric)} <= {"anonymous"}, metric
+    (per_key,) = by_key = query(prometheus, rules()["safethink:intervention_rate_by_key:5m"]["expr"])
+    assert per_key["metric"] == {"key": "anonymous"} and float(per_key["value"][1]) > 0, by_key

@@ -64,7 +64,7 @@ def test_forced_interventions_show_in_reasoning_response_and_metrics(steered_url
     assert info["injected_tokens"] <= r.usage.completion_tokens <= info["injected_tokens"] + len(blank)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert metric(steered_url, "safethink_interventions_total") == before + 2
-    assert metric(steered_url, 'safethink_interventions_total{step="1"}') >= 2
+    assert metric(steered_url, 'safethink_interventions_total{key="anonymous",step="1"}') >= 2
     assert metric(steered_url, "safethink_steps_scored_total") >= 2
     assert metric(steered_url, "safethink_injected_tokens_total") >= info["injected_tokens"]
 
@@ -258,7 +258,7 @@ def test_disconnect_mid_stream_frees_the_engine_and_health_stays_responsive(stee
     while httpx.get(steered_url + "/health").json()["running"] != 0:
         assert time.monotonic() < deadline, "the engine slot was not freed after the client left"
         time.sleep(0.2)
-    assert metric(steered_url, 'safethink_requests_total{engine="hf",status="aborted"}') >= 1
+    assert metric(steered_url, 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}') >= 1
 
 
 def post(url: str, body, headers=None, raw: bytes | None = None) -> httpx.Response:

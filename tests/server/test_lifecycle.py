@@ -134,7 +134,7 @@ async def test_a_dead_hf_engine_turns_health_and_liveness_503_and_requests_are_r
             refused = await http.post("/v1/chat/completions", json={**STORY, "stream": False, "max_tokens": 4})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
             metrics = (await http.get("/metrics")).text
-            assert 'safethink_requests_total{engine="hf",status="unavailable"} 1.0' in metrics
+            assert 'safethink_requests_total{engine="hf",key="anonymous",status="unavailable"} 1.0' in metrics
     finally:
         server.should_exit = True
         await task
