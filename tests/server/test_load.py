@@ -1,0 +1,35 @@
+"""A short load run (bench/load.py's own functions) against a real server: every request is counted
+once, no slot is held afterwards, and the server is still healthy and serving."""
+
+from __future__ import annotations
+
+from bench.load import LoadConfig, run_load
+from tests.conftest import running_server
+
+# 8 clients over 2 engine slots: most requests queue for a slot, and some leave while others run.
+CONFIG = LoadConfig(duration_s=25, concurrency=8, seed=7, words=(3, 150), max_tokens=(8, 40), stream_share=0.85,
+                    usage_share=0.5, leave_before_first=0.2, leave_after_chunks=0.2,
+                    modes={"default": 0.25, "never breaches": 0.35, "always breaches": 0.3, "steering off": 0.1},
+                    request_timeout_s=180, drain_s=90, settle_s=30, probe_timeout_s=60)
+
+
+async def test_a_load_run_leaves_the_books_balanced_and_no_slot_held():
+    with running_server("--engine", "hf", "--allow-client-overrides", "--max-concurrent-sequences", "2",
+                        "--max-step-tokens", "24") as url:
+        report = await run_load(url, CONFIG)
+
+    end, sent, counted = report.end, report.sent, report.counted
+    assert end.health_status == 200 and end.health.get("status") == "ok", f"/health at the end: {end.health_status} {end.health}"
+    assert end.health.get("running") == 0 and end.health.get("waiting") == 0, f"slot held after the load: {end.health}"
+    assert end.active == 0, f"safethink_active_requests is {end.active} after the load"
+    assert counted == sent, f"safethink_requests_total grew by {counted} ({report.counted_by_status}), {sent} requests were sent"
+    assert report.probe.get("ok"), f"the server did not serve {CONFIG.concurrency} short requests after the load: {report.probe}"
+    assert report.server_errors == 0 and not any(kind.startswith("HTTP 5") for kind in report.errors), report.errors
+    assert not report.errors, f"errors under load: {report.errors}"
+    assert report.cut_at_drain == 0, f"{report.cut_at_drain} requests still in flight {CONFIG.drain_s} s after the load"
+    assert sent >= CONFIG.concurrency, f"too few requests to say anything: {sent}"
+    assert sum(report.left.values()) >= 1, f"no client left on purpose: {report.left}"
+    assert report.with_interventions + report.completed.get("content_filter", 0) >= 1, f"no steering outcome: {report.by_mode}"
+    normal = [o for o in report.requests if o.finish in ("stop", "length") and not o.interventions and not o.error and not o.left]
+    assert normal, f"no normal completion: {report.completed}"
+    assert report.problems() == []
