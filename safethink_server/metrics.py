@@ -35,6 +35,7 @@ class Metrics:
         self.discarded = Counter("safethink_discarded_tokens", "Sampled tokens rolled back (replaced unsafe steps).", registry=r)
         self.withheld = Counter("safethink_withheld_tokens", "Sampled tokens judged unsafe and never released (refusals, token limit).", registry=r)
         self.refusals = Counter("safethink_refusals", "Responses ended with the refusal (content_filter): a breach with no intervention left, or a scorer failure under fail_closed; by API key id.", ["key"], registry=r)
+        self.unauthorized = Counter("safethink_unauthorized_requests", "Requests refused for a missing or wrong API key (401).", registry=r)
         self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
         self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r,
                             multiprocess_mode="livesum")

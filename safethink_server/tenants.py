@@ -16,6 +16,7 @@ from pydantic import (
     SecretStr,
     SerializationInfo,
     StringConstraints,
+    ValidationError,
     create_model,
     field_serializer,
     field_validator,
@@ -64,9 +65,21 @@ class KeysFile(BaseModel):
 
 def read_keys_file(path: Path) -> list[KeyConfig]:
     """`{"keys": [{"id": ..., "key": ..., "policy": {...}}, ...]}`, as YAML or JSON."""
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    return KeysFile.model_validate(data).keys
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise ValueError(f"cannot read the keys file {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        # Only where: the parser's own message would quote the line, and with it a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else f"line {getattr(exc, 'lineno', '?')}"
+        raise ValueError(f"the keys file {path} is not valid YAML or JSON ({where})") from None
+    try:
+        return KeysFile.model_validate(data).keys
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"the keys file {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def check_unique(keys: list[KeyConfig]) -> None:

@@ -16,6 +16,7 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reward_models.base import Scorer, StepItem, StepScore
@@ -49,6 +50,7 @@ from safethink_server.api.protocol import (
 )
 from safethink_server.api.request_json import CheckedRoute
 from safethink_server.api.audit import AuditLog
+from safethink_server.api.auth import Authentication, tenant_of
 from safethink_server.api.responses import (
     RESPONSES_FIELDS,
     ResponseBuilder,
@@ -137,7 +139,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         try:
@@ -146,8 +148,11 @@ class BodySizeLimit:
             await too_large(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body reading passes it on rather than calling it a parse error."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
@@ -177,11 +182,10 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    async def authenticate(request: Request) -> Tenant:
-        tenant = state.keyring.tenant(request.headers.get("authorization", ""))
-        if tenant is None:
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
-        return tenant
+    app.add_middleware(Authentication, keyring=keyring, audit=state.audit, refused=metrics.unauthorized.inc)
+
+    def authenticate(request: Request) -> Tenant:
+        return tenant_of(request.state)
 
     @app.get("/health", responses=UNAVAILABLE)
     async def health() -> JSONResponse:
@@ -209,18 +213,18 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authenticate)], responses=ERRORS)
+    @app.get("/v1/models", responses=ERRORS)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id) for model_id in engine.model_ids()])
 
-    @app.post("/tokenize", dependencies=[Depends(authenticate)], responses=ERRORS)
+    @app.post("/tokenize", responses=ERRORS)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         try:
             return await tokenize(engine, body, state.max_model_len)
         except (PromptError, UpstreamError) as exc:
             raise failure(exc, metrics)[0] from exc
 
-    @app.post("/detokenize", dependencies=[Depends(authenticate)], responses=ERRORS)
+    @app.post("/detokenize", responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
             return await detokenize(engine, body, getattr(engine, "vocab_size", None))
@@ -359,6 +363,10 @@ async def build_completion_sessions(state: ServerState, tenant: Tenant, body: Co
     """`/v1/completions`: one session per choice over the raw prompt, steered where the model reasons."""
     s, engine = state.settings, state.engine
     policy = checked_policy(state, tenant, body, COMPLETION_FIELDS | (engine.honoured_fields & (SAMPLING_FIELDS | {"logprobs"})))
+    if not tenant.allow_assistant_prefill:
+        raise APIError(400, "a raw prompt can write the assistant turn itself, so /v1/completions needs the assistant-prefill "
+                       "permission (--allow-assistant-prefill, or the key's allow_assistant_prefill)", param="prompt",
+                       code="raw_prompt_not_allowed")
     try:
         raw = body.one_prompt()
     except ValueError as exc:
@@ -706,7 +714,7 @@ class SessionStream(StreamingResponse):
         with self.lifecycle.abortable() as scope:
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and self.tracker.status != "success":  # (not when the stream had ended)
             self.tracker.status = "aborted"
             await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -47,6 +47,8 @@ class Lifecycle:
     def abortable(self) -> Iterator[anyio.CancelScope]:
         """A scope the drain cancels when its timeout passes; `cancelled_caught` tells the request."""
         with anyio.CancelScope() as scope:
+            if self.aborting:  # entered after the drain's sweep
+                scope.cancel()
             self._scopes.add(scope)
             try:
                 yield scope

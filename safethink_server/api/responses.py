@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from safethink_server.api.errors import APIError
-from safethink_server.api.protocol import MAX_MESSAGES, ChatCompletionRequest, Usage
+from safethink_server.api.protocol import MAX_CONTENT_PARTS, MAX_MESSAGES, ChatCompletionRequest, Usage
 from safethink_server.schema import INT64_MAX, SteeringOverrides, SteeringReport
 
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -68,7 +68,7 @@ class InputMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: str | Annotated[list[InputText], Field(max_length=MAX_CONTENT_PARTS)]
     id: str | None = None
     status: str | None = None
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safethink_server.api.fields import refuse_message_fields
-from safethink_server.api.protocol import ChatMessage
+from safethink_server.api.protocol import MAX_MESSAGES, ChatMessage
 from safethink_server.engines.base import Engine
 from safethink_server.prompt import PromptError, chat_text, template_kwargs
 
@@ -21,7 +21,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
     add_special_tokens: bool = Field(default=True, description="prompt only: the tokenizer's special tokens (BOS)")
     chat_template_kwargs: dict[str, Any] | None = None

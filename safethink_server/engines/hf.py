@@ -8,6 +8,7 @@ forward covers `[pending] + ids`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from safethink_server.engines.base import (
 from safethink_server.engines.sampler import TokenSampler
 from safethink_server.prompt import Conversation, RenderedPrompt
 
+logger = logging.getLogger(__name__)
+OUT_OF_MEMORY_IN_A_ROW = 3
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -123,13 +126,15 @@ class HFGeneration(Generation):
         if self._closed:
             raise EngineError("generation was aborted")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
         except (ValueError, EngineError):
             raise
         except Exception as exc:
-            if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-                self.engine.failure = f"out of memory in a forward: {exc}"
-            raise EngineError(f"model forward failed: {exc}") from exc
+            logger.exception("a model forward failed")
+            self.engine.forward_failed(exc)
+            raise EngineError("the model forward failed") from exc  # (its text stays in the server's log)
+        self.engine.forward_failed(None)
+        return result
 
     async def next_tokens(self) -> list[int]:
         return [await self._run(self._advance)]
@@ -165,6 +170,7 @@ class HFEngine(Engine):
         self._waiting = 0
         self._running = 0
         self.failure: str | None = None  # what killed the engine, if anything did
+        self._out_of_memory = 0  # forwards in a row that ran out of memory
 
     async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
                     model: str | None = None) -> Generation:
@@ -189,6 +195,16 @@ class HFEngine(Engine):
 
     def stats(self) -> dict[str, int | str]:
         return {"running": self._running, "waiting": self._waiting}
+
+    def forward_failed(self, exc: Exception | None) -> None:
+        """One request's forward running out of memory fails that request; several in a row, with
+        nothing succeeding between them, mean the process is unusable: the engine is dead."""
+        if exc is None:
+            self._out_of_memory = 0
+        elif isinstance(exc, MemoryError | torch.OutOfMemoryError):
+            self._out_of_memory += 1
+            if self._out_of_memory >= OUT_OF_MEMORY_IN_A_ROW:
+                self.failure = f"{self._out_of_memory} forwards in a row ran out of memory"
 
     def dead_reason(self) -> str | None:
         if getattr(self.executor, "_shutdown", False):

@@ -137,7 +137,8 @@ class VLLMGeneration(Generation):
         except EngineDeadError as exc:
             raise EngineError(f"the vLLM engine died: {exc}") from exc
         except Exception as exc:
-            raise EngineError(f"vLLM generation failed: {exc}") from exc
+            logger.exception("vLLM generation failed")
+            raise EngineError("vLLM generation failed") from exc  # (its text stays in the server's log)
         if self._awaiting_first_output:
             self._awaiting_first_output = False
             self.last_cached_tokens = out.num_cached_tokens or 0

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from collections.abc import AsyncIterator
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from tests.server.threaded_server import ThreadedServer
 
 BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "length", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed",
               "forged-call", "forged-call-in-reasoning", "malformed-call", "counted"]
@@ -91,23 +90,7 @@ def build_app() -> FastAPI:
     return app
 
 
-class FaultyUpstream:
-    """Runs the app with uvicorn on its own thread and event loop."""
-
+class FaultyUpstream(ThreadedServer):
     def __init__(self, port: int) -> None:
+        super().__init__(build_app(), port)
         self.url = f"http://127.0.0.1:{port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(), host="127.0.0.1", port=port, log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> FaultyUpstream:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the faulty upstream did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

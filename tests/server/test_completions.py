@@ -18,7 +18,7 @@ FORCED = {"safethink": {"threshold": 0, "max_interventions": 1}}
 
 @pytest.fixture(scope="module")
 def url():
-    with running_server("--allow-client-overrides", "--max-step-tokens", "24") as base:
+    with running_server("--allow-client-overrides", "--allow-assistant-prefill", "--max-step-tokens", "24") as base:
         yield base
 
 

@@ -42,6 +42,14 @@ def ask(url: str, model: str, stream: bool, **extra: object) -> tuple[int, str, 
     return response.status_code, text, events
 
 
+def eventually(url: str, name: str, value: float, **labels: str) -> None:
+    """A count reaches `value` (a stream's request is counted just after its last byte)."""
+    deadline = time.monotonic() + 15
+    while (seen := series(url, name, **labels)) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} is {seen}, not {value}"
+        time.sleep(0.1)
+
+
 def assert_no_slot_held(url: str) -> None:
     deadline = time.monotonic() + 15
     while httpx.get(url + "/health").json()["running"] or series(url, "safethink_active_requests"):
@@ -73,9 +81,9 @@ def test_an_upstream_fault_while_a_step_is_held_ends_cleanly_unreleased_and_coun
     else:
         assert got == status and events[0]["error"]["param"] is None
     assert HELD not in text and text == "", "the held, unjudged step reached the client"
-    assert series(url, "safethink_upstream_errors_total", kind=kind) == errors + 1
-    assert series(url, "safethink_requests_total", status="upstream_error") == failed + 1
-    assert series(url, "safethink_requests_total") == requests + 1
+    eventually(url, "safethink_upstream_errors_total", errors + 1, kind=kind)
+    eventually(url, "safethink_requests_total", failed + 1, status="upstream_error")
+    eventually(url, "safethink_requests_total", requests + 1)
     assert_no_slot_held(url)
 
 
@@ -94,12 +102,12 @@ def test_a_failing_remote_scorer_follows_the_policy_and_is_counted(behaviour, po
             finish = [c.get("finish_reason") for e in events for c in e.get("choices", []) if c.get("finish_reason")][-1]
             if policy == "fail_closed":
                 assert finish == "content_filter" and text == "I can't help with that request."
-                assert series(url, "safethink_refusals_total") == refusals + 1
+                eventually(url, "safethink_refusals_total", refusals + 1)
             else:
                 assert finish == "stop" and text == "Two plus two. It is four.4"
             assert series(url, "safethink_scorer_errors_total") > errors
         assert scorer.calls > 0
-        assert series(url, "safethink_requests_total", status="success") == 2
+        eventually(url, "safethink_requests_total", 2, status="success")
         assert_no_slot_held(url)
 
 

@@ -63,7 +63,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def server_url():
-    with running_server("--engine", "hf", "--api-key", KEY, "--default-max-tokens", "8", "--max-model-len", "512") as url:
+    with running_server("--engine", "hf", "--api-key", KEY, "--allow-assistant-prefill", "--default-max-tokens", "8",
+                        "--max-model-len", "64") as url:
         yield url
 
 
@@ -85,6 +86,24 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
 def test_a_hostile_request_gets_an_openai_shaped_4xx(server_url, case):
     path, body, status, param = CASES[case]
     assert_openai_error(send(server_url, path, body), status, param)
+
+
+def test_without_a_key_the_body_is_never_read(server_url):
+    deep = raw('{"model":"MODEL","x":' + "[" * 20000 + "]" * 20000 + "}")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(server_url + CHAT, content=deep, headers={**headers, "Content-Type": "application/json"}, timeout=30)
+        assert_openai_error(response, 401)
+
+
+def test_a_body_over_the_limit_without_a_length_is_a_413(server_url):
+    def chunks():  # sent chunked: the limit is found while reading, not from Content-Length
+        yield b'{"model":"m","messages":[{"role":"user","content":"'
+        for _ in range(1200):
+            yield b"a" * 1000
+        yield b'"}]}'
+
+    response = httpx.post(server_url + CHAT, content=chunks(), headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert_openai_error(response, 413)
 
 
 def test_after_the_abuse_the_server_serves_and_holds_no_slot(server_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -36,17 +37,22 @@ def test_each_key_opens_its_own_tenant_and_nothing_else_opens_any(keys, other, s
     assert keyring.tenant("") is None
 
 
-@given(st.floats(0, 1), st.integers(0, 20), st.booleans(), st.booleans(), st.booleans())
-def test_a_key_policy_replaces_only_the_fields_it_sets(threshold, early_steps, sets_threshold, overrides, server_overrides):
+PERMISSION = st.none() | st.booleans()
+
+
+@given(st.floats(0, 1), st.integers(0, 20), st.booleans(), PERMISSION, st.booleans(), PERMISSION, st.booleans())
+def test_a_key_policy_replaces_only_the_fields_it_sets(threshold, early_steps, sets_threshold, overrides, server_overrides,
+                                                       prefill, server_prefill):
     server = PolicyConfig(threshold=0.5, early_steps=3, prefix="Server prefix.")
     policy = {"threshold": threshold} if sets_threshold else {}
-    key = KeyConfig(id="k", key="secret", policy={**policy, "early_steps": early_steps},
-                    allow_client_overrides=overrides if overrides else None)
-    tenant = Keyring([key], server, server_overrides, False).tenant("Bearer secret")
+    key = KeyConfig(id="k", key="secret", policy={**policy, "early_steps": early_steps}, allow_client_overrides=overrides,
+                    allow_assistant_prefill=prefill)
+    tenant = Keyring([key], server, server_overrides, server_prefill).tenant("Bearer secret")
     assert tenant is not None
     assert tenant.policy.threshold == (threshold if sets_threshold else 0.5)
     assert (tenant.policy.early_steps, tenant.policy.prefix) == (early_steps, "Server prefix.")
-    assert tenant.allow_client_overrides == (True if overrides else server_overrides)
+    assert tenant.allow_client_overrides == (server_overrides if overrides is None else overrides)
+    assert tenant.allow_assistant_prefill == (server_prefill if prefill is None else prefill)
 
 
 def test_a_server_without_keys_serves_everyone_as_anonymous():
@@ -69,11 +75,22 @@ def test_bad_key_sets_are_refused_at_startup(keys, monkeypatch):
         ServerSettings()
 
 
+@pytest.mark.parametrize("text", ['keys:\n  - id: a\n    key: "sk-TOPSECRET\n', '{"keys": [{"id": "a", "key": "sk-TOPSECRET"', "keys:\n  - id: a\n    key: sk-TOPSECRET\n    extra: 1\n"])
+def test_a_broken_keys_file_stops_the_server_without_quoting_a_key(tmp_path, text):
+    for name in ("keys.yaml", "keys.json"):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValidationError) as caught:
+            ServerSettings(api_keys_file=path)
+        assert "TOPSECRET" not in str(caught.value) and str(path) in str(caught.value)
+
+
 # --- on a real server ------------------------------------------------------------------------------
 
 EVAL_KEY, APP_KEY = "eval-team-secret-1", "application-secret-2"
 KEYS = {"keys": [
-    {"id": "eval", "key": EVAL_KEY, "policy": {"threshold": 0.0, "early_steps": 2, "max_interventions": 1}, "allow_client_overrides": True},
+    {"id": "eval", "key": EVAL_KEY, "policy": {"threshold": 0.0, "early_steps": 2, "max_interventions": 1}, "allow_client_overrides": True,
+     "allow_assistant_prefill": True},
     {"id": "app", "key": APP_KEY},
 ]}
 ASK = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "How do plants grow?"}], "max_tokens": 48}
@@ -103,8 +120,14 @@ def series(url: str, name: str, **labels: str) -> float:
     return total
 
 
-def audit_lines(path) -> list[dict]:  # type: ignore[no-untyped-def]
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def audit_lines(path, at_least: int = 0) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The log's lines, once it has `at_least` (a stream's line is written after its last byte)."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if len(lines) >= at_least or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
 
 
 def test_each_key_gets_its_own_policy_permissions_and_metrics(keyed_server):
@@ -127,21 +150,33 @@ def test_each_key_gets_its_own_policy_permissions_and_metrics(keyed_server):
     assert series(url, "safethink_requests_total", key="app", status="invalid") >= 1
     assert post(url, "not-a-key", ASK).status_code == 401
 
+    prefill = {**ASK, "messages": [*ASK["messages"], {"role": "assistant", "content": "Sure"}], "continue_final_message": True,
+               "add_generation_prompt": False, "safethink": None}
+    assert post(url, EVAL_KEY, prefill).status_code == 200
+    assert post(url, APP_KEY, prefill).json()["error"]["param"] == "continue_final_message"
+    raw = {"model": EMBEDDED_MODEL, "prompt": "Plants grow", "max_tokens": 4}
+    assert httpx.post(url + "/v1/completions", json=raw, headers={"Authorization": f"Bearer {EVAL_KEY}"}, timeout=60).status_code == 200
+    refused_raw = httpx.post(url + "/v1/completions", json=raw, headers={"Authorization": f"Bearer {APP_KEY}"}, timeout=60)
+    assert refused_raw.status_code == 400 and refused_raw.json()["error"]["code"] == "raw_prompt_not_allowed"
+
     metrics = httpx.get(url + "/metrics").text
     assert EVAL_KEY not in metrics and APP_KEY not in metrics and 'key="anonymous"' not in metrics
 
 
 def test_the_audit_log_has_one_line_per_request_naming_the_key_by_id(keyed_server):
     url, audit = keyed_server
-    seen = len(audit_lines(audit)) if audit.exists() else 0
+    seen = len(audit_lines(audit))
     served = post(url, EVAL_KEY, ASK)
     streamed = httpx.post(url + "/v1/chat/completions", json={**ASK, "stream": True}, headers={"Authorization": f"Bearer {APP_KEY}"},
                           timeout=120)
+    audit_lines(audit, seen + 2)
     invalid = post(url, APP_KEY, {**ASK, "model": "no-such-model"})
-    assert (served.status_code, streamed.status_code, invalid.status_code) == (200, 200, 404)
-    lines = audit_lines(audit)[seen:]
-    assert len(lines) == 3
-    first, second, third = lines
+    unauthenticated = post(url, "wrong-key", {"deeply": json.loads("[" * 100 + "]" * 100)})  # refused before the body is read
+    assert (served.status_code, streamed.status_code, invalid.status_code, unauthenticated.status_code) == (200, 200, 404, 401)
+    lines = audit_lines(audit, seen + 4)[seen:]
+    assert len(lines) == 4
+    first, second, third, fourth = lines
+    assert (fourth["key"], fourth["status"], fourth["error"]["status"]) == ("unauthenticated", "unauthorized", 401)
     assert first["request_id"] == served.headers["x-request-id"] and second["request_id"] == streamed.headers["x-request-id"]
     assert (first["key"], second["key"], third["key"]) == ("eval", "app", "app")
     assert (first["status"], second["status"], third["status"]) == ("success", "success", "invalid")

@@ -31,7 +31,7 @@ async def vllm_server():
     from safethink_server.server import build_app
 
     settings = ServerSettings(engine="vllm", max_model_len=MAX_MODEL_LEN, threshold=0.0, max_step_tokens=24,
-                              reasoning_budget=64, port=free_port(), allow_client_overrides=True,
+                              reasoning_budget=64, port=free_port(), allow_client_overrides=True, allow_assistant_prefill=True,
                               enable_auto_tool_choice=True, tool_call_parser="hermes")
     app = build_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
@@ -361,3 +361,27 @@ async def test_completions_on_vllm_steer_an_open_reasoning(vllm_server):
     assert choice.text.lstrip().startswith("Wait, think safely.")  # --threshold 0: every step breaches
     assert choice.model_extra["safethink"]["steps"][0]["section"] == "reasoning"
     assert r.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+
+
+# Last in the module: it kills the module's engine.
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_dead_vllm_engine_turns_health_and_liveness_503(vllm_server):
+    """The fault is real: vLLM's engine-core process is killed, as an OOM killer would."""
+    import psutil
+
+    url, engine = vllm_server
+    cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+    assert cores, "vLLM's engine core runs in a process of its own"
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        assert (await http.get("/health/live")).status_code == 200
+        for core in cores:
+            core.kill()
+        deadline = time.monotonic() + 60
+        while (await http.get("/health/live")).status_code != 503:
+            assert time.monotonic() < deadline, "the engine's death never showed in /health/live"
+            await asyncio.sleep(0.5)
+        health = await http.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "dead", health.text
+        assert (await http.get("/health/ready")).status_code == 503
+        refused = await http.post("/v1/chat/completions", json={"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"
