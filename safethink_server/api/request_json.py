@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import anyio.to_thread
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -45,22 +46,34 @@ def _path(parts: tuple[str | int, ...]) -> str:
 
 def check_tree(value: Any, check_strings: bool) -> None:
     """Depth, integer range and (where the body escaped any surrogate) lone surrogates, walked
-    without recursion so that no body can exhaust the stack."""
-    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 0, ())]
+    without recursion so that no body can exhaust the stack. Only containers are stacked, with their
+    paths; scalars are checked where they stand."""
+    if not isinstance(value, dict | list):
+        _check_scalar(value, check_strings, ())
+        return
+    stack: list[tuple[dict[str, Any] | list[Any], int, tuple[str | int, ...]]] = [(value, 0, ())]
     while stack:
         node, depth, path = stack.pop()
-        if isinstance(node, dict | list):
-            if depth >= MAX_DEPTH:
-                raise BadRequestJSON(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep", _path(path) or None)
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, child in items:
-                if check_strings and isinstance(key, str):
-                    _check_string(key, path)
+        if depth >= MAX_DEPTH:
+            raise BadRequestJSON(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep", _path(path) or None)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if check_strings and isinstance(key, str):
+                _check_string(key, path)
+            if isinstance(child, dict | list):
                 stack.append((child, depth + 1, (*path, key)))
-        elif isinstance(node, int) and not isinstance(node, bool) and not INT64_MIN <= node <= INT64_MAX:
-            raise BadRequestJSON("integers must fit in 64 bits", _path(path) or None)
-        elif check_strings and isinstance(node, str):
-            _check_string(node, path)
+            elif isinstance(child, int):
+                if not INT64_MIN <= child <= INT64_MAX:  # (a bool is an int, always within)
+                    raise BadRequestJSON("integers must fit in 64 bits", _path((*path, key)))
+            elif check_strings and isinstance(child, str):
+                _check_string(child, (*path, key))
+
+
+def _check_scalar(value: Any, check_strings: bool, path: tuple[str | int, ...]) -> None:
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise BadRequestJSON("integers must fit in 64 bits", _path(path) or None)
+    if check_strings and isinstance(value, str):
+        _check_string(value, path)
 
 
 def _check_string(text: str, path: tuple[str | int, ...]) -> None:
@@ -93,7 +106,9 @@ def parse_request_json(body: bytes) -> Any:
 class CheckedJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = parse_request_json(await self.body())
+            body = await self.body()
+            # A large body takes tens of milliseconds to read: off the event loop, so streams go on meanwhile.
+            self._json = parse_request_json(body) if len(body) < 65536 else await anyio.to_thread.run_sync(parse_request_json, body)
         return self._json
 
 

@@ -347,7 +347,7 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
                                            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER_SCHEMA}})
         assert isinstance(json.loads(answer.choices[0].message.content)["answer"], int)
     with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--upstream-mode", "chat",
-                        "--threshold", "0") as judging_url:
+                        "--threshold", "0", "--allow-assistant-prefill") as judging_url:
         r = client(judging_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
                                                         max_tokens=48, temperature=0)
         message = r.choices[0].message
@@ -363,7 +363,8 @@ def test_proxy_in_token_ids_mode_routes_tools_through_chat_and_passes_structured
     template renders them and its parser reads the calls; a structured output goes to /v1/completions."""
     direct = client(vllm_upstream).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL],
                                                            tool_choice=NAMED, max_tokens=48, temperature=0)
-    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--threshold", "1") as proxy_url:
+    with running_server("--engine", "upstream", "--upstream-url", vllm_upstream + "/v1", "--threshold", "1",
+                        "--allow-assistant-prefill") as proxy_url:
         assert httpx.get(proxy_url + "/health").json()["upstream_mode"] == "token_ids"
         r = client(proxy_url).chat.completions.create(model=EMBEDDED_MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED,
                                                       max_tokens=48, temperature=0)
