@@ -20,7 +20,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
     """Every setting is a flag (`safethink serve --help`); the steering policy's own fields
     (threshold, early_steps, mode, prefix, on_budget_exhausted, refusal, ...) come from PolicyConfig."""
 
-    model_config = SettingsConfigDict(env_prefix="SAFETHINK_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="SAFETHINK_", extra="forbid", hide_input_in_errors=True)  # inputs hold keys
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")

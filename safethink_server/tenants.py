@@ -35,7 +35,7 @@ KeyPolicy: type[BaseModel] = create_model(
 
 
 class KeyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = Field(
         description="the key's name in metrics and the audit log")
     key: SecretStr = Field(description="the bearer token")
@@ -59,7 +59,7 @@ class KeyConfig(BaseModel):
 
 
 class KeysFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     keys: list[KeyConfig] = Field(min_length=1)
 
 
@@ -79,7 +79,10 @@ def read_keys_file(path: Path) -> list[KeyConfig]:
         return KeysFile.model_validate(data).keys
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ValueError(f"the keys file {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        # An unknown field is not named: in a broken file, a field's name may be a key.
+        loc = first["loc"][:-1] if first["type"] == "extra_forbidden" else first["loc"]
+        what = "an unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ValueError(f"the keys file {path}: {'.'.join(map(str, loc)) or 'top level'}: {what}") from None
 
 
 def check_unique(keys: list[KeyConfig]) -> None:

@@ -184,7 +184,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     app.add_middleware(Authentication, keyring=keyring, audit=state.audit, refused=metrics.unauthorized.inc)
 
-    def authenticate(request: Request) -> Tenant:
+    async def authenticate(request: Request) -> Tenant:
         return tenant_of(request.state)
 
     @app.get("/health", responses=UNAVAILABLE)
@@ -711,10 +711,12 @@ class SessionStream(StreamingResponse):
         """Starlette's, in a scope that a drain past its timeout cancels: the stream then ends with an
         error event and [DONE]."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
         with self.lifecycle.abortable() as scope:
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
-        if scope.cancelled_caught and self.tracker.status != "success":  # (not when the stream had ended)
+            ended = True
+        if scope.cancelled_caught and not ended and self.tracker.status == "aborted":  # (no outcome, no error event yet)
             self.tracker.status = "aborted"
             await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

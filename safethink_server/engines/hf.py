@@ -76,6 +76,7 @@ class HFGeneration(Generation):
                 use_cache=True,
                 logits_to_keep=1,
             )
+        self.engine.forward_failed(None)
         self.cached_ids.extend(ids)
         self._prefilled += len(ids)
         return self.sampler.sample(out.logits[0, -1], self.cached_ids, len(self.prompt_ids), self.generator)
@@ -133,7 +134,6 @@ class HFGeneration(Generation):
             logger.exception("a model forward failed")
             self.engine.forward_failed(exc)
             raise EngineError("the model forward failed") from exc  # (its text stays in the server's log)
-        self.engine.forward_failed(None)
         return result
 
     async def next_tokens(self) -> list[int]:

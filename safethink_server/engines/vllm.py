@@ -135,7 +135,7 @@ class VLLMGeneration(Generation):
             self._stream = None
             return [self.engine.stop_token_id]
         except EngineDeadError as exc:
-            raise EngineError(f"the vLLM engine died: {exc}") from exc
+            raise EngineError("the vLLM engine died") from exc
         except Exception as exc:
             logger.exception("vLLM generation failed")
             raise EngineError("vLLM generation failed") from exc  # (its text stays in the server's log)

@@ -297,7 +297,8 @@ def test_error_shapes(bare_url):
     assert_error(post(bare_url, {**good, "safethink": {"early_steps": 0}}), 400, "invalid_request_error", "safethink")
     assert_error(post(bare_url, None, raw=b"{not json"), 400, "invalid_request_error")
     assert_error(post(bare_url, None, raw=json.dumps({**good, "pad": "x" * 8000}).encode()), 413, "invalid_request_error")
-    assert_error(httpx.get(bare_url + "/v1/nothing-here"), 404, "not_found_error")
+    assert_error(httpx.get(bare_url + "/v1/nothing-here", headers={"Authorization": f"Bearer {API_KEY}"}), 404, "not_found_error")
+    assert_error(httpx.get(bare_url + "/v1/nothing-here"), 401, "authentication_error")  # no path is answered without the key
     # The widest seeds are served, and the server is still up and serving after all of that.
     assert post(bare_url, {**good, "seed": 2**63 - 1}).status_code == 200
     assert post(bare_url, {**good, "seed": -(2**63)}).status_code == 200

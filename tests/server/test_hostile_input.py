@@ -5,6 +5,7 @@ normally afterwards with no slot held. Then schemathesis fuzzes every route of i
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -93,6 +94,18 @@ def test_without_a_key_the_body_is_never_read(server_url):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.post(server_url + CHAT, content=deep, headers={**headers, "Content-Type": "application/json"}, timeout=30)
         assert_openai_error(response, 401)
+
+
+def test_only_health_and_metrics_answer_without_the_key(server_url):
+    refused = float(re.search(r"^safethink_unauthorized_requests_total (\S+)$", httpx.get(server_url + "/metrics").text, re.M).group(1))
+    for path in ("/health", "/health/live", "/health/ready", "/metrics", "/openapi.json"):
+        assert httpx.get(server_url + path, timeout=10).status_code == 200, path
+    protected = [("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", CHAT), ("POST", COMPLETIONS),
+                 ("POST", RESPONSES), ("GET", "/health/"), ("GET", "/METRICS")]
+    for method, path in protected:
+        assert_openai_error(httpx.request(method, server_url + path, json={}, timeout=10), 401)
+    counted = float(re.search(r"^safethink_unauthorized_requests_total (\S+)$", httpx.get(server_url + "/metrics").text, re.M).group(1))
+    assert counted == refused + len(protected)
 
 
 def test_a_body_over_the_limit_without_a_length_is_a_413(server_url):

@@ -75,13 +75,14 @@ def test_bad_key_sets_are_refused_at_startup(keys, monkeypatch):
         ServerSettings()
 
 
-@pytest.mark.parametrize("text", ['keys:\n  - id: a\n    key: "sk-TOPSECRET\n', '{"keys": [{"id": "a", "key": "sk-TOPSECRET"', "keys:\n  - id: a\n    key: sk-TOPSECRET\n    extra: 1\n"])
+@pytest.mark.parametrize("text", ['keys:\n  - id: a\n    key: "sk-TOPSECRET\n', '{"keys": [{"id": "a", "key": "sk-TOPSECRET"', "keys:\n  - id: a\n    key: sk-TOPSECRET\n    extra: 1\n",
+                                  "keys:\n  - id: a\n    key: x\n    sk-TOPSECRET: 1\n"])
 def test_a_broken_keys_file_stops_the_server_without_quoting_a_key(tmp_path, text):
     for name in ("keys.yaml", "keys.json"):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(ValidationError) as caught:
-            ServerSettings(api_keys_file=path)
+            ServerSettings(api_keys_file=path, api_key="sk-TOPSECRET-TOO")
         assert "TOPSECRET" not in str(caught.value) and str(path) in str(caught.value)
 
 

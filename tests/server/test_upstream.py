@@ -354,7 +354,7 @@ def test_proxy_passes_tools_and_structured_outputs_to_vllm_and_judges_the_calls(
         assert r.choices[0].finish_reason == "content_filter" and message.tool_calls is None
         with pytest.raises(openai.BadRequestError) as refused:  # chat mode has no raw prompts
             client(judging_url).completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8)
-        assert refused.value.body["param"] == "prompt"
+        assert refused.value.body["param"] == "prompt" and refused.value.body["code"] != "raw_prompt_not_allowed"
         assert message.content == "I can't help with that request."  # a breach in a call ends it: no prefix, no call
 
 
