@@ -6,14 +6,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reward_models.registry import ScorerConfig, ScorerKind
 from safethink_server.engines.upstream import UpstreamConfig
 from safethink_server.schema import PolicyConfig, ReasoningConfig
 from safethink_server.steering.steps import StepBoundaryDetector
-from safethink_server.tenants import KeyConfig, Keyring, check_unique, read_keys_file
+from safethink_server.tenants import KeyConfig, Keyring, read_keys_file
 
 
 class ServerSettings(BaseSettings, PolicyConfig):
@@ -21,6 +21,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
     (threshold, early_steps, mode, prefix, on_budget_exhausted, refusal, ...) come from PolicyConfig."""
 
     model_config = SettingsConfigDict(env_prefix="SAFETHINK_", extra="forbid", hide_input_in_errors=True)  # inputs hold keys
+    _keyring: Keyring | None = PrivateAttr(default=None)
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
@@ -111,7 +112,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     @model_validator(mode="after")
     def _keys_are_readable_and_unique(self) -> ServerSettings:
-        check_unique(self.keys())
+        self._keyring = Keyring(self.keys(), self.policy(), self.allow_client_overrides, self.allow_assistant_prefill)
         return self
 
     def keys(self) -> list[KeyConfig]:
@@ -121,7 +122,9 @@ class ServerSettings(BaseSettings, PolicyConfig):
         return [*single, *self.api_keys, *from_file]
 
     def keyring(self) -> Keyring:
-        return Keyring(self.keys(), self.policy(), self.allow_client_overrides, self.allow_assistant_prefill)
+        """The keys, read (the keys file included) and checked once, when the settings were."""
+        assert self._keyring is not None
+        return self._keyring
 
     @model_validator(mode="after")
     def _auto_tool_choice_needs_a_parser(self) -> ServerSettings:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,6 +65,16 @@ def running_server(*flags: str, env: dict[str, str] | None = None, timeout_s: fl
     command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
     with running_process(command, url + "/health", LOG_DIR / f"safethink-serve-{port}.log", env, timeout_s):
         yield url
+
+
+def series(url: str, name: str, **labels: str) -> float:
+    """A metric on a server's /metrics, summed over the label sets that have `labels`."""
+    total = 0.0
+    for match in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", httpx.get(url + "/metrics").text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
 
 
 @dataclass

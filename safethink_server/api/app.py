@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
+from safethink_server.api.audit import AuditLog
+from safethink_server.api.auth import Authentication, tenant_of
 from safethink_server.api.errors import APIError, install_error_handlers
 from safethink_server.api.fields import refuse_message_fields, refused_field
 from safethink_server.api.lifecycle import Lifecycle, shutting_down
@@ -49,8 +51,6 @@ from safethink_server.api.protocol import (
     text_completion_id,
 )
 from safethink_server.api.request_json import CheckedRoute
-from safethink_server.api.audit import AuditLog
-from safethink_server.api.auth import Authentication, tenant_of
 from safethink_server.api.responses import (
     RESPONSES_FIELDS,
     ResponseBuilder,
@@ -128,9 +128,8 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = APIError(413, f"request body exceeds {self.max_bytes} bytes").response()
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await too_large(scope, receive, send)
+            return await APIError(413, _too_large(self.max_bytes)).response()(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:
@@ -142,17 +141,19 @@ class BodySizeLimit:
                     raise _BodyTooLarge(self.max_bytes)
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
+        await self.app(scope, limited, send)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body exceeds {max_bytes} bytes"
 
 
 class _BodyTooLarge(HTTPException):
-    """An HTTPException, so that FastAPI's body reading passes it on rather than calling it a parse error."""
+    """An HTTPException, so that FastAPI's body reading passes it on (rather than calling it a parse
+    error) and the app's handler answers it with an OpenAI-shaped 413."""
 
     def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body exceeds {max_bytes} bytes")
+        super().__init__(413, _too_large(max_bytes))
 
 
 def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> FastAPI:
@@ -169,7 +170,6 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
         state.lifecycle.handle_sigterm()
-        state.lifecycle.started = True
         yield
         await batcher.aclose()
         await engine.close()
@@ -187,27 +187,32 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def authenticate(request: Request) -> Tenant:
         return tenant_of(request.state)
 
+    # uvicorn answers nothing before the lifespan has opened the engine: a probe then fails to connect.
+    def health_of(details: bool, ready: bool) -> JSONResponse:
+        """503 when the engine is dead, and (`ready`) while the server drains; liveness says only dead or ok."""
+        dead = engine.dead_reason()
+        status = "dead" if dead else "draining" if state.lifecycle.draining and (details or ready) else "ok"
+        body: dict[str, object] = {"status": status}
+        if details:
+            body |= {"engine": engine.name, "model": engine.model_name, **engine.stats()}
+        if dead:
+            body["error"] = dead
+        return JSONResponse(body, status_code=503 if dead or (ready and status != "ok") else 200)
+
     @app.get("/health", responses=UNAVAILABLE)
     async def health() -> JSONResponse:
         """Details; 503 when the engine is dead."""
-        dead = engine.dead_reason()
-        status = "dead" if dead else "draining" if state.lifecycle.draining else "ok"
-        body = {"status": status, "engine": engine.name, "model": engine.model_name, **engine.stats()}
-        return JSONResponse({**body, "error": dead} if dead else body, status_code=503 if dead else 200)
+        return health_of(details=True, ready=False)
 
     @app.get("/health/live", responses=UNAVAILABLE)
     async def live() -> JSONResponse:
         """Liveness: 503 when the engine is dead (restart the pod)."""
-        dead = engine.dead_reason()
-        return JSONResponse({"status": "dead", "error": dead} if dead else {"status": "ok"}, status_code=503 if dead else 200)
+        return health_of(details=False, ready=False)
 
     @app.get("/health/ready", responses=UNAVAILABLE)
     async def ready() -> JSONResponse:
-        """Readiness: 200 only while requests are admitted (not loading, draining, or dead)."""
-        lifecycle = state.lifecycle
-        dead = engine.dead_reason()
-        status = "dead" if dead else "draining" if lifecycle.draining else "ok" if lifecycle.started else "starting"
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+        """Readiness: 200 only while requests are admitted (not draining, not dead)."""
+        return health_of(details=False, ready=True)
 
     @app.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
     async def prometheus() -> Response:
@@ -308,7 +313,7 @@ async def respond(state: ServerState, tracker: RequestTracker, body: GenerationR
             # they run: with fewer slots than choices, they wait for the first ones to end.
             await sessions[0].start()
             response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker), state.lifecycle,
-                                     abort_event or (lambda error: _sse(error.body()) + "data: [DONE]\n\n"))
+                                     abort_event or error_ending)
             streaming = True  # from here the response owns the slots and the count
             response.headers["x-request-id"] = tracker.request_id
             return response
@@ -717,7 +722,6 @@ class SessionStream(StreamingResponse):
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
             ended = True
         if scope.cancelled_caught and not ended and self.tracker.status == "aborted":  # (no outcome, no error event yet)
-            self.tracker.status = "aborted"
             await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -753,8 +757,11 @@ def stream_tail(body: GenerationRequest, sessions: list[SteeringSession], tracke
 
 def failed_stream(tracker: RequestTracker, exc: Exception) -> Iterator[str]:
     """A stream that failed after it began: the error as an event, then [DONE]."""
-    yield _sse(tracker.failed(exc).body())
-    yield "data: [DONE]\n\n"
+    yield error_ending(tracker.failed(exc))
+
+
+def error_ending(error: APIError) -> str:
+    return _sse(error.body()) + "data: [DONE]\n\n"
 
 
 def _sse(payload: ChatCompletionChunk | ErrorResponse) -> str:

@@ -27,7 +27,6 @@ def shutting_down() -> APIError:
 class Lifecycle:
     def __init__(self, drain_timeout_s: float) -> None:
         self.drain_timeout_s = drain_timeout_s
-        self.started = False  # the engine is open and the server admits requests
         self.draining = False
         self.aborting = False  # the drain timed out: requests still in flight are being aborted
         self.in_flight = 0

@@ -5,27 +5,17 @@ fault ends the request cleanly, is counted once, releases no unjudged text and h
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import free_port, running_server
+from tests.conftest import free_port, running_server, series
 from tests.server.faulty_scorer import FaultyScorer
 from tests.server.faulty_upstream import FaultyUpstream
 
 MATH = [{"role": "user", "content": "What is 2 + 2?"}]
 HELD = "Two plus"  # what the faulty upstream writes before it fails: a step not yet ended, so held back
-
-
-def series(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for match in re.finditer(rf"^{name}(?:{{([^}}]*)}})? (\S+)$", httpx.get(url + "/metrics").text, re.M):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def ask(url: str, model: str, stream: bool, **extra: object) -> tuple[int, str, list[dict]]:

@@ -5,7 +5,6 @@ normally afterwards with no slot held. Then schemathesis fuzzes every route of i
 from __future__ import annotations
 
 import json
-import re
 
 import httpx
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks as sc
 from schemathesis.generation.modes import GenerationMode
 
-from tests.conftest import EMBEDDED_MODEL, running_server
+from tests.conftest import EMBEDDED_MODEL, running_server, series
 
 KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -97,15 +96,14 @@ def test_without_a_key_the_body_is_never_read(server_url):
 
 
 def test_only_health_and_metrics_answer_without_the_key(server_url):
-    refused = float(re.search(r"^safethink_unauthorized_requests_total (\S+)$", httpx.get(server_url + "/metrics").text, re.M).group(1))
+    refused = series(server_url, "safethink_unauthorized_requests_total")
     for path in ("/health", "/health/live", "/health/ready", "/metrics", "/openapi.json"):
         assert httpx.get(server_url + path, timeout=10).status_code == 200, path
     protected = [("GET", "/v1/models"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", CHAT), ("POST", COMPLETIONS),
                  ("POST", RESPONSES), ("GET", "/health/"), ("GET", "/METRICS")]
     for method, path in protected:
         assert_openai_error(httpx.request(method, server_url + path, json={}, timeout=10), 401)
-    counted = float(re.search(r"^safethink_unauthorized_requests_total (\S+)$", httpx.get(server_url + "/metrics").text, re.M).group(1))
-    assert counted == refused + len(protected)
+    assert series(server_url, "safethink_unauthorized_requests_total") == refused + len(protected)
 
 
 def test_a_body_over_the_limit_without_a_length_is_a_413(server_url):

@@ -4,7 +4,6 @@ the rest on real server processes."""
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import httpx
@@ -16,7 +15,7 @@ from pydantic import ValidationError
 from safethink_server.config import ServerSettings
 from safethink_server.schema import PolicyConfig
 from safethink_server.tenants import ANONYMOUS, KeyConfig, Keyring
-from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_server
+from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_server, series
 
 TOKEN = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
 IDS = st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True)
@@ -109,16 +108,6 @@ def keyed_server(tmp_path_factory):
 
 def post(url: str, key: str, body: dict) -> httpx.Response:
     return httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-
-def series(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    total = 0.0
-    for match in re.finditer(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M):
-        have = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
 
 
 def audit_lines(path, at_least: int = 0) -> list[dict]:  # type: ignore[no-untyped-def]
