@@ -187,7 +187,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def authenticate(request: Request) -> Tenant:
         return tenant_of(request.state)
 
-    # uvicorn answers nothing before the lifespan has opened the engine: a probe then fails to connect.
+    # uvicorn answers nothing before the lifespan has opened the engine: a probe then gets no answer.
     def health_of(details: bool, ready: bool) -> JSONResponse:
         """503 when the engine is dead, and (`ready`) while the server drains; liveness says only dead or ok."""
         dead = engine.dead_reason()
@@ -195,7 +195,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         body: dict[str, object] = {"status": status}
         if details:
             body |= {"engine": engine.name, "model": engine.model_name, **engine.stats()}
-        if dead:
+        if dead and not ready:
             body["error"] = dead
         return JSONResponse(body, status_code=503 if dead or (ready and status != "ok") else 200)
 
