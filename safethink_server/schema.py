@@ -116,12 +116,18 @@ class InterventionRecord(BaseModel):
     injected_tokens: int
 
 
-class InsertedText(BaseModel):
-    """Text the server put into the output: never the model's own, never judged, always listed."""
+InsertedKind = Literal["prefix", "end_marker", "refusal"]
 
-    kind: Literal["prefix", "end_marker", "refusal"]
+
+class InsertedText(BaseModel):
+    """Text the server put into the output: never the model's own, never judged, always listed,
+    exactly as the client reads it (the client's text less these spans is the model's released text)."""
+
+    kind: InsertedKind
     section: Literal["reasoning", "answer"]
     text: str
+    at: int = Field(default=0, description="where it begins: the character offset in its section's text, as the client "
+                                           "reads it (in /v1/completions: in the choice's text)")
 
 
 class SteeringReport(BaseModel):

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -406,7 +406,7 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
                                stop=body.stop_list(), observer=observer, model=body.model,
                                skip_special_tokens=not keep_special_tokens,
                                stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None,
-                               strip_answer_start=not raw_text)
+                               raw_text=raw_text)
 
     return [session(choice) for choice in range(body.n)]
 
@@ -541,10 +541,24 @@ class LogprobEntries:
                                   top_logprobs=[{t.token: t.logprob for t in (self._top(i, lp) for i, lp in e.top)} for e in entries])
 
 
-async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[dict[str, list[str]]], Usage] | Response:
-    """Every choice's released text by section and the usage, once all have ended (the request counted
-    as a success); or the response that ends the request early (a client gone, a failure)."""
-    parts: list[dict[str, list[str]]] = [{"reasoning": [], "answer": []} for _ in sessions]
+@dataclass
+class Released:
+    """One choice's released deltas, in order, for a whole response."""
+
+    deltas: list[Delta] = field(default_factory=list)
+
+    def of(self, *sections: str) -> str:
+        return "".join(d.text for d in self.deltas if d.section in sections)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        return [entry for d in self.deltas for entry in d.logprobs]
+
+
+async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[Released], Usage] | Response:
+    """Every choice's released deltas and the usage, once all have ended (the request counted as a
+    success); or the response that ends the request early (a client gone, a failure)."""
+    parts = [Released() for _ in sessions]
 
     async def collect() -> None:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
@@ -552,7 +566,7 @@ async def finished(sessions: list[SteeringSession], tracker: RequestTracker, req
                 if delta is None:
                     continue
                 tracker.saw(delta.text, index)
-                parts[index][delta.section].append(delta.text)
+                parts[index].deltas.append(delta)
 
     task = asyncio.create_task(collect())
     try:
@@ -580,8 +594,8 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
-        reasoning = "".join(text["reasoning"]) or None
-        content, calls = "".join(text["answer"]), None
+        reasoning = text.of("reasoning") or None
+        content, calls = text.of("answer"), None
         if answer is not None and answer.tools is not None:
             if session.finish_reason == "content_filter":
                 content = answer.tools.plain(content)
@@ -590,27 +604,10 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
         choices.append(Choice(index=index, message=AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
                                                                     tool_calls=calls),
                               finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.report,
-                              logprobs=logprobs(session.take_logprobs()) if logprobs else None))
+                              logprobs=logprobs(text.logprobs) if logprobs else None))
     response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
                                       system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
-
-
-class RawText:
-    """A completion's text as the model wrote it: its released sections joined with the reasoning
-    markers the section splitter took out (the start marker where the model opened the reasoning)."""
-
-    def __init__(self, session: SteeringSession) -> None:
-        self.markers = session.reasoning_cfg.start_marker, session.reasoning_cfg.end_marker
-        self.section = session.prompt.initial_section
-
-    def __call__(self, delta: Delta) -> str:
-        before, self.section = self.section, delta.section
-        if before == "pre" and delta.section == "reasoning":
-            return self.markers[0] + delta.text
-        if before == "reasoning" and delta.section == "answer":
-            return self.markers[1] + delta.text
-        return delta.text
 
 
 async def complete_text(state: ServerState, body: CompletionRequest, sessions: list[SteeringSession], answer: AnswerFormat | None,
@@ -622,10 +619,9 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs is not None else None
     choices = []
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
-        written = RawText(session)
-        whole = "".join(written(Delta(section, part)) for section in ("reasoning", "answer") for part in text[section])  # type: ignore[arg-type]
-        choices.append(CompletionChoice(index=index, text=whole, finish_reason=session.finish_reason, safethink=session.report,
-                                        logprobs=logprobs.of_text(session.take_logprobs()) if logprobs else None))
+        # The session's raw text holds the reasoning markers as the model (or the server) wrote them.
+        choices.append(CompletionChoice(index=index, text=text.of("reasoning", "answer"), finish_reason=session.finish_reason,
+                                        safethink=session.report, logprobs=logprobs.of_text(text.logprobs) if logprobs else None))
     response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
                                   system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
@@ -641,19 +637,17 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
                                      system_fingerprint=fingerprint)
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
-    written = [RawText(session) for session in sessions]
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs is not None else None
     try:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
             async for index, delta in runs:
                 session = sessions[index]
-                entries = logprobs.of_text(session.take_logprobs()) if logprobs else None
                 if delta is None:
-                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report,
-                                                 logprobs=entries), fingerprint=fingerprint([session]))
+                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report),
+                                fingerprint=fingerprint([session]))
                     continue
                 tracker.saw(delta.text, index)
-                yield chunk(CompletionChoice(index=index, text=written[index](delta), logprobs=entries))
+                yield chunk(CompletionChoice(index=index, text=delta.text, logprobs=logprobs.of_text(delta.logprobs) if logprobs else None))
     except Exception as exc:
         for event in failed_stream(tracker, exc):
             yield event
@@ -669,7 +663,7 @@ async def complete_response(state: ServerState, body: ResponsesRequest, sessions
         return done
     parts, usage = done
     session, text = sessions[0], parts[0]
-    whole = ResponseBuilder(body, state.engine.model_name).whole("".join(text["reasoning"]) or None, "".join(text["answer"]),
+    whole = ResponseBuilder(body, state.engine.model_name).whole(text.of("reasoning") or None, text.of("answer"),
                                                                 session.finish_reason, usage, session.report)
     return JSONResponse(whole)
 
@@ -683,7 +677,7 @@ async def stream_response(state: ServerState, body: ResponsesRequest, sessions: 
     try:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
             async for _, delta in runs:
-                if delta is None:
+                if delta is None or not delta.text:
                     continue
                 tracker.saw(delta.text)
                 for event in events.delta(delta.section, delta.text):
@@ -819,20 +813,22 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
                 if delta is None:
                     for message in tools[index].end() if tools else []:
                         yield _sse(chunk(message, index=index))
-                    rest = logprobs(session.take_logprobs()) if logprobs else None
                     called = tools is not None and tools[index].called
-                    yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index, logprobs=rest,
+                    yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index,
                                      safethink=session.report, system_fingerprint=fingerprint([session])))
                     continue
                 tracker.saw(delta.text, index)
+                entries = logprobs(delta.logprobs) if logprobs is not None and delta.logprobs else None
                 if tools is not None and delta.section == "answer":
                     messages = tools[index].server_text(delta.text) if delta.server else tools[index].answer(delta.text)
-                    for message in messages:
-                        yield _sse(chunk(message, index=index, logprobs=logprobs(session.take_logprobs()) if logprobs else None))
-                elif logprobs is None:
-                    yield event(delta, index)
+                    for message in messages or ([DeltaMessage()] if entries else []):
+                        yield _sse(chunk(message, index=index, logprobs=entries))
+                        entries = None  # the delta's entries go out once, with its first message
+                elif entries is None:
+                    if delta.text:
+                        yield event(delta, index)
                 else:
-                    yield _sse(chunk(_delta_message(delta), index=index, logprobs=logprobs(session.take_logprobs())))
+                    yield _sse(chunk(_delta_message(delta), index=index, logprobs=entries))
     except Exception as exc:
         for event in failed_stream(tracker, exc):
             yield event

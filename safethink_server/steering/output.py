@@ -4,18 +4,27 @@ checkpoint so that a rolled-back step leaves no trace."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from safethink_server.schema import ReasoningConfig
-from safethink_server.steering.text import IncrementalDetokenizer, Section, SectionSplitter, StopMatcher
+from safethink_server.engines.base import TokenLogprob
+from safethink_server.schema import InsertedKind, ReasoningConfig
+from safethink_server.steering.text import IncrementalDetokenizer, Section, Segment, SectionSplitter, StopMatcher
 
 
 @dataclass
 class Delta:
+    """A released piece of one choice's output: all that a client may read of it."""
+
     section: Section  # "reasoning" or "answer"
     text: str
-    server: bool = False  # text the server inserted (prefix, end marker, refusal), not the model's
+    inserted: InsertedKind | None = None  # the server's text (prefix, end marker, refusal), not the model's
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the model tokens released with it
+    marker: bool = False  # a reasoning marker written out (raw text only): never part of a judged step's text
+
+    @property
+    def server(self) -> bool:
+        return self.inserted is not None
 
 
 def merged(deltas: list[Delta]) -> list[Delta]:
@@ -24,10 +33,11 @@ def merged(deltas: list[Delta]) -> list[Delta]:
         return deltas
     out: list[Delta] = []
     for delta in deltas:
-        if not delta.text:
+        if not delta.text and not delta.logprobs:
             continue
-        if out and out[-1].section == delta.section and out[-1].server == delta.server:
-            out[-1] = Delta(delta.section, out[-1].text + delta.text, delta.server)
+        last = out[-1] if out else None
+        if last is not None and (last.section, last.inserted, last.marker) == (delta.section, delta.inserted, delta.marker):
+            out[-1] = Delta(delta.section, last.text + delta.text, delta.inserted, last.logprobs + delta.logprobs, delta.marker)
         else:
             out.append(delta)
     return out
@@ -44,9 +54,9 @@ class OutputCheckpoint:
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str],
-                 skip_special_tokens: bool = True, strip_answer_start: bool = True) -> None:
+                 skip_special_tokens: bool = True, raw_text: bool = False) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
-        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section, strip_answer_start)
+        self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section, raw_text)
         self.stop = StopMatcher(stop)
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
         self.reasoning_tokens = 0
@@ -69,7 +79,7 @@ class OutputProcessor:
         text = self.detok.push(token)
         if not text:
             return []
-        return [Delta(s.section, s.text) for s in self.splitter.feed(text)]  # type: ignore[arg-type]
+        return _deltas(self.splitter.feed(text))
 
     def push_through(self, ids: list[int]) -> list[Delta] | None:
         """Several model tokens as one piece, when that changes nothing a token-by-token push would
@@ -85,14 +95,14 @@ class OutputProcessor:
         text = self.detok.push_many(ids)
         segments = self.splitter.feed(text) if text else []
         if (self.splitter.section != section or not self.detok.settled  # a partial character may hide a marker
-                or self.stop.would_stop("".join(s.text for s in segments if s.section == "answer"))):
+                or self.stop.would_stop("".join(s.text for s in segments if s.section == "answer" and not s.marker))):
             self.restore(checkpoint)
             return None
-        return [Delta(s.section, s.text) for s in segments]  # type: ignore[arg-type]
+        return _deltas(segments)
 
-    def push_all(self, ids: list[int], server: bool) -> list[Delta]:
-        """Several tokens at once, their text merged per section."""
-        return merged([Delta(d.section, d.text, server) for token in ids for d in self.push(token)])
+    def push_all(self, ids: list[int], inserted: InsertedKind) -> list[Delta]:
+        """The server's tokens at once, their text merged per section."""
+        return merged([Delta(d.section, d.text, inserted, marker=d.marker) for token in ids for d in self.push(token)])
 
     def checkpoint(self) -> OutputCheckpoint:
         return OutputCheckpoint(self.detok.checkpoint(), self.splitter.checkpoint(), self.output_tokens, self.reasoning_tokens,
@@ -107,24 +117,21 @@ class OutputProcessor:
         """The texts that go to the client: answer text passes the stop strings (a partial match is
         held back until the next text or the end decides it)."""
         if not self.stop.stops and not final:  # no stop strings: every text goes out as it is
-            self._released += [delta.text for delta in deltas]
+            self._released += [delta.text for delta in deltas if not delta.marker]
             return deltas
         out: list[Delta] = []
         for delta in deltas:
             if self.stopped:
                 break
-            if delta.section == "reasoning":
+            if delta.section == "reasoning" or delta.marker:
                 out.append(delta)
                 continue
-            text, hit = self.stop.feed(delta.text, final=final)
-            if text:
-                out.append(Delta("answer", text, delta.server))
-            self.stopped = hit
+            pieces, self.stopped = self.stop.feed(delta.text, final=final, origin=delta.inserted)
+            out += (Delta("answer", text, origin) for text, origin in pieces)  # type: ignore[arg-type]
         if final and not self.stopped:
-            text, _ = self.stop.feed("", final=True)
-            if text:
-                out.append(Delta("answer", text))
-        self._released += (delta.text for delta in out)
+            pieces, _ = self.stop.feed("", final=True)
+            out += (Delta("answer", text, origin) for text, origin in pieces)  # type: ignore[arg-type]
+        self._released += (delta.text for delta in out if not delta.marker)
         return out
 
     def add_released(self, text: str) -> None:
@@ -146,5 +153,9 @@ class OutputProcessor:
 
     def end_of_text(self) -> list[Delta]:
         """The text held back (a partial character, a possible marker), now that no model text follows."""
-        return [Delta(s.section, s.text) for s in self.splitter.feed(self.detok.flush(), final=True)]  # type: ignore[arg-type]
+        return _deltas(self.splitter.feed(self.detok.flush(), final=True))
+
+
+def _deltas(segments: list[Segment]) -> list[Delta]:
+    return [Delta(s.section, s.text, marker=s.marker) for s in segments]  # type: ignore[arg-type]
 

@@ -13,6 +13,7 @@ own texts are context for the scorer, never the judged step, and are listed in t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from safethink_server.engines.base import Engine, Generation, SamplingParams, Se
 from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
 from safethink_server.schema import (
     Action,
+    InsertedKind,
     InsertedText,
     InterventionRecord,
     PolicyConfig,
@@ -60,22 +62,31 @@ class _HeldStep:
 
     def add(self, deltas: list[Delta]) -> None:
         for delta in deltas:
-            self.text += delta.text
-            self.sections.add(delta.section)
+            if not delta.marker:
+                self.text += delta.text
+                if delta.text.strip():
+                    self.sections.add(delta.section)
         self.deltas += deltas
 
     @property
     def answer_text(self) -> str:
-        return "".join(d.text for d in self.deltas if d.section == "answer")
+        return "".join(d.text for d in self.deltas if d.section == "answer" and not d.marker)
 
     @property
     def section(self) -> Section:
         """The section of the step's first text."""
-        return next((d.section for d in self.deltas if d.text.strip()), self.deltas[0].section if self.deltas else "reasoning")
+        return next((d.section for d in self.deltas if d.text.strip() and not d.marker),
+                    self.deltas[0].section if self.deltas else "reasoning")
 
     def ended_by_section(self, now: Section) -> bool:
         """A step ends where its section does: at the reasoning's end marker."""
-        return len(self.sections) > 1 or (bool(self.deltas) and now != self.section)
+        return len(self.sections) > 1 or (bool(self.text.strip()) and now != self.section)
+
+    def opened_the_answer(self, now: Section) -> bool:
+        """No text yet, but the model wrote the reasoning's end marker: the marker is judged with the
+        answer text that follows it, and a breach rolls it back (the prefix then goes into the
+        reasoning, and the client never learns that the model had ended it)."""
+        return now == "answer" and self.checkpoint.splitter[0] == "reasoning"
 
 
 class SteeringSession:
@@ -95,7 +106,7 @@ class SteeringSession:
         skip_special_tokens: bool = True,
         stream_interval: int = 1,
         warm: Callable[[StepItem], None] | None = None,
-        strip_answer_start: bool = True,
+        raw_text: bool = False,
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -107,8 +118,8 @@ class SteeringSession:
         self.score = score
         self.observer = observer or SteeringObserver()
         self.model = model
-        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens,
-                                      strip_answer_start)
+        self.raw_text = raw_text  # the output as written (/v1/completions): markers kept, the answer's whitespace too
+        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens, raw_text)
         self.report = SteeringReport()
         self.finish_reason: str | None = None
         self.generation: Generation | None = None
@@ -122,14 +133,21 @@ class SteeringSession:
         self._constrained = sampling.answer_constraint is not None  # a breach in the answer is refused
         self._resamples_answer_start = self._constrained and not engine.constrains_answer_itself
         self._answer_begun = False
-        self._released_tokens = 0  # output positions whose text has gone out (judged, or past the window)
+        # Logprob entries go out with judged text only: those of output positions up to `_entries_through`
+        # (the end of the last step judged safe, or of text past the window); `_entries_sent` have gone.
+        # Inside the window (before `_window_end`) an entry's alternatives are never released.
+        self._entries_through = 0
+        self._entries_sent = 0
+        self._window_end: int | None = None
+        self._note_window()
+        self._shown: dict[str, int] = {}  # characters released so far, by section (one count for raw text)
+        self._open_insert: InsertedText | None = None  # the inserted text the client's text ends in, if any
         # Ids that must come between two events (0: every batch's text goes out at once). Where ids are
         # not tokens (upstream bytes), an interval of one token is still every batch.
         self._stream_ids = 0 if stream_interval <= 1 else stream_interval * engine.ids_per_token
         self._yielded_at: int | None = None  # output ids when text last went out; None before the first
         self._warm = warm
         self._warmed_for: str | None = None  # the released text (stripped) the scorer was last warmed with
-        self._logprobs_taken = 0
 
     # --- counts -------------------------------------------------------------------------------
     @property
@@ -179,15 +197,22 @@ class SteeringSession:
         finally:
             await self.close()
 
-    def take_logprobs(self) -> list[TokenLogprob]:
-        """The logprob entries of the model tokens released since the last call (where the sampling asked
-        for them): never of a token whose text is held back for judging; none for the server's texts."""
-        if self.generation is None:
+    def _entries_due(self) -> list[TokenLogprob]:
+        """The logprob entries (where the sampling asked for them) of the model tokens released as judged
+        text, or past the window, since the last call. Inside the window an entry's alternatives are
+        dropped: they are candidates the model did not write, and no scorer judged them."""
+        start, end = self._entries_sent, self._entries_through
+        if self.generation is None or self.sampling.logprobs is None or end <= start:
             return []
-        start, self._logprobs_taken = self._logprobs_taken, max(self._logprobs_taken, self._released_tokens)
-        if start == self._logprobs_taken:
-            return []
-        return [entry for entry in self.generation.token_logprobs(start, self._logprobs_taken) if entry is not None]
+        self._entries_sent = end
+        window_end = self._window_end
+        return [entry if not entry.top or (window_end is not None and position >= window_end) else entry.model_copy(update={"top": []})
+                for position, entry in enumerate(self.generation.token_logprobs(start, end), start) if entry is not None]
+
+    def _note_window(self) -> None:
+        """Where the watched window ends: from here on entries go out whole."""
+        if self._window_end is None and not self._watching():
+            self._window_end = self.output.output_tokens
 
     def _stream_due(self) -> bool:
         """Whether released text goes out now: the first at once, then once `stream_interval` tokens
@@ -199,7 +224,13 @@ class SteeringSession:
         return True
 
     def _take_out(self) -> list[Delta]:
+        """What goes out now: the released deltas, the last carrying the logprob entries released with them."""
         out, self._out = self._out, []
+        entries = self._entries_due()
+        if entries:
+            if not out:
+                out = [Delta("reasoning" if self.output.section == "reasoning" else "answer", "")]
+            out[-1] = dataclasses.replace(out[-1], logprobs=out[-1].logprobs + entries)
         return merged(out)
 
     @property
@@ -309,11 +340,11 @@ class SteeringSession:
         if held is not None:
             held.tokens += 1
             held.add(deltas)
-            if not held.text.strip() and self.output.settled:
-                # A step starts at its first text. Tokens before it (a reasoning marker, blank lines)
-                # belong to no step: their whitespace goes out as is, and a rollback never undoes the
-                # marker that opened the section.
-                self._held = None  # released as no step's: its logprobs go out with it
+            if not held.text.strip() and self.output.settled and not held.opened_the_answer(self.output.section):
+                # A step starts at its first text. Tokens before it (a start marker, blank lines)
+                # belong to no step: their whitespace goes out as is, their logprob entries only with
+                # the next step judged safe, and a rollback never undoes the marker that opened the reasoning.
+                self._held = None
                 self._release(held.deltas)
                 self._held = held = self._new_step()
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
@@ -355,15 +386,35 @@ class SteeringSession:
         else:
             self.finish_reason = "stop"
 
-    def _release(self, deltas: list[Delta], final: bool = False) -> list[Delta]:
-        if not self.output.stopped:  # past a stop string nothing goes out
-            held = self._held
-            self._released_tokens = self.output.output_tokens if held is None else held.checkpoint.output_tokens
-        released = self.output.release(deltas, final=final)
-        self._out += released
+    def _release(self, deltas: list[Delta], final: bool = False, judged: bool = False) -> None:
+        """The one release gate: what passes here is all a client may read. `judged`: the text of a step
+        judged safe; text past the window counts as judged too. Only judged text releases the logprob
+        entries of its tokens (and of the blank tokens before it)."""
+        if not self.output.stopped and (judged or (self._held is None and not self._watching())):  # past a stop nothing goes out
+            self._entries_through = self.output.output_tokens
+        self._emit(self.output.release(deltas, final=final))
         if self.output.stopped and self.finish_reason is None:
             self.finish_reason = "stop"
-        return released
+
+    def _emit(self, released: list[Delta]) -> None:
+        """Released deltas go out; the server's are listed in the report where the client reads them."""
+        for delta in released:
+            if not delta.text:
+                continue
+            where = "text" if self.raw_text else delta.section
+            at = self._shown.get(where, 0)
+            self._shown[where] = at + len(delta.text)
+            if delta.inserted is None:
+                self._open_insert = None
+                continue
+            last = self._open_insert
+            if last is not None and (last.kind, last.section) == (delta.inserted, delta.section):
+                last.text += delta.text  # the rest of an inserted text held back for a stop string
+            else:
+                self._open_insert = InsertedText(kind=delta.inserted, section=delta.section, text=delta.text,  # type: ignore[arg-type]
+                                                 at=at)
+                self.report.inserted.append(self._open_insert)
+        self._out += released
 
     # --- judging ------------------------------------------------------------------------------
     async def _judge(self, final: bool = False) -> Action:
@@ -385,8 +436,9 @@ class SteeringSession:
                             scorer_error=error, tokens=step.tokens, score_ms=score_ms)
         self.report.steps.append(record)
         if action in (Action.RELEASED, Action.APPENDED):
-            self._release(step.deltas)
+            self._release(step.deltas, judged=True)
             self._step_index += 1
+            self._note_window()
             if action is Action.APPENDED and (self.finish_reason is not None  # the step hit a stop string
                                               or not await self._intervene(self._step_index - 1, p_unsafe, discarded=0)):
                 record.action = action = Action.RELEASED  # no room for the prefix: released as is
@@ -447,6 +499,7 @@ class SteeringSession:
             step=step_index, p_unsafe=p_unsafe, mode=self.policy.mode, prefix=self.policy.prefix,
             discarded_tokens=discarded, injected_tokens=injected))
         self.observer.intervention(step_index)
+        self._note_window()
         return True
 
     def _separated(self, prefix: str) -> str:
@@ -461,7 +514,7 @@ class SteeringSession:
         if await self._insert("\n" + self.reasoning_cfg.end_marker + "\n\n", "end_marker") is None:
             self.finish_reason = "length"
 
-    async def _insert(self, text: str, kind: str) -> int | None:
+    async def _insert(self, text: str, kind: InsertedKind) -> int | None:
         """Inject `text` into the sequence (the engine prefills only its ids) and release it as the
         server's own; None when it would not fit under max_tokens. Never part of a held step: one
         is judged or discarded before this."""
@@ -472,11 +525,9 @@ class SteeringSession:
         await self.cursor.inject(ids)
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))
-        released = self._release(self.output.push_all(ids, server=True))
+        self._open_insert = None  # listed on its own, as the client reads it (see `_emit`)
+        self._release(self.output.push_all(ids, kind))
         await self._begin_answer_once_in_it()
-        # Listed as the client sees it (markers removed, an answer's leading whitespace stripped).
-        for delta in released or [Delta("answer" if self.output.section == "answer" else "reasoning", "")]:
-            self.report.inserted.append(InsertedText(kind=kind, section=delta.section, text=delta.text))  # type: ignore[arg-type]
         return len(ids)
 
     async def _begin_answer_once_in_it(self) -> None:
@@ -491,13 +542,17 @@ class SteeringSession:
         await self.cursor.generation.begin_answer()
 
     def _refuse(self) -> None:
-        # Judged answer text held back for a stop string goes out; a half-seen marker does not.
-        self._release([], final=True)
+        # Judged answer text held back for a stop string goes out; a half-seen marker does not. No
+        # logprob entry is released by it: blank tokens before the refused step stay unreleased.
+        if not self.output.stopped:
+            self._emit(self.output.release([], final=True))
         answered = any(d.section == "answer" for d in self._out) or self.output.splitter.answer_started
         text = ("\n\n" if answered else "") + self.policy.refusal
+        if self.raw_text and self.output.section == "reasoning":
+            text = self.reasoning_cfg.end_marker + text  # the raw text's answer begins after the marker
         self.report.refusal = self.policy.refusal
-        self.report.inserted.append(InsertedText(kind="refusal", section="answer", text=text))
-        self._out.append(Delta("answer", text, server=True))
+        self._open_insert = None
+        self._emit([Delta("answer", text, "refusal")])  # past the stop strings: the refusal is whole
         self.output.add_released(text)
         self.finish_reason = "content_filter"
         self.observer.refused()

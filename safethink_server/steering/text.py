@@ -69,6 +69,7 @@ def _decoder(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[list
 class Segment:
     section: Section
     text: str
+    marker: bool = False  # a reasoning marker (raw text only), in the section it opens
 
 
 class SectionSplitter:
@@ -76,13 +77,15 @@ class SectionSplitter:
     reasoning parsers do). A text tail that could be the start of a marker is held back until the
     next piece decides it."""
 
-    def __init__(self, start_marker: str, end_marker: str, section: Section, strip_answer_start: bool = True) -> None:
+    def __init__(self, start_marker: str, end_marker: str, section: Section, raw: bool = False) -> None:
         self.start_marker = start_marker
         self.end_marker = end_marker
         self.section: Section = section
         self.buffer = ""
         self.answer_started = False
-        self.strip_answer_start = strip_answer_start  # False: the answer as written (a raw completion's " Paris")
+        # The text as written (a raw completion's): the answer's leading whitespace kept (" Paris"), and
+        # each marker as a segment of its own, so that it is released with the tokens that wrote it.
+        self.raw = raw
 
     def feed(self, text: str, final: bool = False) -> list[Segment]:
         if self.section == "reasoning" and not self.buffer and self.end_marker[0] not in text:
@@ -92,7 +95,7 @@ class SectionSplitter:
         while self.buffer:
             marker = {"pre": self.start_marker, "reasoning": self.end_marker, "answer": None}[self.section]
             if marker is None:
-                text = self.buffer if self.answer_started or not self.strip_answer_start else self.buffer.lstrip()
+                text = self.buffer if self.answer_started or self.raw else self.buffer.lstrip()
                 self.answer_started = self.answer_started or bool(text)
                 if text:
                     out.append(Segment("answer", text))
@@ -105,8 +108,11 @@ class SectionSplitter:
             if at >= 0:
                 if at and self.section == "reasoning":
                     out.append(Segment(self.section, self.buffer[:at]))
+                written = self.buffer[: at + len(marker)] if self.section == "pre" else marker  # blank text before it
                 self.buffer = self.buffer[at + len(marker) :]
                 self.section = "reasoning" if self.section == "pre" else "answer"
+                if self.raw:
+                    out.append(Segment(self.section, written, marker=True))
                 continue
             keep = 0 if final else _partial_suffix(self.buffer, marker)
             if self.section == "pre" and not final and self.buffer.strip() == "":
@@ -139,11 +145,17 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class StopMatcher:
-    """Finds stop strings in streamed answer text, holding back a tail that may begin one."""
+    """Finds stop strings in streamed answer text, holding back a tail that may begin one. Each piece
+    of text keeps its origin (None: the model's; else the kind of server text it is), so that a tail
+    held back and flushed later is never passed off as another origin's."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
-        self.buffer = ""
+        self.pieces: list[Piece] = []  # the held-back tail, in order
+
+    @property
+    def buffer(self) -> str:
+        return "".join(text for text, _ in self.pieces)
 
     def would_stop(self, text: str) -> bool:
         """Whether feeding `text` next would hit a stop string."""
@@ -152,16 +164,42 @@ class StopMatcher:
         tail = self.buffer + text
         return any(s in tail for s in self.stops)
 
-    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
-        """(text safe to release, whether a stop string was hit)."""
+    def feed(self, text: str, final: bool = False, origin: str | None = None) -> tuple[list[Piece], bool]:
+        """([(text safe to release, its origin)], whether a stop string was hit)."""
         if not self.stops:
-            return text, False
-        self.buffer += text
-        hits = [(self.buffer.find(s), s) for s in self.stops if s in self.buffer]
+            return ([(text, origin)] if text else []), False
+        if text:
+            self.pieces.append((text, origin))
+        buffer = self.buffer
+        hits = [buffer.find(s) for s in self.stops if s in buffer]
         if hits:
-            at = min(h[0] for h in hits)
-            out, self.buffer = self.buffer[:at], ""
+            out, _ = _cut(self.pieces, min(hits))
+            self.pieces = []
             return out, True
-        keep = 0 if final else max(_partial_suffix(self.buffer, s) for s in self.stops)
-        out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep :]
+        keep = 0 if final else max(_partial_suffix(buffer, s) for s in self.stops)
+        out, self.pieces = _cut(self.pieces, len(buffer) - keep)
         return out, False
+
+
+Piece = tuple[str, "str | None"]  # text and its origin: None for the model's, else the kind of server text
+
+
+def _cut(pieces: list[Piece], at: int) -> tuple[list[Piece], list[Piece]]:
+    """The pieces split at character `at`: (before, after), each part keeping its origin."""
+    before: list[Piece] = []
+
+    def take(text: str, origin: str | None) -> None:
+        if before and before[-1][1] == origin:
+            before[-1] = (before[-1][0] + text, origin)
+        else:
+            before.append((text, origin))
+
+    for i, (text, origin) in enumerate(pieces):
+        if at >= len(text):
+            take(text, origin)
+            at -= len(text)
+            continue
+        if at:
+            take(text[:at], origin)
+        return before, [(text[at:], origin), *pieces[i + 1:]]
+    return before, []

@@ -89,7 +89,9 @@ class ScriptedGeneration(Generation):
         self.sequence += batch
         for token in batch:
             self.engine.serial += 1
-            self.entries.append(TokenLogprob(token_id=token, logprob=-self.engine.serial))
+            # The alternatives are candidates the model did not write: a "BAD" one, as an attacker would read it.
+            top = [(self.engine.tokenizer.ids[" BAD"], -0.5)] * (self.sampling.logprobs or 0)
+            self.entries.append(TokenLogprob(token_id=token, logprob=-self.engine.serial, top=top))
         return batch
 
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:

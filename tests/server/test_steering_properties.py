@@ -25,7 +25,7 @@ from safethink_server.api.app import choice_runs
 from safethink_server.engines.base import SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
-from safethink_server.steering.output import OutputProcessor
+from safethink_server.steering.output import Delta, OutputProcessor
 from safethink_server.steering.session import SteeringSession
 from safethink_server.steering.steps import StepBoundaryDetector
 from tests.server.scripted_engine import MODEL_PIECES, ScriptedEngine
@@ -56,6 +56,7 @@ class Case:
     constrained: bool = False  # a structured answer: a breach in it is refused, never given a prefix
     raw_answer: bool = False  # the answer as written, its leading whitespace kept (/v1/completions)
     constrains_itself: bool = False  # the engine's backend applies the constraint where the answer begins (an upstream)
+    logprobs: int | None = None  # logprob entries asked for, with this many alternatives
 
 
 @dataclass
@@ -138,6 +139,7 @@ def cases(draw: st.DrawFn, long: bool = False) -> Case:
         raw_answer=draw(st.booleans()),
         constrains_itself=draw(st.booleans()),
         constrained=draw(st.booleans()),
+        logprobs=draw(st.sampled_from([None, 0, 2])),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
                                       [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
     )
@@ -153,6 +155,7 @@ class Outcome:
     deltas: int = 0
     cancelled: bool = False
     logprob_serials: list[int] = field(default_factory=list)  # of the entries the client was given, in order
+    released: list[Delta] = field(default_factory=list)  # every delta the client was given, in order
 
 
 def scripted_engine(case: Case, by_position: bool = False) -> ScriptedEngine:
@@ -170,11 +173,12 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
         engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
-        SamplingParams(max_tokens=case.max_tokens, temperature=0.0, answer_constraint={"json_object": True} if case.constrained else None),
+        SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=case.logprobs,
+                       answer_constraint={"json_object": True} if case.constrained else None),
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
-        stream_interval=stream_interval, warm=judge.warm, strip_answer_start=not case.raw_answer)
+        stream_interval=stream_interval, warm=judge.warm, raw_text=case.raw_answer)
     return session, judge
 
 
@@ -185,21 +189,14 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
 
     async def consume() -> None:
         async for delta in session.run():
-            outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]
+            outcome.released.append(delta)
+            outcome.logprob_serials += [-int(e.logprob) for e in delta.logprobs]
             outcome.deltas += 1
             if delta.section == "reasoning":
                 outcome.reasoning += delta.text
             else:
                 outcome.answer += delta.text
-        outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]  # as the final chunk takes them
 
-    async def poll_logprobs() -> None:
-        """Logprobs may be asked for at any moment, not only where a delta goes out."""
-        while True:
-            outcome.logprob_serials += [-int(e.logprob) for e in session.take_logprobs()]
-            await asyncio.sleep(0)
-
-    poller = asyncio.create_task(poll_logprobs())
     task = asyncio.create_task(consume())
     if case.cancel_after is not None:
         for _ in range(case.cancel_after):
@@ -209,9 +206,6 @@ async def run_case(case: Case, by_position: bool = False) -> Outcome:
             outcome.cancelled = True
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    poller.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await poller
     return outcome
 
 
@@ -230,6 +224,15 @@ def reference_sections(text: str, initial: str, raw_answer: bool = False) -> tup
     if not found:
         return reasoning, ""
     return reasoning, lead(answer)
+
+
+def reference_raw(text: str, initial: str, stops: list[str]) -> str:
+    """A whole output as written (a completion's), its answer cut at the first stop string."""
+    at = 0  # where the answer begins
+    if initial == "pre" and text.lstrip().startswith(START) or initial == "reasoning":
+        end = text.find(END, text.find(START) + len(START) if initial == "pre" else 0)
+        at = len(text) if end < 0 else end + len(END)
+    return text[:at] + truncate_at_stop(text[at:], stops)
 
 
 def truncate_at_stop(answer: str, stops: list[str]) -> str:
@@ -278,10 +281,42 @@ def assert_steps_end_where_they_should(outcome: Outcome, case: Case) -> None:
     assert all(s.tokens <= case.max_step_tokens + 4 for s in outcome.session.report.steps), "a step went on past max_step_tokens"
 
 
+def client_texts(outcome: Outcome) -> dict[str, str]:
+    """The texts a client reads, where `inserted` offsets count: by section, or one text (raw)."""
+    if outcome.session.raw_text:
+        return {"text": outcome.reasoning + outcome.answer}
+    return {"reasoning": outcome.reasoning, "answer": outcome.answer}
+
+
+def without_inserted(outcome: Outcome) -> dict[str, str]:
+    """The client's texts less the spans the report lists as the server's, as a client would cut them."""
+    texts = client_texts(outcome)
+    for inserted in sorted(outcome.session.report.inserted, key=lambda i: -i.at):
+        where = "text" if outcome.session.raw_text else inserted.section
+        text = texts[where]
+        assert text[inserted.at : inserted.at + len(inserted.text)] == inserted.text, "an inserted span is not where it is listed"
+        texts[where] = text[: inserted.at] + text[inserted.at + len(inserted.text) :]
+    return texts
+
+
+def assert_inserted_is_exact(outcome: Outcome) -> None:
+    """The client's text less the listed inserted spans is the model's released text, character for
+    character; each span holds only what the server wrote."""
+    model = without_inserted(outcome)
+    raw = outcome.session.raw_text
+    for where, text in model.items():
+        written = "".join(d.text for d in outcome.released if d.inserted is None and (raw or d.section == where))
+        assert text == written, f"the client's {where} less the inserted spans is not the model's text"
+    separated = ["\n\n" + PREFIX, "\n" + PREFIX]
+    server_texts = {"prefix": separated, "end_marker": ["\n" + END + "\n\n"], "refusal": ["\n\n" + REFUSAL, END + REFUSAL]}
+    for inserted in outcome.session.report.inserted:
+        assert inserted.text and any(inserted.text in full for full in server_texts[inserted.kind]), inserted
+
+
 def model_text(outcome: Outcome) -> str:
-    """The client's text less the server's own texts (prefix, refusal) and whitespace."""
-    text = (outcome.reasoning + outcome.answer).replace(PREFIX, "").replace(REFUSAL, "")
-    return "".join(text.split())
+    """The model's text the client got, without whitespace or the markers a raw text writes out (that
+    it is the client's text less the inserted spans is `assert_inserted_is_exact`'s)."""
+    return "".join("".join(d.text for d in outcome.released if d.inserted is None and not d.marker).split())
 
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -313,7 +348,8 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
     if outcome.session.finish_reason == "content_filter":
         assert outcome.answer.endswith(REFUSAL)
         assert outcome.session.report.refusal == REFUSAL
-    assert_logprobs_only_of_released_tokens(outcome)
+    assert_inserted_is_exact(outcome)
+    assert_logprobs_only_of_judged_tokens(outcome, case, judged_safe, safe_steps >= case.policy.early_steps)
     assert_constrained_answers_are_sampled_constrained(outcome, case)
     assert outcome.engine.active == 0
 
@@ -343,17 +379,34 @@ def assert_constrained_answers_are_sampled_constrained(outcome: Outcome, case: C
     assert not unconstrained(answer), f"answer text {answer!r} was kept from before the constraint began"
 
 
-def assert_logprobs_only_of_released_tokens(outcome: Outcome) -> None:
-    """Logprob entries carry token text: the client gets them only for tokens whose text went out,
-    so never for a token that was later rolled back (a discarded step, an unread rest of a batch),
-    and, once the response has ended, for every sampled token of the final sequence, in order."""
+def assert_logprobs_only_of_judged_tokens(outcome: Outcome, case: Case, judged_safe: str, satisfied: bool) -> None:
+    """Logprob entries carry model output: the client gets an entry only with text judged safe (or past
+    the window), so never for a token rolled back (a discarded step, an unread rest of a batch), nor
+    for a blank token no judged step followed; inside the window never an alternative; and once a
+    satisfied window's response has ended, every sampled token's entry of the final sequence, in order."""
+    if case.logprobs is None:
+        assert not outcome.logprob_serials, "logprob entries that were not asked for"
     if not outcome.engine.generations:
         return
     generation = outcome.engine.generations[0]
     assert not set(outcome.logprob_serials) & generation.rolled_back, "a logprob entry of a token that did not go out"
     final = [-int(e.logprob) for e in generation.entries if e is not None]
     assert final[: len(outcome.logprob_serials)] == outcome.logprob_serials
-    if not outcome.cancelled:
+    tok = outcome.engine.tokenizer
+    by_serial = {-int(e.logprob): token for token, e in zip(generation.sequence, generation.entries, strict=True) if e is not None}
+    replay = OutputProcessor(tok, outcome.session.reasoning_cfg, case.initial_section, [])  # type: ignore[arg-type]
+    given = "".join(d.text for serial in outcome.logprob_serials for d in replay.push(by_serial[serial]))
+    given = "".join((given + "".join(d.text for d in replay.end_of_text())).split())
+    if not satisfied:
+        assert judged_safe.startswith(given), f"logprob entries of unjudged tokens: {given!r} beyond {judged_safe!r}"
+        if case.policy.threshold == 0.0:
+            assert not outcome.logprob_serials, "at threshold 0 a logprob entry came out of the window"
+    entries = [e for d in outcome.released for e in d.logprobs]
+    tops = [bool(e.top) for e in entries]
+    assert tops == sorted(tops), "an alternative released inside the window"
+    if not satisfied:
+        assert not any(tops), "an alternative released inside the window"
+    elif case.logprobs and not outcome.cancelled and outcome.session.finish_reason != "content_filter":
         assert outcome.logprob_serials == final, "the final sequence's logprobs were not all given"
 
 
@@ -440,9 +493,18 @@ def check_final_sequence(case: Case) -> None:
     # Each group of deltas handed out at once has one delta per run of section and origin.
     assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)
     assert tok.eos_token_id not in generation.sequence
+    assert session.finish_reason in ("stop", "length", "content_filter")
+    if case.raw_answer:  # the text as written, markers and all
+        written = reference_raw(tok.decode(generation.sequence), case.initial_section, case.stop)
+        client = outcome.reasoning + outcome.answer
+        if session.finish_reason == "content_filter":
+            client = client.removesuffix(REFUSAL).removesuffix("\n\n").removesuffix(END)
+            assert written.startswith(client) and len(written) - len(client) < 2 * len(END) + 2, (client, written)
+        else:
+            assert client == written
+        return
     reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section, case.raw_answer)
     answer = truncate_at_stop(answer, case.stop)
-    assert session.finish_reason in ("stop", "length", "content_filter")
     if session.finish_reason == "content_filter":
         client_answer = outcome.answer.removesuffix(REFUSAL).rstrip("\n")
         # A refusal drops at most a half-seen marker of the kept text.

@@ -50,9 +50,9 @@ def test_text_without_a_start_marker_is_the_answer():
 
 def test_stop_matcher_holds_back_a_partial_stop():
     m = StopMatcher(["END"])
-    assert m.feed("abc E") == ("abc ", False)
-    assert m.feed("N") == ("", False)
-    assert m.feed("D more") == ("", True)
+    assert m.feed("abc E") == ([("abc ", None)], False)
+    assert m.feed("N") == ([], False)
+    assert m.feed("D more") == ([], True)
 
 
 def test_policy_decisions():
@@ -78,5 +78,17 @@ def test_text_before_a_start_marker_makes_the_output_an_answer():
 
 def test_stop_matcher_releases_a_partial_match_at_the_end():
     m = StopMatcher(["END"])
-    assert m.feed("abc EN") == ("abc ", False)
-    assert m.feed("", final=True) == ("EN", False)
+    assert m.feed("abc EN") == ([("abc ", None)], False)
+    assert m.feed("", final=True) == ([("EN", None)], False)
+
+
+def test_stop_matcher_keeps_the_origin_of_what_it_holds_back():
+    """A server text's tail held back as a possible stop goes out later as the server's, and model
+    text held back goes out as the model's, whatever comes with it."""
+    m = StopMatcher(["ENDING"])
+    assert m.feed("Wait, EN", origin="prefix") == ([("Wait, ", "prefix")], False)
+    assert m.feed("D", origin=None) == ([], False)
+    assert m.feed(" go") == ([("EN", "prefix"), ("D go", None)], False)
+    assert m.feed("x END", origin=None) == ([("x ", None)], False)
+    assert m.feed("IN", origin="refusal") == ([], False)
+    assert m.feed("G!", origin="refusal") == ([], True)
