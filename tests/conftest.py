@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -65,6 +66,11 @@ def running_server(*flags: str, env: dict[str, str] | None = None, timeout_s: fl
     command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
     with running_process(command, url + "/health", LOG_DIR / f"safethink-serve-{port}.log", env, timeout_s):
         yield url
+
+
+def server_log(url: str) -> str:
+    """What a server that `running_server` started has written to its stdout and stderr so far."""
+    return (LOG_DIR / f"safethink-serve-{urlsplit(url).port}.log").read_text(errors="replace")
 
 
 def series(url: str, name: str, **labels: str) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any, Literal
 
 import aiohttp
@@ -38,7 +39,8 @@ from safethink_server.engines.base import (
     TokenLogprob,
 )
 from safethink_server.engines.upstream_answer import ANSWER_FIELDS, ToolCallFolder, answer_format, without_marks
-from safethink_server.engines.upstream_stream import EventReader, UpstreamError
+from safethink_server.engines.upstream_errors import UpstreamError, logged, status_error, transport_error
+from safethink_server.engines.upstream_stream import EventReader
 from safethink_server.engines.upstream_tokens import TokenMarks
 from safethink_server.prompt import Conversation, PromptError, RenderedPrompt, open_turn, raw_prompt_section
 from safethink_server.schema import ReasoningConfig, SamplingFields, seed_plus
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 END = 256  # the end-of-sequence id of the byte stream
 BYTES_PER_TOKEN = 4  # to turn token-denominated limits into byte counts where no tokenizer is at hand
+_FINGERPRINT = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")  # an upstream's system_fingerprint, passed back to the client
 
 
 class UpstreamConfig(BaseModel):
@@ -229,7 +232,7 @@ class UpstreamGeneration(Generation):
                 raise UpstreamError("the upstream ended the stream without a finish reason", 502, "closed") from None
             except (aiohttp.ClientError, OSError) as exc:
                 await self._close()
-                raise UpstreamError(f"the upstream connection broke mid-stream: {exc!r}", 502, "closed") from exc
+                raise transport_error(exc, mid_stream=True) from exc
             text: list[str] = []
             end = len(self.kept)
             for at, event in enumerate(events):
@@ -291,8 +294,8 @@ class UpstreamGeneration(Generation):
 
     def _take_usage(self, event: dict[str, Any]) -> None:
         fingerprint = event.get("system_fingerprint")
-        if isinstance(fingerprint, str):
-            self.system_fingerprint = fingerprint[:200]
+        if isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint):  # an identifier, or not passed back
+            self.system_fingerprint = fingerprint
         if event.get("usage"):
             self.usage = UpstreamUsage.model_validate(event["usage"])
             self._usage_kept_tokens, self._usage_bytes = self.kept_tokens, self._request_bytes
@@ -454,7 +457,7 @@ class UpstreamEngine(Engine):
         try:
             async with self.http.get(self.base + "/models") as response:
                 response.raise_for_status()
-                self.upstream_models = list((await response.json(content_type=None)).get("data", []))
+                self.upstream_models = _listed_models(await response.json(content_type=None))
         except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
             logger.warning("upstream %s: could not list models yet (%r)", self.base, exc)
             return False
@@ -512,7 +515,7 @@ class UpstreamEngine(Engine):
         tokens = _tokens(await self._post_json(self.root + "/tokenize", body))
         if model not in self._template_opens_reasoning:  # the same for every prompt of a model: ask once
             tail = await self._post_json(self.root + "/detokenize", {"model": model, "tokens": tokens[-4:]})
-            self._template_opens_reasoning[model] = tail.get("prompt", "").rstrip().endswith(reasoning.start_marker)
+            self._template_opens_reasoning[model] = str(tail.get("prompt", "")).rstrip().endswith(reasoning.start_marker)
         rendered = open_turn(conversation, reasoning, self._template_opens_reasoning[model])
         rendered.ids = tokens + (await self.tokenize_text(model, rendered.opening) if rendered.opening else [])
         return rendered
@@ -545,14 +548,22 @@ class UpstreamEngine(Engine):
         return _tokens(await self._post_json(self.root + "/tokenize", body))
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        path = url.removeprefix(self.root)
         try:
             async with self.http.post(url, json=body) as response:
                 status, text = response.status, await response.text(errors="replace")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _transport_error(exc) from exc
+            raise transport_error(exc) from exc
         if status != 200:
-            raise _status_error(status, text)
-        return json.loads(text)
+            raise status_error(status, text, path)
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            logger.warning("the upstream's %s answered 200 with what is not a JSON object: %s", path, logged(text))
+            raise UpstreamError(f"the upstream's {path} answered with what is not a JSON object", 502, "protocol")
+        return reply
 
     async def send(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """A streamed request, once the upstream answered with its status (within the first-byte timeout)."""
@@ -560,7 +571,7 @@ class UpstreamEngine(Engine):
             async with asyncio.timeout(self.config.first_byte_timeout_s):
                 response = await self.http.post(self.base + path, json=body, timeout=self._timeout(sock_read=None))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _transport_error(exc) from exc
+            raise transport_error(exc) from exc
         if response.status != 200:
             try:
                 async with asyncio.timeout(self.config.chunk_timeout_s):
@@ -569,7 +580,7 @@ class UpstreamEngine(Engine):
                 text = ""
             finally:
                 response.close()
-            raise _status_error(response.status, text)
+            raise status_error(response.status, text, (self.base + path).removeprefix(self.root))
         return response
 
     def model_ids(self) -> list[str]:
@@ -621,33 +632,11 @@ def _tokens(reply: dict[str, Any]) -> list[int]:
     return tokens
 
 
-def _upstream_message(text: str) -> tuple[str, str | None]:
-    """The message of an upstream's error body, and the parameter it names."""
-    try:
-        error = json.loads(text).get("error")
-        if isinstance(error, dict):
-            param = error.get("param")
-            return str(error.get("message", text))[:300], str(param)[:100] if param else None
-        if error:
-            return str(error)[:300], None
-    except (ValueError, AttributeError):
-        pass
-    return text[:300], None
-
-
-def _status_error(status: int, text: str) -> UpstreamError:
-    message, param = _upstream_message(text)
-    if status == 429:
-        return UpstreamError(f"the upstream is rate limiting: {message}", 429, "status_429")
-    if status >= 500:
-        return UpstreamError(f"the upstream failed with {status}: {message}", 502, "status_5xx")
-    return UpstreamError(f"the upstream rejected the request with {status}: {message}", 502 if status in (401, 403) else 400,
-                         f"status_{status}", param=param)
-
-
-def _transport_error(exc: Exception) -> UpstreamError:
-    if isinstance(exc, TimeoutError):
-        return UpstreamError(f"the upstream timed out: {exc!r}", 504, "timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError(f"the upstream is unreachable: {exc!r}", 503, "connect")
-    return UpstreamError(f"the upstream connection failed: {exc!r}", 502, "closed")
+def _listed_models(reply: Any) -> list[dict[str, Any]]:
+    """The models of an upstream's /v1/models that have a name (a non-empty string of printable
+    characters, at most 256): those are listed to clients as this gateway's."""
+    if not isinstance(reply, dict):
+        raise ValueError("the upstream's /v1/models answered with what is not a JSON object")
+    data = reply.get("data")
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and 0 < len(m["id"]) <= 256
+            and m["id"].isprintable()] if isinstance(data, list) else []

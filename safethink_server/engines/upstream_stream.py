@@ -10,17 +10,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from safethink_server.engines.base import EngineError
-
-
-class UpstreamError(EngineError):
-    """An upstream failure, with the status the gateway answers and a kind for the metrics."""
-
-    def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.param = param  # the request field an upstream's 4xx named
+from safethink_server.engines.upstream_errors import UpstreamError, stream_error
 
 
 class SSEDecoder:
@@ -125,9 +115,8 @@ async def sse_batches(chunks: AsyncIterator[bytes], first_byte_timeout: float, c
                     raise UpstreamError(f"the upstream sent malformed event data ({len(data)} bytes, not JSON)", 502, "protocol") from None
                 if not isinstance(event, dict):
                     raise UpstreamError("the upstream sent an event that is not a JSON object", 502, "protocol")
-                if "error" in event:
-                    message = event["error"].get("message", "error") if isinstance(event["error"], dict) else str(event["error"])
-                    raise UpstreamError(f"the upstream failed mid-stream: {message}", 502, "upstream_error")
+                if "error" in event:  # (its message may quote unjudged model text: it goes to the log only)
+                    raise stream_error(event["error"])
                 events.append(event)
             if events:
                 yield events

@@ -1,6 +1,7 @@
 """Faults while steering is on, on real server processes in front of misbehaving real HTTP servers:
-an upstream that fails while a step is held back, and a remote scorer that errors or stalls. Each
-fault ends the request cleanly, is counted once, releases no unjudged text and holds no slot."""
+an upstream that fails while a step is held back, an upstream whose errors quote the model's text,
+and a remote scorer that errors or stalls. Each fault ends the request cleanly, is counted once,
+releases no unjudged text and holds no slot."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port, running_server, series
+from tests.conftest import free_port, running_server, series, server_log
 from tests.server.faulty_scorer import FaultyScorer
-from tests.server.faulty_upstream import FaultyUpstream
+from tests.server.faulty_upstream import QUOTED, FaultyUpstream
 
 MATH = [{"role": "user", "content": "What is 2 + 2?"}]
 HELD = "Two plus"  # what the faulty upstream writes before it fails: a step not yet ended, so held back
@@ -74,6 +75,40 @@ def test_an_upstream_fault_while_a_step_is_held_ends_cleanly_unreleased_and_coun
     eventually(url, "safethink_upstream_errors_total", errors + 1, kind=kind)
     eventually(url, "safethink_requests_total", failed + 1, status="upstream_error")
     eventually(url, "safethink_requests_total", requests + 1)
+    assert_no_slot_held(url)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("model", "status", "kind", "message", "param"), [
+    ("rejected-quoting", 400, "status_400", "the upstream rejected the request: it answered 400 "
+     "(type invalid_request_error, code tool_parse_error, param tools[0].function)", "tools[0].function"),
+    ("failed-quoting", 502, "status_5xx", "the upstream failed: it answered 500 (code 500)", None),
+    ("error-event-quoting", 502, "upstream_error", "the upstream failed mid-stream (type BadRequestError, code 400)", None),
+])
+def test_an_upstreams_error_text_goes_to_the_log_never_to_the_client(steered_proxy, model, status, kind, message, param, stream):
+    """An upstream's error body (a 400, a 500) and its mid-stream error event quote model text no one
+    judged: the client gets a fixed text with the status and the identifiers only, the log the rest."""
+    url = steered_proxy
+    errors, logged = series(url, "safethink_upstream_errors_total", kind=kind), server_log(url).count(QUOTED)
+    body = {"model": model, "messages": MATH, "max_tokens": 64, "stream": stream}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    raw = response.content  # every byte the client received, stream or whole
+    for secret in (QUOTED, "Identify the vehicle", "SECRET", HELD):
+        assert secret.encode() not in raw, f"{secret!r} reached the client: {raw!r}"
+    if stream and response.status_code == 200:  # the stream had begun: the error is its last event
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        error = events[-1]["error"]
+        assert response.text.rstrip().endswith("data: [DONE]")
+    else:
+        assert response.status_code == status
+        error = response.json()["error"]
+    assert (error["message"], error["param"]) == (message, param)
+    assert error["type"] == ("invalid_request_error" if status == 400 else "server_error") and error["code"] == "upstream_error"
+    eventually(url, "safethink_upstream_errors_total", errors + 1, kind=kind)
+    deadline = time.monotonic() + 10
+    while server_log(url).count(QUOTED) <= logged:  # the upstream's text is in the server's log
+        assert time.monotonic() < deadline, f"the upstream's error text is not in the server's log:\n{server_log(url)[-2000:]}"
+        time.sleep(0.1)
     assert_no_slot_held(url)
 
 

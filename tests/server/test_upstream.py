@@ -187,6 +187,19 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
         assert sum(counts.values()) == sent
 
 
+def test_only_identifiers_of_the_upstreams_own_fields_are_passed_back(faulty_proxy):
+    """The models the upstream lists with a name (malformed entries left out), and its system_fingerprint
+    only where it is an identifier: a fingerprint quoting text is dropped, stream and whole."""
+    from tests.server.faulty_upstream import BEHAVIOURS, QUOTED
+
+    assert [m.id for m in client(faulty_proxy).models.list()] == BEHAVIOURS
+    body = {"model": "quoting-fingerprint", "messages": MATH, "max_tokens": 32}
+    for stream in (False, True):
+        response = httpx.post(faulty_proxy + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+        assert response.status_code == 200 and b"Two plus two. It is four." in response.content
+        assert b"SECRET" not in response.content and b"Identify the vehicle" not in response.content
+
+
 @pytest.mark.parametrize("model", ["ok", "reasoning-field", "think-inline"])
 def test_all_three_reasoning_formats_split_the_same_way(faulty_proxy, model):
     r = client(faulty_proxy).chat.completions.create(model=model, messages=MATH, max_tokens=32)
@@ -207,16 +220,19 @@ def test_the_proxy_sends_no_more_text_events_than_the_upstream(faulty_proxy, mod
     assert 1 <= len(text_events) <= 3, [e["choices"] for e in text_events]  # the upstream sent 2 or 3 text events
 
 
-@pytest.mark.parametrize(("model", "status", "kind"), [
-    ("rate-limited", 429, "status_429"), ("server-error", 502, "status_5xx"),
+@pytest.mark.parametrize(("model", "status", "kind", "message"), [
+    ("rate-limited", 429, "status_429", "the upstream is rate limiting: it answered 429 (type rate_limit_error)"),
+    ("server-error", 502, "status_5xx", "the upstream failed: it answered 500 (type server_error)"),
 ])
-def test_upstream_status_errors_keep_their_meaning(faulty_proxy, model, status, kind):
+def test_upstream_status_errors_keep_their_meaning(faulty_proxy, model, status, kind, message):
+    """The status and the error's type keep their meaning; the upstream's own message stays in the log."""
     before = labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"')
     for stream in (False, True):
         with pytest.raises(openai.APIStatusError) as caught:
             client(faulty_proxy).chat.completions.create(model=model, messages=MATH, stream=stream)
         assert caught.value.status_code == status
         assert caught.value.body["type"] == ("rate_limit_error" if status == 429 else "server_error")
+        assert caught.value.body["message"] == message
     assert labelled(faulty_proxy, "safethink_upstream_errors_total", f'kind="{kind}"') == before + 2
     assert_healthy(faulty_proxy)
 
@@ -276,7 +292,7 @@ def test_a_dead_upstream_is_a_clear_503():
         with pytest.raises(openai.APIStatusError) as caught:
             client(url).chat.completions.create(model="m", messages=MATH)
         assert caught.value.status_code == 503
-        assert "unreachable" in caught.value.message
+        assert caught.value.body["message"] == "the upstream is unreachable"  # not the connection error's text
         assert labelled(url, "safethink_upstream_errors_total", 'kind="connect"') == 1
 
 
