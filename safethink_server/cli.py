@@ -14,6 +14,11 @@ from pydantic import ValidationError
 
 from safethink_server.evaluation import EvaluationError
 
+if typing.TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from safethink_server.config import ServerSettings
+
 
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per server setting, generated from the settings model so they never drift apart."""
@@ -62,10 +67,28 @@ def serve(args: argparse.Namespace) -> None:
     options: dict[str, typing.Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
                                       "timeout_graceful_shutdown": 5}
     if settings.workers == 1:
-        uvicorn.run(build_app(settings), **options)
+        app = build_app(settings)
+        metrics_listener(settings, app.state.safethink.metrics.registry)
+        uvicorn.run(app, **options)
         return
     with worker_environment(settings):
+        metrics_listener(settings, None)  # this (parent) process serves the workers' metrics, from their shared folder
         uvicorn.run("safethink_server.server:app_from_environment", factory=True, workers=settings.workers, **options)
+
+
+def metrics_listener(settings: ServerSettings, registry: CollectorRegistry | None) -> None:
+    """`--metrics-port`: /metrics on its own listener (the app then has no /metrics route); a port that cannot be
+    bound stops the server before it serves anything."""
+    from safethink_server.metrics import start_listener
+
+    if settings.metrics_port is None:
+        return
+    try:
+        start_listener(settings.host, settings.metrics_port, registry)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        print(f"error: --metrics-port {settings.metrics_port}: cannot listen on {settings.host}: {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 @contextmanager

@@ -25,6 +25,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve /metrics on this port (same host), on a "
+                                     "listener of its own, and not on the API port (default: on the API port)")
     engine: Literal["hf", "vllm", "upstream"] = Field(default="hf", description="generation engine: hf (embedded transformers), vllm (in-process AsyncLLM), upstream (proxy)")
     model: Path | None = Field(default=None, description="local HF causal-LM folder (default: the embedded SmolLM2-135M-Instruct)")
     served_model_name: str | None = Field(default=None, description="model name clients use (default: the folder name)")
@@ -100,6 +102,13 @@ class ServerSettings(BaseSettings, PolicyConfig):
         if self.workers > 1 and self.engine != "upstream":
             raise ValueError(f"--workers {self.workers} needs --engine upstream: each worker of an in-process engine would "
                              "load its own copy of the model")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_is_not_the_api_port(self) -> ServerSettings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"--metrics-port {self.metrics_port} is the API port: give the metrics a port of their own, "
+                             "or leave --metrics-port unset to serve /metrics on the API port")
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, start_http_server
 
 from safethink_server.steering.session import SteeringObserver
 
@@ -41,13 +41,8 @@ class Metrics:
                             multiprocess_mode="livesum")
 
     def exposition(self) -> bytes:
-        """The text /metrics serves: this process's metrics, or under `serve --workers N` (prometheus_client's
-        multiprocess mode) every worker's, summed."""
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
+        """The text the API port's /metrics serves (see `exposed`)."""
+        return generate_latest(exposed(self.registry))
 
     def initialise(self, engine: str, keys: list[str], early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""
@@ -69,6 +64,27 @@ class Metrics:
 
     def scorer_warmed(self, seconds: float) -> None:
         self.scorer_warm_seconds.inc(seconds)
+
+
+def exposed(registry: CollectorRegistry | None) -> CollectorRegistry:
+    """What /metrics serves: this process's metrics (`registry`), or under `serve --workers N` (prometheus_client's
+    multiprocess mode) every worker's, read from the multiprocess folder and summed at each scrape."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if registry is None:
+            raise ValueError("no registry, and no PROMETHEUS_MULTIPROC_DIR to read the workers' metrics from")
+        return registry
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)
+    return combined
+
+
+def start_listener(host: str, port: int, registry: CollectorRegistry | None) -> None:
+    """`--metrics-port`: the metrics on a listener of their own (prometheus_client's, in a daemon thread of this
+    process), so that the API port need not expose them. It answers GET on any path, in the text format or OpenMetrics
+    as the scraper asks, and lives as long as the process. Under `serve --workers N` the parent process calls this
+    (registry None): one listener binds the port, and it reads every worker's values from the multiprocess folder.
+    Raises OSError when the port cannot be bound."""
+    start_http_server(port, addr=host, registry=exposed(registry))
 
 
 class KeyObserver(SteeringObserver):

@@ -214,9 +214,10 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         """Readiness: 200 only while requests are admitted (not draining, not dead)."""
         return health_of(details=False, ready=True)
 
-    @app.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_port is None:  # else served on its own port (cli.py), and a 404 here
+        @app.get("/metrics", responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
+        async def prometheus() -> Response:
+            return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=ERRORS)
     async def models() -> ModelList:

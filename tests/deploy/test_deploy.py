@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,7 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from safethink_server.config import ServerSettings
-from tests.conftest import EMBEDDED_MODEL, free_port, running_server
+from tests.conftest import EMBEDDED_MODEL, free_port, running_server, series
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -96,11 +97,26 @@ def test_kubernetes_manifests_validate():
 VLLM_LABELS = {"app.kubernetes.io/name": "vllm"}
 
 
-def manifest(kind: str) -> dict:
+def manifests(kind: str) -> list[dict]:
     docs = [doc for m in sorted((DEPLOY / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(m.read_text())]
-    found = [doc for doc in docs if doc["kind"] == kind]
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def manifest(kind: str) -> dict:
+    found = manifests(kind)
     assert len(found) == 1, f"{len(found)} {kind} manifests"
     return found[0]
+
+
+def network_policies(pod_labels: dict[str, str]) -> list[dict]:
+    """The specs of the NetworkPolicies that apply to pods with these labels (an empty selector selects every pod)."""
+    found = [p["spec"] for p in manifests("NetworkPolicy")]
+    assert all(set(spec["podSelector"]) <= {"matchLabels"} for spec in found), "selected by labels only"
+    return [spec for spec in found if spec["podSelector"].get("matchLabels", {}).items() <= pod_labels.items()]
+
+
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
 
 
 def gateway_container() -> dict:
@@ -113,7 +129,7 @@ def container_env(name: str) -> str | None:
 
 
 def test_network_policy_lets_only_the_gateway_pods_reach_vllm():
-    policy = manifest("NetworkPolicy")["spec"]
+    (policy,) = network_policies(VLLM_LABELS)
     pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
     upstream = urlsplit(container_env("SAFETHINK_UPSTREAM_URL"))
     # It selects the vLLM pods (by the label the README and the manifest's comment ask for), not the gateway's.
@@ -136,8 +152,51 @@ def test_network_policy_lets_only_the_gateway_pods_reach_vllm():
     assert local[0]["matchLabels"] and local[0]["matchLabels"].items() <= pod_labels.items()
     # Elsewhere: Prometheus pods of the monitoring namespace, both selectors set (an empty one selects everything).
     remote = [peer for peer in peers if "namespaceSelector" in peer]
-    assert remote == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                       "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    assert remote == [PROMETHEUS_PEER]
+
+
+def flag(args: list[str], name: str) -> int:
+    assert args.count(name) == 1, (name, args)
+    return int(args[args.index(name) + 1])
+
+
+def test_metrics_port_is_declared_scraped_and_open_to_prometheus_only():
+    """--metrics-port: every API key's series leave the API port; the pod declares the metrics port, every scrape
+    config targets it, and of all the NetworkPolicies that apply to the gateway's pods only the rule for Prometheus
+    opens it, while the API port stays reachable."""
+    container = gateway_container()
+    api_port, metrics_port = flag(container["args"], "--port"), flag(container["args"], "--metrics-port")
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": api_port, "metrics": metrics_port}
+    template = manifest("Deployment")["spec"]["template"]
+    assert template["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port),
+                                                   "prometheus.io/path": "/metrics"}
+    service = {p["name"]: p for p in manifest("Service")["spec"]["ports"]}
+    assert service["metrics"]["targetPort"] in ("metrics", metrics_port)
+    (endpoint,) = manifest("ServiceMonitor")["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    # The policies that select the gateway's pods: ingress governed, and whatever no rule allows is denied. Policies
+    # add up, so every rule of every one of them counts. A rule without `ports` opens them all; without `from`, to all.
+    pod_labels = template["metadata"]["labels"]
+    policies = network_policies(pod_labels)
+    assert policies and all("Ingress" in p["policyTypes"] for p in policies)
+    rules = [rule for p in policies for rule in p["ingress"]]
+    assert all(rule.get("ports") for rule in rules), "each rule names its ports"
+
+    def opens(rule: dict, port: int, name: str) -> bool:
+        return any(p.get("protocol", "TCP") == "TCP" and p["port"] in (port, name) for p in rule["ports"])
+
+    to_metrics = [rule for rule in rules if opens(rule, metrics_port, "metrics")]
+    assert to_metrics and all(rule.get("from") == [PROMETHEUS_PEER] for rule in to_metrics), to_metrics
+    assert any(opens(rule, api_port, "http") and not rule.get("from") for rule in rules), "clients reach the API port"
+    assert all(opens(rule, api_port, "http") for rule in rules if not rule.get("from")), "only the API port is open to all"
+    # compose and its Prometheus: the gateway's metrics port, on the compose network only (not published).
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["safethink"]
+    compose_metrics = flag(compose["command"], "--metrics-port")
+    assert not any(str(compose_metrics) in str(published) for published in compose["ports"])
+    scrape_configs = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"]
+    scrapes = {job["job_name"]: job for job in scrape_configs}
+    assert scrapes["safethink"]["static_configs"] == [{"targets": [f"safethink:{compose_metrics}"]}]
+    assert scrapes["safethink"].get("metrics_path", "/metrics") == "/metrics"
 
 
 def drain_timeout_s() -> float:
@@ -208,10 +267,25 @@ def readme_intervention_rate() -> str:
     return re.search(r"```promql\n(.+?)\n```", text, re.S).group(1).strip()
 
 
+API_KEY = "deploy-test-key"  # --api-key: its id is `default`
+
+
+@dataclass
+class Gateway:
+    url: str  # the API
+    metrics: str  # the listener of --metrics-port
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def gateway():
-    with running_server("--threshold", "0", "--max-step-tokens", "24", "--reasoning-budget", "64") as url:
-        yield url
+    """A real gateway as the Deployment runs it: an API key, and /metrics on a metrics port of its own."""
+    metrics_port = free_port()
+    with running_server("--threshold", "0", "--max-step-tokens", "24", "--reasoning-budget", "64", "--api-key", API_KEY,
+                        "--metrics-port", str(metrics_port)) as url:
+        yield Gateway(url, f"http://127.0.0.1:{metrics_port}")
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +295,7 @@ def prometheus(gateway, tmp_path_factory):
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus/rules.yml")],
-        "scrape_configs": [{"job_name": "safethink", "static_configs": [{"targets": [gateway.removeprefix("http://")]}]}],
+        "scrape_configs": [{"job_name": "safethink", "static_configs": [{"targets": [gateway.metrics.removeprefix("http://")]}]}],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = (folder / "log").open("w")
@@ -257,7 +331,7 @@ def test_prometheus_scrapes_the_gateway_and_every_dashboard_query_returns_data(g
     while not query(prometheus, 'up{job="safethink"} == 1'):  # scrapes begin a few seconds after start
         assert time.monotonic() < deadline, "prometheus never scraped the gateway"
         time.sleep(0.5)
-    c = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=120)
+    c = gateway.client()
     for _ in range(2):
         c.chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=48, temperature=0)
     rate = readme_intervention_rate()
@@ -275,10 +349,10 @@ def test_prometheus_scrapes_the_gateway_and_every_dashboard_query_returns_data(g
     assert {r["name"] for r in loaded if r["type"] == "alerting"} == ALERTS
 
 
-def exposed_names(gateway: str) -> set[str]:
+def exposed_names(gateway: Gateway) -> set[str]:
     """The series names the gateway's /metrics declares, labelled families without children included."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    families = text_string_to_metric_families(httpx.get(gateway + "/metrics", timeout=10).text)
+    families = text_string_to_metric_families(httpx.get(gateway.metrics + "/metrics", timeout=10).text)
     return {f.name + suffix for f in families for suffix in suffixes.get(f.type, [""])}
 
 
@@ -292,21 +366,45 @@ def test_dashboard_and_rules_read_only_metrics_the_gateway_exposes(gateway):
 def test_the_gateway_answers_the_deployments_probes(gateway):
     container = gateway_container()
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        response = httpx.get(gateway + container[kind]["httpGet"]["path"], timeout=10)
+        response = httpx.get(gateway.url + container[kind]["httpGet"]["path"], timeout=10)
         assert response.status_code == 200, (kind, response.status_code, response.text)
-    assert httpx.get(gateway + "/health", timeout=10).status_code == 200
+    assert httpx.get(gateway.url + "/health", timeout=10).status_code == 200
+
+
+def not_found(response: httpx.Response) -> None:
+    assert response.status_code == 404, (response.status_code, response.text)
+    assert response.json() == {"error": {"message": "not found", "type": "not_found_error", "param": None, "code": None}}
+
+
+def test_metrics_are_served_on_the_metrics_port_only(gateway):
+    """The API port's /metrics is an unknown path (an OpenAI-shaped 404, with the key or without, and out of the
+    OpenAPI schema); the metrics port serves the series, and requests and refused keys are still counted there."""
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for headers in ({}, auth):
+        not_found(httpx.get(gateway.url + "/metrics", headers=headers, timeout=10))
+    not_found(httpx.get(gateway.url + "/no-such-path", headers=auth, timeout=10))
+    assert "/metrics" not in httpx.get(gateway.url + "/openapi.json", timeout=10).json()["paths"]
+    scraped = httpx.get(gateway.metrics + "/metrics", timeout=10)
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    assert 'safethink_requests_total{engine="hf",key="default",status="success"}' in scraped.text
+    served, refused = series(gateway.metrics, "safethink_requests_total", key="default", status="success"), \
+        series(gateway.metrics, "safethink_unauthorized_requests_total")
+    gateway.client().chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert httpx.get(gateway.url + "/v1/models", timeout=10).status_code == 401
+    assert series(gateway.metrics, "safethink_requests_total", key="default", status="success") == served + 1
+    assert series(gateway.metrics, "safethink_unauthorized_requests_total") == refused + 1
 
 
 def test_request_metrics_carry_the_api_key_id(gateway, prometheus):
-    # This gateway has no API keys: its traffic is counted under the key id `anonymous`.
-    c = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0, timeout=120)
+    # This gateway's one key is --api-key: its traffic is counted under the key id `default`.
+    c = gateway.client()
     c.chat.completions.create(model=EMBEDDED_MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=48,
                               temperature=0)
     deadline = time.monotonic() + 60
-    while not query(prometheus, 'safethink_requests_total{status="success", key="anonymous"} > 0'):
-        assert time.monotonic() < deadline, f"no requests under key=anonymous: {query(prometheus, 'safethink_requests_total')}"
+    while not query(prometheus, 'safethink_requests_total{status="success", key="default"} > 0'):
+        assert time.monotonic() < deadline, f"no requests under key=default: {query(prometheus, 'safethink_requests_total')}"
         time.sleep(1)
     for metric in ("safethink_requests_total", "safethink_interventions_total", "safethink_refusals_total"):
-        assert {r["metric"].get("key") for r in query(prometheus, metric)} <= {"anonymous"}, metric
+        assert {r["metric"].get("key") for r in query(prometheus, metric)} <= {"default"}, metric
     (per_key,) = by_key = query(prometheus, rules()["safethink:intervention_rate_by_key:5m"]["expr"])
-    assert per_key["metric"] == {"key": "anonymous"} and float(per_key["value"][1]) > 0, by_key
+    assert per_key["metric"] == {"key": "default"} and float(per_key["value"][1]) > 0, by_key

@@ -148,16 +148,20 @@ def test_a_model_cannot_forge_a_tool_call_and_a_malformed_call_is_a_protocol_err
 
 
 def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
-    """`--workers 2`: two processes serve one port, each with its own loop; /metrics (from either)
-    counts every request once, whichever worker served it (prometheus_client's multiprocess mode)."""
+    """`--workers 2`: two processes serve one port, each with its own loop; /metrics counts every
+    request once, whichever worker served it (prometheus_client's multiprocess mode). With
+    `--metrics-port` one listener (the parent process's) serves the sum, and the API port has no /metrics."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prometheus_client.mmap_dict import MmapedDict
 
+    metrics_url = f"http://127.0.0.1:{(metrics_port := free_port())}"
     with FaultyUpstream(free_port()) as upstream, running_server(
         "--engine", "upstream", "--upstream-url", upstream.url, "--upstream-mode", "chat", "--workers", "2",
-        env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        "--metrics-port", str(metrics_port), env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
     ) as url:
+        assert httpx.get(url + "/metrics").status_code == 404
+
         def ask(_: int) -> str:
             return client(url).chat.completions.create(model="ok", messages=MATH, max_tokens=32).choices[0].message.content
 
@@ -179,8 +183,8 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
             while sent < 24 or (not both_served() and time.monotonic() < deadline):
                 assert list(pool.map(ask, range(24))) == ["4"] * 24
                 sent += 24
-        assert labelled(url, "safethink_requests_total", 'status="success"') == sent
-        assert metric(url, "safethink_active_requests") == 0
+        assert labelled(metrics_url, "safethink_requests_total", 'status="success"') == sent
+        assert metric(metrics_url, "safethink_active_requests") == 0
         counts = served_by()
         assert len(counts) == 2, f"one metrics file per worker: {counts}"
         assert all(counts.values()), f"both workers served requests: {counts}"
