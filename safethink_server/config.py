@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from reward_models.registry import ScorerConfig, ScorerKind
 from safethink_server.engines.upstream import UpstreamConfig
-from safethink_server.schema import PolicyConfig, ReasoningConfig
+from safethink_server.schema import PolicyConfig, ReasoningConfig, ReportDetail
 from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.tenants import KeyConfig, Keyring, read_keys_file
 
@@ -88,6 +88,10 @@ class ServerSettings(BaseSettings, PolicyConfig):
     allow_client_overrides: bool = Field(default=False, description="let requests change steering via a 'safethink' object")
     allow_assistant_prefill: bool = Field(default=False, description="accept continue_final_message (a client-written start of the "
                                           "assistant turn); the scorer then reads it as context")
+    report: ReportDetail | None = Field(
+        default=None, description="how much of the safethink report clients get: full (scores and token counts), actions (actions "
+        "and counts: no scores, no sizes of withheld text), none; unset: full without API keys, actions with them. Scores let "
+        "an attacker search for steps that score just under the threshold")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="largest request body accepted (413 above)")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long requests in flight may finish (new ones get 503) "
                                    "before they are aborted; keep it below Kubernetes' terminationGracePeriodSeconds")
@@ -121,7 +125,7 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     @model_validator(mode="after")
     def _keys_are_readable_and_unique(self) -> ServerSettings:
-        self._keyring = Keyring(self.keys(), self.policy(), self.allow_client_overrides, self.allow_assistant_prefill)
+        self._keyring = Keyring(self.keys(), self.policy(), self.allow_client_overrides, self.allow_assistant_prefill, self.report)
         return self
 
     def keys(self) -> list[KeyConfig]:

@@ -100,19 +100,19 @@ class Action(str, Enum):
 class StepRecord(BaseModel):
     index: int
     section: Literal["reasoning", "answer"]
-    p_unsafe: float | None
+    p_unsafe: float | None = Field(description="the scorer's P(unsafe); absent where the report hides scores")
     action: Action
     scorer_error: bool = False
-    tokens: int
-    score_ms: float = Field(default=0.0, description="time the step waited for its score (micro-batch wait and forward)")
+    tokens: int | None = Field(description="the step's tokens; absent for a step not released where the report hides them")
+    score_ms: float | None = Field(default=0.0, description="time the step waited for its score (micro-batch wait and forward)")
 
 
 class InterventionRecord(BaseModel):
     step: int
-    p_unsafe: float
+    p_unsafe: float | None
     mode: str
     prefix: str  # the corrective text, so that clients and evaluations can tell it from the model's own
-    discarded_tokens: int
+    discarded_tokens: int | None
     injected_tokens: int
 
 
@@ -138,5 +138,21 @@ class SteeringReport(BaseModel):
     inserted: list[InsertedText] = Field(default=[], description="every text the server put into the output")
     refusal: str | None = Field(default=None, description="the refusal that ended the response, if one did")
     injected_tokens: int = 0
-    discarded_tokens: int = Field(default=0, description="sampled tokens rolled back with replaced steps: not in usage")
-    withheld_tokens: int = Field(default=0, description="sampled tokens judged unsafe and never released: not in usage")
+    discarded_tokens: int | None = Field(default=0, description="sampled tokens rolled back with replaced steps: not in usage")
+    withheld_tokens: int | None = Field(default=0, description="sampled tokens judged unsafe and never released: not in usage")
+
+    def disclosed(self, detail: ReportDetail) -> SteeringReport | None:
+        """The report as a client may read it. `actions` hides what an adaptive attacker could search
+        with: every score, score time and the size of each text that was not released."""
+        if detail == "full":
+            return self
+        if detail == "none":
+            return None
+        steps = [s.model_copy(update={"p_unsafe": None, "score_ms": None, "tokens": s.tokens if s.action is Action.RELEASED else None})
+                 for s in self.steps]
+        interventions = [i.model_copy(update={"p_unsafe": None, "discarded_tokens": None}) for i in self.interventions]
+        return self.model_copy(update={"steps": steps, "interventions": interventions, "discarded_tokens": None, "withheld_tokens": None})
+
+
+# How much of the `safethink` report a client gets (the audit log always has it all).
+ReportDetail = Literal["full", "actions", "none"]

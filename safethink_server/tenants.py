@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from safethink_server.schema import PolicyConfig, optional_policy_field
+from safethink_server.schema import PolicyConfig, ReportDetail, optional_policy_field
 
 ANONYMOUS = "anonymous"  # the id requests get on a server without keys
 
@@ -42,6 +42,8 @@ class KeyConfig(BaseModel):
     policy: KeyPolicy = Field(default_factory=KeyPolicy)  # type: ignore[valid-type]
     allow_client_overrides: bool | None = Field(default=None, description="the server's setting when unset")
     allow_assistant_prefill: bool | None = Field(default=None, description="the server's setting when unset")
+    report: ReportDetail | None = Field(default=None, description="how much of the safethink report the key's clients get; "
+                                        "the server's setting when unset")
 
     @field_serializer("key")
     def _hidden(self, key: SecretStr, info: SerializationInfo) -> str:
@@ -101,20 +103,26 @@ class Tenant(BaseModel):
     policy: PolicyConfig
     allow_client_overrides: bool
     allow_assistant_prefill: bool
+    report: ReportDetail = "full"
 
 
 class Keyring:
     """The server's keys. No keys: every request is the anonymous tenant, with the server's policy."""
 
-    def __init__(self, keys: list[KeyConfig], policy: PolicyConfig, allow_client_overrides: bool, allow_assistant_prefill: bool) -> None:
+    def __init__(self, keys: list[KeyConfig], policy: PolicyConfig, allow_client_overrides: bool, allow_assistant_prefill: bool,
+                 report: ReportDetail | None = None) -> None:
+        """`report` unset: the whole report without keys, and only actions and counts with them (scores
+        sent to clients let an attacker search for steps that score just under the threshold)."""
         check_unique(keys)
         self.required = bool(keys)
+        server_report: ReportDetail = report or ("actions" if keys else "full")
         self.anonymous = Tenant(id=ANONYMOUS, policy=policy, allow_client_overrides=allow_client_overrides,
-                                allow_assistant_prefill=allow_assistant_prefill)
+                                allow_assistant_prefill=allow_assistant_prefill, report=server_report)
         self._keys = [(k.key.get_secret_value().encode("utf-8"), Tenant(
             id=k.id, policy=policy.model_copy(update=k.policy.model_dump(exclude_none=True)),
             allow_client_overrides=allow_client_overrides if k.allow_client_overrides is None else k.allow_client_overrides,
             allow_assistant_prefill=allow_assistant_prefill if k.allow_assistant_prefill is None else k.allow_assistant_prefill,
+            report=k.report or server_report,
         )) for k in keys]
 
     def tenants(self) -> list[Tenant]:

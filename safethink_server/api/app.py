@@ -407,7 +407,7 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
                                stop=body.stop_list(), observer=observer, model=body.model,
                                skip_special_tokens=not keep_special_tokens,
                                stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None,
-                               raw_text=raw_text)
+                               raw_text=raw_text, report_detail=tenant.report)
 
     return [session(choice) for choice in range(body.n)]
 
@@ -604,9 +604,9 @@ async def complete(state: ServerState, body: ChatCompletionRequest, sessions: li
                 content, calls = tool_call_message(answer.tools, content)
         choices.append(Choice(index=index, message=AssistantMessage(content=content, reasoning_content=reasoning, reasoning=reasoning,
                                                                     tool_calls=calls),
-                              finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.report,
+                              finish_reason=finish_reason(session, answer, bool(calls)), safethink=session.client_report,
                               logprobs=logprobs(text.logprobs) if logprobs else None))
-    response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
+    response = ChatCompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].client_report,
                                       system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
 
@@ -622,8 +622,8 @@ async def complete_text(state: ServerState, body: CompletionRequest, sessions: l
     for index, (session, text) in enumerate(zip(sessions, parts, strict=True)):
         # The session's raw text holds the reasoning markers as the model (or the server) wrote them.
         choices.append(CompletionChoice(index=index, text=text.of("reasoning", "answer"), finish_reason=session.finish_reason,
-                                        safethink=session.report, logprobs=logprobs.of_text(text.logprobs) if logprobs else None))
-    response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].report,
+                                        safethink=session.client_report, logprobs=logprobs.of_text(text.logprobs) if logprobs else None))
+    response = CompletionResponse(model=state.engine.model_name, choices=choices, usage=usage, safethink=sessions[0].client_report,
                                   system_fingerprint=fingerprint(sessions))
     return JSONResponse(response.model_dump(exclude_none=True))
 
@@ -644,7 +644,7 @@ async def stream_text(state: ServerState, body: CompletionRequest, sessions: lis
             async for index, delta in runs:
                 session = sessions[index]
                 if delta is None:
-                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.report),
+                    yield chunk(CompletionChoice(index=index, text="", finish_reason=session.finish_reason, safethink=session.client_report),
                                 fingerprint=fingerprint([session]))
                     continue
                 tracker.saw(delta.text, index)
@@ -665,7 +665,7 @@ async def complete_response(state: ServerState, body: ResponsesRequest, sessions
     parts, usage = done
     session, text = sessions[0], parts[0]
     whole = ResponseBuilder(body, state.engine.model_name).whole(text.of("reasoning") or None, text.of("answer"),
-                                                                session.finish_reason, usage, session.report)
+                                                                session.finish_reason, usage, session.client_report)
     return JSONResponse(whole)
 
 
@@ -684,7 +684,7 @@ async def stream_response(state: ServerState, body: ResponsesRequest, sessions: 
                 for event in events.delta(delta.section, delta.text):
                     yield event
         usage = _usage(sessions)
-        ending = list(events.end(sessions[0].finish_reason, usage, sessions[0].report))
+        ending = list(events.end(sessions[0].finish_reason, usage, sessions[0].client_report))
     except Exception as exc:
         yield events.error(tracker.failed(exc))
         return
@@ -816,7 +816,7 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
                         yield _sse(chunk(message, index=index))
                     called = tools is not None and tools[index].called
                     yield _sse(chunk(DeltaMessage(), finish_reason(session, answer, called), index=index,
-                                     safethink=session.report, system_fingerprint=fingerprint([session])))
+                                     safethink=session.client_report, system_fingerprint=fingerprint([session])))
                     continue
                 tracker.saw(delta.text, index)
                 entries = logprobs(delta.logprobs) if logprobs is not None and delta.logprobs else None

@@ -270,7 +270,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
-    safethink: SteeringReport
+    safethink: SteeringReport | None = Field(default=None, description="choice 0's steering, as the server discloses it")
 
 
 class DeltaMessage(BaseModel):

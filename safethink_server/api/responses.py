@@ -196,10 +196,10 @@ class ResponseBuilder:
             store=False, metadata=self.body.metadata)
         wire = response.model_dump(mode="json", exclude_none=True)
         if report is not None:
-            wire["safethink"] = report.model_dump(mode="json")
+            wire["safethink"] = report.model_dump(mode="json", exclude_none=True)
         return wire
 
-    def whole(self, reasoning: str | None, answer: str, finish_reason: str | None, usage: Usage, report: SteeringReport) -> dict[str, Any]:
+    def whole(self, reasoning: str | None, answer: str, finish_reason: str | None, usage: Usage, report: SteeringReport | None) -> dict[str, Any]:
         output: list[Any] = []
         if reasoning:
             output.append(_reasoning_item(f"rs_{uuid.uuid4().hex}", reasoning, "completed"))
@@ -281,7 +281,7 @@ class ResponseEvents:
         yield self._sse(ResponseOutputItemDoneEvent(type="response.output_item.done", sequence_number=0, output_index=index, item=item))
         self.output.append(item)
 
-    def end(self, finish_reason: str | None, usage: Usage, report: SteeringReport) -> Iterator[str]:
+    def end(self, finish_reason: str | None, usage: Usage, report: SteeringReport | None) -> Iterator[str]:
         status = status_of(finish_reason)
         if self._open is not None and self._open[0] == "reasoning":
             yield from self._close("completed")

@@ -65,8 +65,8 @@ class RequestTracker:
     def finished(self, sessions: list[SteeringSession], usage: Usage) -> None:
         self.status, self.usage = "success", usage
         self.metrics.generated.inc(usage.completion_tokens)
-        self.metrics.discarded.inc(sum(session.report.discarded_tokens for session in sessions))
-        self.metrics.withheld.inc(sum(session.report.withheld_tokens for session in sessions))
+        self.metrics.discarded.inc(sum(session.report.discarded_tokens or 0 for session in sessions))
+        self.metrics.withheld.inc(sum(session.report.withheld_tokens or 0 for session in sessions))
 
     def close(self) -> None:
         if self.closed:

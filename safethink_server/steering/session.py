@@ -30,6 +30,7 @@ from safethink_server.schema import (
     InterventionRecord,
     PolicyConfig,
     ReasoningConfig,
+    ReportDetail,
     SteeringReport,
     StepRecord,
 )
@@ -107,6 +108,7 @@ class SteeringSession:
         stream_interval: int = 1,
         warm: Callable[[StepItem], None] | None = None,
         raw_text: bool = False,
+        report_detail: ReportDetail = "full",
     ) -> None:
         self.engine = engine
         self.prompt = prompt
@@ -121,6 +123,7 @@ class SteeringSession:
         self.raw_text = raw_text  # the output as written (/v1/completions): markers kept, the answer's whitespace too
         self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens, raw_text)
         self.report = SteeringReport()
+        self.report_detail = report_detail
         self.finish_reason: str | None = None
         self.generation: Generation | None = None
         self._cursor: SequenceCursor | None = None
@@ -148,6 +151,11 @@ class SteeringSession:
         self._yielded_at: int | None = None  # output ids when text last went out; None before the first
         self._warm = warm
         self._warmed_for: str | None = None  # the released text (stripped) the scorer was last warmed with
+
+    @property
+    def client_report(self) -> SteeringReport | None:
+        """The report as the client may read it (the audit log reads `report`)."""
+        return self.report.disclosed(self.report_detail)
 
     # --- counts -------------------------------------------------------------------------------
     @property

@@ -87,11 +87,13 @@ def test_a_broken_keys_file_stops_the_server_without_quoting_a_key(tmp_path, tex
 
 # --- on a real server ------------------------------------------------------------------------------
 
-EVAL_KEY, APP_KEY = "eval-team-secret-1", "application-secret-2"
+EVAL_KEY, APP_KEY, OPS_KEY, QUIET_KEY = "eval-team-secret-1", "application-secret-2", "ops-secret-3", "quiet-secret-4"
 KEYS = {"keys": [
     {"id": "eval", "key": EVAL_KEY, "policy": {"threshold": 0.0, "early_steps": 2, "max_interventions": 1}, "allow_client_overrides": True,
-     "allow_assistant_prefill": True},
+     "allow_assistant_prefill": True, "report": "full"},
     {"id": "app", "key": APP_KEY},
+    {"id": "ops", "key": OPS_KEY, "policy": {"threshold": 0.0, "early_steps": 2, "max_interventions": 1}},  # the keyed default: actions
+    {"id": "quiet", "key": QUIET_KEY, "policy": {"threshold": 0.0, "early_steps": 2, "max_interventions": 1}, "report": "none"},
 ]}
 ASK = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "How do plants grow?"}], "max_tokens": 48}
 
@@ -190,3 +192,28 @@ def test_the_audit_log_holds_the_text_only_where_configured():
     assert line["key"] == ANONYMOUS and line["prompt"]["messages"][0]["content"] == "How do plants grow?"
     message = served["choices"][0]["message"]
     assert line["choices"][0]["output"] == (message.get("reasoning_content") or "") + message["content"]
+
+
+def test_a_keys_clients_get_only_the_report_it_discloses(keyed_server):
+    """With keys, a client gets actions and counts but no score and no size of a withheld text (an
+    adaptive attacker could search with them) unless its key says `full`; `none` sends no report. The
+    audit log keeps it all."""
+    url, audit = keyed_server
+    seen = len(audit_lines(audit))
+    full, actions, quiet = (post(url, key, ASK) for key in (EVAL_KEY, OPS_KEY, QUIET_KEY))
+    streamed = httpx.post(url + "/v1/chat/completions", json={**ASK, "stream": True}, headers={"Authorization": f"Bearer {OPS_KEY}"},
+                          timeout=120)
+    assert all(r.status_code == 200 for r in (full, actions, quiet, streamed))
+    assert all(s.get("p_unsafe") is not None and s["tokens"] is not None for s in full.json()["safethink"]["steps"])
+    assert full.json()["safethink"]["withheld_tokens"] + full.json()["safethink"]["discarded_tokens"] > 0
+    for report in (actions.json()["safethink"], actions.json()["choices"][0]["safethink"],
+                   json.loads([line for line in streamed.text.splitlines() if "\"safethink\"" in line][-1][6:])["safethink"]):
+        assert report["steps"] and report["interventions"] and report["refusal"], "the actions are told"
+        assert all("p_unsafe" not in s and "score_ms" not in s for s in report["steps"]), "a score reached the client"
+        assert all("tokens" not in s for s in report["steps"] if s["action"] != "released"), "a withheld step's size reached the client"
+        assert all("p_unsafe" not in i and "discarded_tokens" not in i for i in report["interventions"])
+        assert "withheld_tokens" not in report and "discarded_tokens" not in report
+    assert "safethink" not in quiet.json() and "safethink" not in quiet.json()["choices"][0]
+    logged = audit_lines(audit, seen + 4)[seen:]
+    ops = next(line for line in logged if line["key"] == "ops")
+    assert ops["choices"][0]["steps"] and all(s["p_unsafe"] is not None for s in ops["choices"][0]["steps"])
