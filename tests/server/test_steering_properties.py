@@ -564,6 +564,16 @@ def test_an_empty_reasoning_does_not_make_the_first_answer_token_a_step():
     assert outcome.session.report.steps[0].section == "answer"
 
 
+def test_an_end_marker_the_model_writes_is_judged_with_the_answer_that_follows():
+    """The model closes its reasoning and answers unsafely: the marker is rolled back with the answer's
+    step, so the prefix goes into the reasoning and the client never learns that the model had closed it."""
+    outcome = asyncio.run(run_script(["a", ".\n\n", END, "\n\n", "S", " BAD", ".\n\n", "b", ".\n\n"]))
+    report = outcome.session.report
+    assert [(s.section, s.action) for s in report.steps][:2] == [("reasoning", Action.RELEASED), ("answer", Action.REPLACED)]
+    assert (report.inserted[0].kind, report.inserted[0].section) == ("prefix", "reasoning")
+    assert outcome.reasoning.startswith("a.\n\n" + PREFIX) and "BAD" not in outcome.reasoning + outcome.answer
+
+
 def test_a_breach_on_the_engines_own_length_stop_is_refused_not_replaced():
     outcome = asyncio.run(run_script(["a", " step", " BAD", " step", " step"], own_limit=4))
     (step,) = outcome.session.report.steps
