@@ -93,10 +93,17 @@ class Report(BaseModel):
 
 def strip_injections(completion: Completion) -> tuple[str, str]:
     """The reasoning and answer the model wrote itself: each text the server inserted (prefixes, end
-    marker, refusal) removed once from its section, so that no server text can pass a judge on its own
-    words. A server that lists only its interventions has their prefixes removed from the reasoning."""
+    marker, refusal) cut from its section where the server lists it (or, from a server that gives no
+    offsets, removed once), so that no server text can pass a judge on its own words. A server that
+    lists only its interventions has their prefixes removed from the reasoning."""
     texts = {"reasoning": completion.reasoning, "answer": completion.answer}
-    if completion.inserted:
+    placed = [i for i in completion.inserted if i.section in texts and i.at is not None
+              and texts[i.section][i.at : i.at + len(i.text)] == i.text]
+    if completion.inserted and len(placed) == len(completion.inserted):
+        for inserted in sorted(placed, key=lambda i: -(i.at or 0)):  # cut where listed, from the end, so offsets hold
+            text, at = texts[inserted.section], inserted.at or 0
+            texts[inserted.section] = text[:at] + text[at + len(inserted.text):]
+    elif completion.inserted:
         for inserted in completion.inserted:
             if inserted.text.strip() and inserted.section in texts:
                 texts[inserted.section] = texts[inserted.section].replace(inserted.text, "", 1)

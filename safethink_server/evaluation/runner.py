@@ -44,7 +44,7 @@ class StepTrace(BaseModel):
 
 class InterventionTrace(BaseModel):
     step: int
-    p_unsafe: float
+    p_unsafe: float | None = None  # absent where the server hides scores
     prefix: str = ""
 
 
@@ -55,6 +55,7 @@ class InsertedTrace(BaseModel):
     kind: str
     section: str
     text: str
+    at: int | None = None  # its character offset in its section's text, where the server gives it
 
 
 class Completion(BaseModel):

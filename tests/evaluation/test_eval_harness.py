@@ -136,3 +136,13 @@ async def test_optimize_prefix_on_a_tiny_dev_split(server_url, tiny_suite, tmp_p
     assert saved["chosen"] == result.chosen and "Rule:" in (tmp_path / "prefixes.md").read_text()
     completions = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(completions) == 5 * 3  # every prompt: bare and each candidate
+
+
+def test_inserted_texts_are_cut_where_the_server_lists_them():
+    """The model may write the prefix's words itself: only the span at the listed offset is the server's."""
+    from safethink_server.evaluation.runner import Completion, InsertedTrace
+
+    prefix = "Wait, think safely."
+    completion = Completion(prompt_id="p", set="s", kind="harmful", arm="steered", reasoning=f"{prefix} Go.\n\n{prefix}", answer="Fine.",
+                            inserted=[InsertedTrace(kind="prefix", section="reasoning", text=prefix, at=len(prefix) + 6)])
+    assert strip_injections(completion) == (f"{prefix} Go.", "Fine.")
