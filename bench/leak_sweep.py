@@ -39,8 +39,14 @@ class Outcome:
 
 
 def model_text(text: str, inserted: list[dict[str, Any]], section: str | None) -> str:
-    """`text` less the spans the report lists for it, cut at their offsets."""
-    for span in sorted((i for i in inserted if section is None or i["section"] == section), key=lambda i: -i["at"]):
+    """`text` less the spans the report lists for it, cut at their offsets (a server that gives no
+    offsets: each removed once, where first found)."""
+    spans = [i for i in inserted if section is None or i["section"] == section]
+    if any("at" not in span for span in spans):
+        for span in spans:
+            text = text.replace(span["text"], "", 1)
+        return text
+    for span in sorted(spans, key=lambda i: -i["at"]):
         at = span["at"]
         if text[at : at + len(span["text"])] != span["text"]:
             return text + " [inserted span not at its offset]"
