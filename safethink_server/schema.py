@@ -99,7 +99,7 @@ class Action(str, Enum):
 
 class StepRecord(BaseModel):
     index: int
-    section: Literal["reasoning", "answer"]
+    section: Literal["reasoning", "answer"] | None = Field(description="absent for a step not released where the report hides it")
     p_unsafe: float | None = Field(description="the scorer's P(unsafe); absent where the report hides scores")
     action: Action
     scorer_error: bool = False
@@ -143,13 +143,13 @@ class SteeringReport(BaseModel):
 
     def disclosed(self, detail: ReportDetail) -> SteeringReport | None:
         """The report as a client may read it. `actions` hides what an adaptive attacker could search
-        with: every score, score time and the size of each text that was not released."""
+        with: every score, score time, and the size and section of each text that was not released."""
         if detail == "full":
             return self
         if detail == "none":
             return None
-        steps = [s.model_copy(update={"p_unsafe": None, "score_ms": None, "tokens": s.tokens if s.action is Action.RELEASED else None})
-                 for s in self.steps]
+        steps = [s.model_copy(update={"p_unsafe": None, "score_ms": None} if s.action is Action.RELEASED else
+                              {"p_unsafe": None, "score_ms": None, "tokens": None, "section": None}) for s in self.steps]
         interventions = [i.model_copy(update={"p_unsafe": None, "discarded_tokens": None}) for i in self.interventions]
         return self.model_copy(update={"steps": steps, "interventions": interventions, "discarded_tokens": None, "withheld_tokens": None})
 

@@ -122,6 +122,11 @@ class Generation(ABC):
         injected ones), where the sampling asked for them."""
         raise NotImplementedError(f"{type(self).__name__} does not return logprobs")
 
+    def logprob_entries(self, start: int, end: int) -> list[tuple[int, TokenLogprob]]:
+        """The entries of output positions `start`..`end`, each with the first position its text covers
+        (its own, where ids are tokens; an upstream event's first byte, where ids are bytes)."""
+        return [(position, entry) for position, entry in enumerate(self.token_logprobs(start, end), start) if entry is not None]
+
     def token_usage(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens when the engine counts them itself (upstream); else None."""
         return None

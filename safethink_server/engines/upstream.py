@@ -109,8 +109,10 @@ class UpstreamGeneration(Generation):
         self._marker_spans: list[tuple[int, int]] = []  # chat mode: reasoning markers folded into the current event's text
         self.finished_by_length = False
         self.system_fingerprint: str | None = None  # the upstream's, passed back to the client
-        # Logprob entries by the output position of the last byte of the event that brought them.
+        # Logprob entries by the output position of the last byte of the event that brought them, and the
+        # first byte of that event (the window's end is checked against it).
         self.logprobs_at: dict[int, list[TokenLogprob]] = {}
+        self.logprobs_from: dict[int, int] = {}
         self._unplaced: list[TokenLogprob] = []  # of events without text: placed with the next text
         self.continuations = 0
         self._end_returned = False
@@ -246,7 +248,7 @@ class UpstreamGeneration(Generation):
                 if self.sampling.logprobs is not None or self.marks is not None:
                     start, end = end, end + len(text[-1].encode("utf-8"))
                     if self.sampling.logprobs is not None:
-                        self._place_logprobs(choice.get("logprobs"), end)
+                        self._place_logprobs(choice.get("logprobs"), start, end)
                     if self.marks is not None:
                         self._mark(choice.get("token_ids"), start, end)
                 if choice.get("finish_reason") is not None:
@@ -276,15 +278,21 @@ class UpstreamGeneration(Generation):
             marks.add(start + span_end, 0)
         marks.add(end, len(token_ids))
 
-    def _place_logprobs(self, logprobs: Any, end: int) -> None:
-        """An event's entries go out once its text has all been released: they sit at its last byte."""
+    def _place_logprobs(self, logprobs: Any, start: int, end: int) -> None:
+        """An event's entries go out once its text has all been released: they sit at its last byte.
+        The entries of events without text (a marker, a tool-call token the upstream's parser holds)
+        wait for the next event with text, whose tokens they come before."""
         self._unplaced += upstream_logprobs(logprobs)
-        if self._unplaced and end > 0:
-            self.logprobs_at.setdefault(end - 1, []).extend(self._unplaced)
+        if self._unplaced and end > start:
+            self.logprobs_at[end - 1] = self.logprobs_at.get(end - 1, []) + self._unplaced
+            self.logprobs_from.setdefault(end - 1, start)
             self._unplaced = []
 
     def token_logprobs(self, start: int, end: int) -> list[TokenLogprob | None]:
         return [entry for at in range(start, end) for entry in self.logprobs_at.get(at, ())]
+
+    def logprob_entries(self, start: int, end: int) -> list[tuple[int, TokenLogprob]]:
+        return [(self.logprobs_from[at], entry) for at in range(start, end) for entry in self.logprobs_at.get(at, ())]
 
     def _keep(self, text: list[str]) -> list[int]:
         data = "".join(text).encode("utf-8")
@@ -355,6 +363,7 @@ class UpstreamGeneration(Generation):
         self._unplaced = []
         for at in [at for at in self.logprobs_at if at >= len(self.kept)]:
             del self.logprobs_at[at]
+            del self.logprobs_from[at]
         self._resync_sections()
 
     async def inject(self, token_ids: list[int]) -> None:

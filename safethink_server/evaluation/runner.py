@@ -38,7 +38,7 @@ class GenerationSettings(BaseModel):
 
 class StepTrace(BaseModel):
     index: int
-    p_unsafe: float | None
+    p_unsafe: float | None = None  # absent where the server hides scores
     action: str
 
 

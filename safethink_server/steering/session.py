@@ -214,8 +214,8 @@ class SteeringSession:
             return []
         self._entries_sent = end
         window_end = self._window_end
-        return [entry if not entry.top or (window_end is not None and position >= window_end) else entry.model_copy(update={"top": []})
-                for position, entry in enumerate(self.generation.token_logprobs(start, end), start) if entry is not None]
+        return [entry if not entry.top or (window_end is not None and first >= window_end) else entry.model_copy(update={"top": []})
+                for first, entry in self.generation.logprob_entries(start, end)]
 
     def _note_window(self) -> None:
         """Where the watched window ends: from here on entries go out whole."""
@@ -235,10 +235,12 @@ class SteeringSession:
         """What goes out now: the released deltas, the last carrying the logprob entries released with them."""
         out, self._out = self._out, []
         entries = self._entries_due()
-        if entries:
-            if not out:
-                out = [Delta("reasoning" if self.output.section == "reasoning" else "answer", "")]
-            out[-1] = dataclasses.replace(out[-1], logprobs=out[-1].logprobs + entries)
+        if entries:  # with the last model text, whose tokens they are (or a delta of their own)
+            at = next((i for i in range(len(out) - 1, -1, -1) if out[i].inserted is None and not out[i].marker), None)
+            if at is None:
+                out.append(Delta("reasoning" if self.output.section == "reasoning" else "answer", ""))
+                at = len(out) - 1
+            out[at] = dataclasses.replace(out[at], logprobs=out[at].logprobs + entries)
         return merged(out)
 
     @property
@@ -358,9 +360,12 @@ class SteeringSession:
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, where the section changed, or at a stop string
             # (so that the sequence ends at the token that completes it).
-            elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)
-                                          or self._reaches_stop(held)):
-                await self._judge()
+            elif self.output.settled and (held.ended_by_section(self.output.section) or self._reaches_stop(held)
+                                          or (self.detector.is_complete(held.text, held.tokens) and bool(held.text.strip()))):
+                # A blank tail after the model's end marker that reaches a stop string is withheld with the
+                # marker; the response ends there (written again, it would only reach the stop again).
+                if await self._judge() is Action.WITHHELD and self.finish_reason is None:
+                    self.finish_reason = "stop"
         else:
             self._release(deltas)
         await self._begin_answer_once_in_it()
@@ -379,7 +384,6 @@ class SteeringSession:
         the engine stopped at its own token limit (then nothing can replace it)."""
         by_length = self.cursor.finished_by_length
         await self.cursor.rollback(1)
-        in_reasoning = self.output.section == "reasoning"
         if self._held is None:
             self._release(self.output.end_of_text())  # text held back for a marker: after the window
         else:
@@ -387,6 +391,8 @@ class SteeringSession:
             action = await self._judge(final=by_length)
             if action in (Action.REPLACED, Action.APPENDED) or self.finish_reason is not None:
                 return
+        # (after the judging: an end marker withheld with its blank tail leaves the output in the reasoning)
+        in_reasoning = self.output.section == "reasoning"
         if by_length:
             self.finish_reason = "length"
         elif in_reasoning and self.reasoning_cfg.end_on_eos and not self._reasoning_closed_by_server:
@@ -430,6 +436,12 @@ class SteeringSession:
         step, self._held = self._held, None
         assert step is not None
         if not step.text.strip():
+            if step.opened_the_answer(self.output.section):
+                # The model closed its reasoning and wrote no text before the end (or a stop string):
+                # the marker, never judged, is withheld with its blank tail, as if it was not written.
+                await self._discard(step)
+                self.report.discarded_tokens = (self.report.discarded_tokens or 0) + step.tokens
+                return Action.WITHHELD
             self._release(step.deltas)
             return Action.RELEASED
         started = time.perf_counter()
@@ -554,7 +566,7 @@ class SteeringSession:
         # logprob entry is released by it: blank tokens before the refused step stay unreleased.
         if not self.output.stopped:
             self._emit(self.output.release([], final=True))
-        answered = any(d.section == "answer" for d in self._out) or self.output.splitter.answer_started
+        answered = self.output.splitter.answer_started  # answer text went out (all before it is released now)
         text = ("\n\n" if answered else "") + self.policy.refusal
         if self.raw_text and self.output.section == "reasoning":
             text = self.reasoning_cfg.end_marker + text  # the raw text's answer begins after the marker

@@ -73,6 +73,8 @@ class Judge:
     wrong_context: list[StepItem] = field(default_factory=list)
     warmed: list[StepItem] = field(default_factory=list)  # contexts handed over to prepare before their steps ended
     unwarmed: list[StepItem] = field(default_factory=list)
+    session: SteeringSession | None = None
+    at: list[int] = field(default_factory=list)  # the output position (the step's end) at each call
 
     def warm(self, item: StepItem) -> None:
         self.warmed.append(item)
@@ -84,6 +86,7 @@ class Judge:
                    for w in self.warmed):
             self.unwarmed.append(item)
         call = len(self.seen)
+        self.at.append(self.session.output.output_tokens if self.session is not None else -1)
         if call in self.failing_calls:
             self.seen.append((item.step, None))
             raise RuntimeError("scorer down")
@@ -179,6 +182,7 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
         stream_interval=stream_interval, warm=judge.warm, raw_text=case.raw_answer)
+    judge.session = session
     return session, judge
 
 
@@ -271,14 +275,18 @@ def assert_steps_end_where_they_should(outcome: Outcome, case: Case) -> None:
     max_step_tokens (a few more while a character or marker is incomplete), never later."""
     if case.step_regex is not None:
         return
-    for text, _ in outcome.judge.seen:
+    for (text, _), step in zip(outcome.judge.seen, outcome.session.report.steps, strict=True):
         first = next((m.end() for m in re.finditer("\n\n", text) if text[: m.start()].strip()), None)
         assert first is None or len(text) - first < LONGEST_PIECE, f"a step went on past its end: {text!r}"
         # A raw answer (a completion) keeps the whitespace the "pre" section held back until it knew no
         # marker followed: it comes out with the answer's first text, in that text's token.
         glued = case.raw_answer and case.initial_section == "pre" and text.lstrip() and text is outcome.judge.seen[0][0]
+        # So does a raw answer's whitespace after the end marker the model wrote: the marker is judged with the step.
+        glued = glued or (case.raw_answer and step.section == "answer")
         assert glued or not text.startswith("\n"), f"a step starts at its first text, not at a blank token: {text!r}"
-    assert all(s.tokens <= case.max_step_tokens + 4 for s in outcome.session.report.steps), "a step went on past max_step_tokens"
+    # (a step that opens the answer with the model's end marker also holds the blank tokens after it, however many)
+    assert all(s.tokens <= case.max_step_tokens + 4 for s in outcome.session.report.steps
+               if s.section == "reasoning" or case.initial_section != "reasoning"), "a step went on past max_step_tokens"
 
 
 def client_texts(outcome: Outcome) -> dict[str, str]:
@@ -350,8 +358,28 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
         assert outcome.session.report.refusal == REFUSAL
     assert_inserted_is_exact(outcome)
     assert_logprobs_only_of_judged_tokens(outcome, case, judged_safe, safe_steps >= case.policy.early_steps)
+    assert_the_models_end_marker_shows_only_once_judged(outcome, case, safe_steps >= case.policy.early_steps)
     assert_constrained_answers_are_sampled_constrained(outcome, case)
     assert outcome.engine.active == 0
+
+
+def assert_the_models_end_marker_shows_only_once_judged(outcome: Outcome, case: Case, satisfied: bool) -> None:
+    """That the model closed its reasoning is model output too: inside an unsatisfied window the
+    client learns it (an answer it reads, or the marker in a raw text) only where the marker was
+    among the tokens of a step judged safe."""
+    if satisfied or outcome.cancelled or case.initial_section != "reasoning" or not outcome.engine.generations:
+        return
+    if case.raw_answer:
+        shown = any(d.marker and d.inserted is None and END in d.text for d in outcome.released)
+    else:
+        shown = (any(d.section == "answer" and d.inserted != "refusal" and d.text for d in outcome.released)
+                 and not any(i.kind == "end_marker" for i in outcome.session.report.inserted))
+    if not shown:
+        return
+    tok, sequence = outcome.engine.tokenizer, outcome.engine.generations[0].sequence
+    written = next((k for k in range(1, len(sequence) + 1) if END in tok.decode(sequence[:k])), None)
+    safe_at = [at for at, (_, p) in zip(outcome.judge.at, outcome.judge.seen, strict=True) if p is not None and p < case.policy.threshold]
+    assert written is not None and safe_at and written <= max(safe_at), "the model's end marker reached the client unjudged"
 
 
 def assert_constrained_answers_are_sampled_constrained(outcome: Outcome, case: Case) -> None:
@@ -393,20 +421,24 @@ def assert_logprobs_only_of_judged_tokens(outcome: Outcome, case: Case, judged_s
     final = [-int(e.logprob) for e in generation.entries if e is not None]
     assert final[: len(outcome.logprob_serials)] == outcome.logprob_serials
     tok = outcome.engine.tokenizer
-    by_serial = {-int(e.logprob): token for token, e in zip(generation.sequence, generation.entries, strict=True) if e is not None}
+    # The text each position of the final sequence (server tokens included) brings, as the client reads it.
     replay = OutputProcessor(tok, outcome.session.reasoning_cfg, case.initial_section, [])  # type: ignore[arg-type]
-    given = "".join(d.text for serial in outcome.logprob_serials for d in replay.push(by_serial[serial]))
-    given = "".join((given + "".join(d.text for d in replay.end_of_text())).split())
+    text_at = ["".join(d.text for d in replay.push(token)) for token in generation.sequence]
+    at_serial = {-int(e.logprob): at for at, e in enumerate(generation.entries) if e is not None}
+    given = "".join("".join(text_at[at_serial[serial]] for serial in outcome.logprob_serials).split())
     if not satisfied:
         assert judged_safe.startswith(given), f"logprob entries of unjudged tokens: {given!r} beyond {judged_safe!r}"
         if case.policy.threshold == 0.0:
             assert not outcome.logprob_serials, "at threshold 0 a logprob entry came out of the window"
-    entries = [e for d in outcome.released for e in d.logprobs]
-    tops = [bool(e.top) for e in entries]
-    assert tops == sorted(tops), "an alternative released inside the window"
-    if not satisfied:
-        assert not any(tops), "an alternative released inside the window"
-    elif case.logprobs and not outcome.cancelled and outcome.session.finish_reason != "content_filter":
+    # The window ends where the early_steps-th step judged safe ends (at once when nothing is watched).
+    safe_at = [at for at, (_, p) in zip(outcome.judge.at, outcome.judge.seen, strict=True) if p is not None and p < case.policy.threshold]
+    window_end = 0 if case.policy.early_steps == 0 else safe_at[case.policy.early_steps - 1] if satisfied else None
+    position = {-int(e.logprob): at for at, e in enumerate(generation.entries) if e is not None}
+    for entry in (e for d in outcome.released for e in d.logprobs):
+        inside = window_end is None or position[-int(entry.logprob)] < window_end
+        assert not entry.top if inside else bool(entry.top) == bool(case.logprobs), \
+            f"alternatives {'released inside' if inside else 'missing past'} the window"
+    if satisfied and case.logprobs is not None and not outcome.cancelled and outcome.session.finish_reason != "content_filter":
         assert outcome.logprob_serials == final, "the final sequence's logprobs were not all given"
 
 
@@ -482,7 +514,7 @@ def check_final_sequence(case: Case) -> None:
     assert session.output_tokens <= case.max_tokens, "the response stays within max_tokens, server texts included"
     replay = token_by_token(outcome, case, generation.sequence)
     assert session.reasoning_tokens == replay.reasoning_tokens, "reasoning tokens are counted exactly"
-    if not session.report.inserted or "\n" not in case.stop:  # (else the prefix's separator may have stopped it)
+    if not session.report.injected_tokens or "\n" not in case.stop:  # (else the prefix's separator may have stopped it)
         assert replay.up_to_stop == len(generation.sequence), "the sequence ends at the token that completes a stop string"
     if not session.report.interventions and any(i.kind == "end_marker" for i in session.report.inserted):
         marker = tok.encode("\n" + END + "\n\n")
@@ -491,7 +523,8 @@ def check_final_sequence(case: Case) -> None:
         assert replay.at_budget is None or inserted_at <= replay.at_budget, "the reasoning closes at its budget"
     # Text is coalesced per engine batch: a few deltas a batch (model text per section, server texts), never one a token.
     # Each group of deltas handed out at once has one delta per run of section and origin.
-    assert outcome.deltas <= generation._calls + 2 + 3 * len(session.report.inserted) + len(session.report.interventions)
+    markers = 2 if case.raw_answer else 0  # a raw text's markers go out as deltas of their own
+    assert outcome.deltas <= generation._calls + 2 + markers + 3 * len(session.report.inserted) + len(session.report.interventions)
     assert tok.eos_token_id not in generation.sequence
     assert session.finish_reason in ("stop", "length", "content_filter")
     if case.raw_answer:  # the text as written, markers and all

@@ -210,7 +210,7 @@ def test_a_keys_clients_get_only_the_report_it_discloses(keyed_server):
                    json.loads([line for line in streamed.text.splitlines() if "\"safethink\"" in line][-1][6:])["safethink"]):
         assert report["steps"] and report["interventions"] and report["refusal"], "the actions are told"
         assert all("p_unsafe" not in s and "score_ms" not in s for s in report["steps"]), "a score reached the client"
-        assert all("tokens" not in s for s in report["steps"] if s["action"] != "released"), "a withheld step's size reached the client"
+        assert all("tokens" not in s and "section" not in s for s in report["steps"] if s["action"] != "released"), "a withheld step's size reached the client"
         assert all("p_unsafe" not in i and "discarded_tokens" not in i for i in report["interventions"])
         assert "withheld_tokens" not in report and "discarded_tokens" not in report
     assert "safethink" not in quiet.json() and "safethink" not in quiet.json()["choices"][0]
