@@ -360,12 +360,9 @@ class SteeringSession:
             # A step is judged once its text is all known (no marker half-seen) and it has ended:
             # at a delimiter, at max_step_tokens, where the section changed, or at a stop string
             # (so that the sequence ends at the token that completes it).
-            elif self.output.settled and (held.ended_by_section(self.output.section) or self._reaches_stop(held)
-                                          or (self.detector.is_complete(held.text, held.tokens) and bool(held.text.strip()))):
-                # A blank tail after the model's end marker that reaches a stop string is withheld with the
-                # marker; the response ends there (written again, it would only reach the stop again).
-                if await self._judge() is Action.WITHHELD and self.finish_reason is None:
-                    self.finish_reason = "stop"
+            elif self.output.settled and (held.ended_by_section(self.output.section) or self.detector.is_complete(held.text, held.tokens)
+                                          or self._reaches_stop(held)):
+                await self._judge()
         else:
             self._release(deltas)
         await self._begin_answer_once_in_it()
@@ -435,24 +432,21 @@ class SteeringSession:
         """Judge the held step. `final`: no tokens are left to replace it with."""
         step, self._held = self._held, None
         assert step is not None
-        if not step.text.strip():
-            if step.opened_the_answer(self.output.section):
-                # The model closed its reasoning and wrote no text before the end (or a stop string):
-                # the marker, never judged, is withheld with its blank tail, as if it was not written.
-                await self._discard(step)
-                self.report.discarded_tokens = (self.report.discarded_tokens or 0) + step.tokens
-                return Action.WITHHELD
+        opened = step.opened_the_answer(self.output.section)
+        if not step.text.strip() and not opened:
             self._release(step.deltas)
             return Action.RELEASED
         started = time.perf_counter()
-        p_unsafe, error = await self._score(step.text)
+        # The end marker the model wrote with no text after it yet (at the end, a stop string or
+        # max_step_tokens) is judged as what it is: that the model closed its reasoning here.
+        p_unsafe, error = await self._score(step.text if step.text.strip() else self.reasoning_cfg.end_marker)
         score_ms = round((time.perf_counter() - started) * 1000, 3)
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
-        if self._constrained and step.section == "answer" and action in (Action.REPLACED, Action.APPENDED):
+        if self._constrained and (step.section == "answer" or opened) and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED  # a constrained answer cannot take a prefix: it would break the structure
-        record = StepRecord(index=self._step_index, section=step.section, p_unsafe=p_unsafe, action=action,
+        record = StepRecord(index=self._step_index, section="answer" if opened else step.section, p_unsafe=p_unsafe, action=action,
                             scorer_error=error, tokens=step.tokens, score_ms=score_ms)
         self.report.steps.append(record)
         if action in (Action.RELEASED, Action.APPENDED):

@@ -324,7 +324,7 @@ def assert_inserted_is_exact(outcome: Outcome) -> None:
 def model_text(outcome: Outcome) -> str:
     """The model's text the client got, without whitespace or the markers a raw text writes out (that
     it is the client's text less the inserted spans is `assert_inserted_is_exact`'s)."""
-    return "".join("".join(d.text for d in outcome.released if d.inserted is None and not d.marker).split())
+    return "".join("".join(d.text for d in outcome.released if d.inserted is None and not d.marker).split()).replace(END, "")
 
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -335,7 +335,7 @@ SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[Heal
 def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
     outcome = asyncio.run(run_case(case))
     judged_safe = "".join(text for text, p in outcome.judge.seen if p is not None and p < case.policy.threshold)
-    judged_safe = "".join(judged_safe.split())
+    judged_safe = "".join(judged_safe.split()).replace(END, "")  # (a step of the model's end marker alone is judged as it)
     safe_steps = sum(1 for s in outcome.session.report.steps if s.action is Action.RELEASED)
     released = model_text(outcome)
     if safe_steps < case.policy.early_steps:
@@ -425,7 +425,7 @@ def assert_logprobs_only_of_judged_tokens(outcome: Outcome, case: Case, judged_s
     replay = OutputProcessor(tok, outcome.session.reasoning_cfg, case.initial_section, [])  # type: ignore[arg-type]
     text_at = ["".join(d.text for d in replay.push(token)) for token in generation.sequence]
     at_serial = {-int(e.logprob): at for at, e in enumerate(generation.entries) if e is not None}
-    given = "".join("".join(text_at[at_serial[serial]] for serial in outcome.logprob_serials).split())
+    given = "".join("".join(text_at[at_serial[serial]] for serial in outcome.logprob_serials).split()).replace(END, "")
     if not satisfied:
         assert judged_safe.startswith(given), f"logprob entries of unjudged tokens: {given!r} beyond {judged_safe!r}"
         if case.policy.threshold == 0.0:
