@@ -432,7 +432,7 @@ class SteeringSession:
         """Judge the held step. `final`: no tokens are left to replace it with."""
         step, self._held = self._held, None
         assert step is not None
-        opened = step.opened_the_answer(self.output.section)
+        opened = not step.text.strip() and step.opened_the_answer(self.output.section)  # the model's end marker alone
         if not step.text.strip() and not opened:
             self._release(step.deltas)
             return Action.RELEASED

@@ -303,11 +303,16 @@ async def test_logprobs_n_and_sampling_fields_on_vllm(vllm_server):
                                                    n=2, seed=3, extra_body=NO_BREACH)
     assert len(r.choices) == 2 and all(c.model_extra["safethink"]["steps"] for c in r.choices)
     assert r.choices[0].message.reasoning_content != r.choices[1].message.reasoning_content, "each choice has its own seed"
+    satisfied = []
     for choice in r.choices:
         entries = choice.logprobs.content
-        assert entries and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
-    assert r.usage.completion_tokens - sum(c.model_extra["safethink"]["injected_tokens"] for c in r.choices) == sum(
-        len(c.logprobs.content) for c in r.choices), "logprobs of every kept model token, none of the server's"
+        # Inside the watched window (the first 3 steps) no alternative goes out; past it, both do.
+        tops = [len(e.top_logprobs) for e in entries]
+        assert entries and all(e.logprob <= 0 for e in entries) and tops == sorted(tops) and set(tops) <= {0, 2}
+        satisfied.append(sum(s["action"] == "released" for s in choice.model_extra["safethink"]["steps"]) >= 3)
+    if all(satisfied):  # every kept model token's entry went out, none of the server's
+        assert r.usage.completion_tokens - sum(c.model_extra["safethink"]["injected_tokens"] for c in r.choices) == sum(
+            len(c.logprobs.content) for c in r.choices)
     ask = [{"role": "user", "content": "List the numbers from one to twenty, one per line, twice."}]
     greedy = await _client(url).chat.completions.create(model=EMBEDDED_MODEL, messages=ask, max_tokens=48, temperature=0,
                                                         extra_body={"safethink": {"early_steps": 0}})
