@@ -87,7 +87,7 @@ class _HeldStep:
         """No text yet, but the model wrote the reasoning's end marker: the marker is judged with the
         answer text that follows it, and a breach rolls it back (the prefix then goes into the
         reasoning, and the client never learns that the model had ended it)."""
-        return now == "answer" and self.checkpoint.splitter[0] == "reasoning"
+        return not self.text.strip() and now == "answer" and self.checkpoint.splitter[0] == "reasoning"
 
 
 class SteeringSession:
@@ -381,6 +381,7 @@ class SteeringSession:
         the engine stopped at its own token limit (then nothing can replace it)."""
         by_length = self.cursor.finished_by_length
         await self.cursor.rollback(1)
+        in_reasoning = self.output.section == "reasoning"
         if self._held is None:
             self._release(self.output.end_of_text())  # text held back for a marker: after the window
         else:
@@ -388,8 +389,6 @@ class SteeringSession:
             action = await self._judge(final=by_length)
             if action in (Action.REPLACED, Action.APPENDED) or self.finish_reason is not None:
                 return
-        # (after the judging: an end marker withheld with its blank tail leaves the output in the reasoning)
-        in_reasoning = self.output.section == "reasoning"
         if by_length:
             self.finish_reason = "length"
         elif in_reasoning and self.reasoning_cfg.end_on_eos and not self._reasoning_closed_by_server:
@@ -432,7 +431,7 @@ class SteeringSession:
         """Judge the held step. `final`: no tokens are left to replace it with."""
         step, self._held = self._held, None
         assert step is not None
-        opened = not step.text.strip() and step.opened_the_answer(self.output.section)  # the model's end marker alone
+        opened = step.opened_the_answer(self.output.section)  # the model's end marker alone
         if not step.text.strip() and not opened:
             self._release(step.deltas)
             return Action.RELEASED
