@@ -20,7 +20,9 @@ class StepItem(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prompt: str = Field(description="The user's latest request (the last user turn).")
-    history: str = Field(default="", description="The rest of the conversation (system, earlier turns), oldest first.")
+    history: str = Field(default="", description="The rest of the request as 'role: text' paragraphs in order (tool "
+                                                "definitions, system, earlier turns with their tool calls, tool results); "
+                                                "see `reward_models.context`.")
     reasoning: str = Field(default="", description="The assistant's text before this step: the client's prefill, released "
                                                   "steps and the server's inserted texts (prefixes, end marker).")
     step: str = Field(description="The completed step under judgement: the model's own text only.")
@@ -56,39 +58,23 @@ class Scorer(ABC):
 
     warms = False  # whether `warm_batch` does anything
 
-    def warm_batch(self, items: Sequence[StepItem]) -> None:
-        """Prepare what judging these items' steps will need that does not depend on the step (the
-        probe: encode their contexts), so that the judgement itself costs less. Default: nothing."""
-        return None
+    def warm_batch(self, items: Sequence[StepItem]) -> bool:
+        """Prepare some of what judging these items' steps will need that does not depend on the step
+        (the probe: encode their conversations), so that the judgement itself costs less. True when
+        nothing is left to prepare; a call does a bounded amount of work. Default: nothing."""
+        return True
 
     async def _in_executor(self, work: Callable[[list[StepItem]], _T], items: Sequence[StepItem]) -> _T:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"scorer-{self.name}")
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, list(items))
 
-    async def awarm_batch(self, items: Sequence[StepItem]) -> None:
+    async def awarm_batch(self, items: Sequence[StepItem]) -> bool:
         if items and self.warms:
-            await self._in_executor(self.warm_batch, items)
+            return await self._in_executor(self.warm_batch, items)
+        return True
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-
-
-def request_context(item: StepItem, max_chars: int) -> str:
-    """The request as a scorer reads it within `max_chars`: the latest user turn comes first (its
-    beginning, up to `max_chars`), and what room is left holds the end of the earlier conversation."""
-    latest = item.prompt.strip()[:max_chars]
-    room = max_chars - len(latest) - 2
-    history = tail(item.history.strip(), room) if room > 0 else ""
-    return f"{history}\n\n{latest}" if history else latest
-
-
-def tail(text: str, max_chars: int) -> str:
-    """The last `max_chars` characters of `text`, cut at a word boundary when one is near."""
-    if len(text) <= max_chars:
-        return text
-    cut = text[-max_chars:]
-    space = cut.find(" ")
-    return cut[space + 1 :] if 0 <= space < 40 else cut

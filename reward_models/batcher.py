@@ -35,7 +35,7 @@ class MicroBatcher:
     a few items at a time, so that a step that comes meanwhile waits for little.
     """
 
-    WARM_BATCH = 1  # items per warming forward: what a step arriving meanwhile may have to wait for
+    WARM_BATCH = 1  # items per warming call (each does a bounded amount): what a step arriving meanwhile may wait for
     WARM_BACKLOG = 64  # items kept to warm; older ones are dropped (their steps may be judged already)
 
     def __init__(
@@ -118,7 +118,8 @@ class MicroBatcher:
     async def _warm(self, items: list[StepItem]) -> None:
         started = time.perf_counter()
         try:
-            await self.scorer.awarm_batch(items)
+            if not await self.scorer.awarm_batch(items):
+                self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - len(items)) :], *items]  # the rest, next
         except Exception:  # warming is an optimisation: the judgement encodes what is missing
             logger.debug("warming the scorer failed", exc_info=True)
         if self.warm_observer is not None:

@@ -51,8 +51,9 @@ class ClassifierScorer(Scorer):
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
-        texts = [render_item(i, self.template) for i in items]
-        # Left truncation keeps the step, which sits at the end of the text.
+        # The conversation's start and end and the reasoning's end, in budgets that fit max_length for
+        # ordinary text; left truncation then cuts only what still overflows, keeping the step.
+        texts = [render_item(i, self.template, reasoning_chars=self.max_length, prompt_chars=2 * self.max_length) for i in items]
         self.tokenizer.truncation_side = "left"
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
         logits = self.model(**enc).logits.float()

@@ -54,7 +54,7 @@ class SentenceEmbedder:
         self,
         model_dir: Path | None = None,
         device: str | None = None,
-        max_length: int = 256,
+        max_length: int = 512,  # the encoder's own limit: a conversation window is never cut
         batch_size: int = 64,
         cache_size: int = 4096,
         dtype: str | None = None,
@@ -106,6 +106,9 @@ class SentenceEmbedder:
         means = torch.nn.functional.normalize((layers * mask).sum(2) / mask.sum(2).clamp(min=1e-9), dim=-1)
         token_max = layers[:, -1].masked_fill(mask[:, 0] == 0, float("-inf")).amax(1)
         return torch.cat([means, token_max[:, None]], dim=1).cpu()
+
+    def cached(self, text: str) -> bool:
+        return text in self._cache
 
     def clear_cache(self) -> None:
         self._cache.clear()

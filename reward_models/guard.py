@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reward_models.base import Scorer, StepItem, StepScore, request_context, tail
+from reward_models.base import Scorer, StepItem, StepScore
+from reward_models.context import tail
+from reward_models.text import request_text
 from reward_models.device import pick_device, pick_dtype
 
 
@@ -59,7 +61,7 @@ class GuardScorer(Scorer):
     def render(self, item: StepItem) -> str:
         reasoning = tail(item.reasoning.strip(), self.reasoning_chars)
         response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
-        conversation = [{"role": "user", "content": request_context(item, self.prompt_chars)}, {"role": "assistant", "content": response}]
+        conversation = [{"role": "user", "content": request_text(item, self.prompt_chars)}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()

@@ -1,5 +1,11 @@
-"""`probe`: the offline default scorer. MiniLM encodings of the step and of its context (prompt and
-reasoning so far), a small MLP head over them, and Platt calibration."""
+"""`probe`: the offline default scorer. MiniLM encodings of the step, of the reasoning so far and of
+the whole conversation, a small MLP head over them, and Platt calibration.
+
+The conversation is read in overlapping windows (`reward_models.context.windows`), each encoded
+once per request (ahead of the first step, see `warm_batch`). The head judges the step against each
+window and the step's p_unsafe is the highest: text around a request can neither push it out of view
+nor average it away.
+"""
 
 from __future__ import annotations
 
@@ -10,43 +16,63 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from reward_models.base import Scorer, StepItem, StepScore, request_context, tail
+from reward_models.base import Scorer, StepItem, StepScore
+from reward_models.context import conversation_text, tail, windows
 from reward_models.embedder import SENTENCE_ROW, TOKEN_MAX_ROW, SentenceEmbedder
 
-FEATURE_VERSION = "minilm-l6-layers-step-context-v2"
+FEATURE_VERSION = "minilm-l6-layers-step-reasoning-windows-v3"
 DEFAULT_HEAD_PATH = Path(__file__).with_name("probe_head.safetensors")
-_PROMPT_CHARS = 600
 _REASONING_CHARS = 400
 _STEP_CHARS = 1200
 _TOKEN_MAX_SCALE = 0.1  # brings token-wise maxima near the scale of the normalised means
+_NO_REASONING = "(no reasoning yet)"
+WARM_WINDOWS = 16  # windows encoded per warming call: what a step arriving meanwhile may wait for
 
 
-def feature_texts(item: StepItem) -> tuple[str, str]:
-    """The two texts encoded for one item: the step, and its context."""
-    step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
-    context = request_context(item, _PROMPT_CHARS)
-    reasoning = tail(item.reasoning.strip(), _REASONING_CHARS)
-    if reasoning:
-        context = f"{context}\n\n{reasoning}"
-    return step, context
+class FeatureTexts:
+    """The texts encoded for one item: its step, its reasoning so far, and its conversation's windows."""
+
+    def __init__(self, item: StepItem) -> None:
+        self.step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
+        self.reasoning = tail(item.reasoning.strip(), _REASONING_CHARS) or _NO_REASONING
+        self.windows = windows(conversation_text(item.prompt, item.history)) or [""]
 
 
-def features(embedder: SentenceEmbedder, items: Sequence[StepItem]) -> torch.Tensor:
-    """(n, 10 * 384) feature matrix: the step's six layer means, the context's sentence embedding,
-    their product, and both token-wise maxima. All texts of the batch go through one embedder call."""
-    pairs = [feature_texts(i) for i in items]
-    encodings = embedder.embed([s for s, _ in pairs] + [c for _, c in pairs])
-    step, context = encodings[: len(items)], encodings[len(items) :]
+def conversation_windows(item: StepItem) -> list[str]:
+    return FeatureTexts(item).windows
+
+
+def features(embedder: SentenceEmbedder, items: Sequence[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One feature row per (item, window of its conversation), and the index of each row's item.
+
+    A row: the step's six layer means, its token-wise max, the window's sentence embedding, its
+    product with the step's, the window's token-wise max, and the same three of the reasoning so far.
+    All texts of the batch go through one embedder call."""
+    texts = [FeatureTexts(i) for i in items]
+    owner = torch.tensor([k for k, t in enumerate(texts) for _ in t.windows], dtype=torch.long)
+    flat_windows = [w for t in texts for w in t.windows]
+    encodings = embedder.embed([t.step for t in texts] + [t.reasoning for t in texts] + flat_windows)
+    n = len(items)
+    step, reasoning, window = encodings[:n][owner], encodings[n : 2 * n][owner], encodings[2 * n :]
     return torch.cat(
         [
             step[:, :TOKEN_MAX_ROW].flatten(1),
-            context[:, SENTENCE_ROW],
-            step[:, SENTENCE_ROW] * context[:, SENTENCE_ROW],
             step[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
-            context[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
+            window[:, SENTENCE_ROW],
+            step[:, SENTENCE_ROW] * window[:, SENTENCE_ROW],
+            window[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
+            reasoning[:, SENTENCE_ROW],
+            step[:, SENTENCE_ROW] * reasoning[:, SENTENCE_ROW],
+            reasoning[:, TOKEN_MAX_ROW] * _TOKEN_MAX_SCALE,
         ],
         dim=1,
-    )
+    ), owner
+
+
+def max_per_item(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """The highest of each item's rows."""
+    out = torch.full((n,), float("-inf"), dtype=values.dtype)
+    return out.scatter_reduce(0, owner, values, reduce="amax")
 
 
 class ProbeHead:
@@ -76,6 +102,7 @@ class ProbeHead:
         self.metadata = metadata
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One logit per feature row (before Platt scaling)."""
         x = (x - self.feature_mean) / self.feature_scale
         return torch.relu(x @ self.hidden_weight + self.hidden_bias) @ self.output_weight + self.output_bias
 
@@ -116,6 +143,7 @@ class ProbeHead:
 
 class ProbeScorer(Scorer):
     name = "probe"
+    warms = True
 
     def __init__(self, head_path: Path | None = None, device: str | None = None, embedder: SentenceEmbedder | None = None,
                  dtype: str | None = None):
@@ -123,16 +151,19 @@ class ProbeScorer(Scorer):
         self.head = ProbeHead.load(head_path or DEFAULT_HEAD_PATH)
         self.embedder = embedder or SentenceEmbedder(device=device, dtype=dtype)
 
-    warms = True
-
-    def warm_batch(self, items: Sequence[StepItem]) -> None:
-        """Encode the items' contexts into the embedder's cache: a request's context is known before
-        its step is, so it can be encoded while the model still writes the step."""
-        self.embedder.embed([feature_texts(i)[1] for i in items])
+    def warm_batch(self, items: Sequence[StepItem]) -> bool:
+        """Encode up to WARM_WINDOWS of the items' conversation windows (and their reasoning) into the
+        embedder's cache: a request's conversation is known before its step is, so it is encoded
+        while the model still writes the step. True when all of them are cached."""
+        texts = [t for i in items for f in [FeatureTexts(i)] for t in (f.reasoning, *f.windows)]
+        missing = list(dict.fromkeys(t for t in texts if not self.embedder.cached(t)))
+        self.embedder.embed(missing[:WARM_WINDOWS])
+        return len(missing) <= WARM_WINDOWS
 
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
         with torch.inference_mode():
-            p = self.head.p_unsafe(features(self.embedder, items))
+            x, owner = features(self.embedder, items)
+            p = max_per_item(self.head.p_unsafe(x), owner, len(items))
         return [StepScore(p_unsafe=float(v)) for v in p.clamp(0.0, 1.0)]

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from reward_models.base import StepItem, request_context, tail
+from reward_models.base import StepItem
+from reward_models.context import conversation_text, ends, tail
 
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
 
 
+def request_text(item: StepItem, max_chars: int) -> str:
+    """The conversation within `max_chars`: whole where it fits, else its start and its end (where the
+    latest turn is) with what is left out between them named."""
+    return ends(conversation_text(item.prompt, item.history), max_chars)
+
+
 def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000) -> str:
     reasoning = tail(item.reasoning.strip(), reasoning_chars)
-    return template.format(prompt=request_context(item, prompt_chars), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
+    return template.format(prompt=request_text(item, prompt_chars), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
 
 
 def unsafe_label_indices(id2label: dict[int, str], unsafe_labels: list[str] | None) -> list[int]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
-from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, features
+from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, features, max_per_item
 from reward_models.probe_data import LabelledStep, build_dataset
 from reward_models.wheels import DEFAULT_CACHE
 
@@ -42,15 +42,37 @@ def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float,
 
 
 def step_item(item: LabelledStep) -> StepItem:
-    return StepItem(prompt=item.prompt, reasoning=item.reasoning, step=item.step)
+    return StepItem(prompt=item.prompt, history=item.history, reasoning=item.reasoning, step=item.step)
 
 
-def embed_all(items: list[LabelledStep], embedder: SentenceEmbedder, chunk: int = 256) -> np.ndarray:
-    rows = []
+class Rows:
+    """Feature rows, one per (item, window of its conversation), and the item of each row."""
+
+    def __init__(self, x: np.ndarray, owner: np.ndarray) -> None:
+        self.x, self.owner = x, owner
+
+    def of(self, indices: list[int]) -> Rows:
+        """The rows of these items, renumbered 0..len(indices)-1 in the given order."""
+        position = np.full(self.owner.max() + 1, -1)
+        position[np.asarray(indices)] = np.arange(len(indices))
+        keep = position[self.owner] >= 0
+        return Rows(self.x[keep], position[self.owner[keep]])
+
+    def item_logits(self, head: ProbeHead) -> np.ndarray:
+        """Each item's logit: the highest of its rows', as the scorer takes it."""
+        with torch.inference_mode():
+            logits = head.logits(torch.tensor(self.x, dtype=torch.float32))
+            return max_per_item(logits, torch.tensor(self.owner), int(self.owner.max()) + 1).numpy()
+
+
+def embed_all(items: list[LabelledStep], embedder: SentenceEmbedder, chunk: int = 256) -> Rows:
+    xs, owners = [], []
     for start in tqdm(range(0, len(items), chunk), desc="embedding", unit="chunk"):
         batch = [step_item(i) for i in items[start : start + chunk]]
-        rows.append(features(embedder, batch).numpy())
-    return np.concatenate(rows)
+        x, owner = features(embedder, batch)
+        xs.append(x.numpy())
+        owners.append(owner.numpy() + start)
+    return Rows(np.concatenate(xs), np.concatenate(owners))
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
@@ -76,16 +98,20 @@ def report(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
-    """Masks over the held-out items for the slices the README reports."""
+    """Masks over the held-out items for the slices the README reports: on requests as written (the
+    figures comparable across versions), and on the wrapped copies."""
     src = np.array([i.source for i in items])
     unsafe = np.array([i.unsafe for i in items])
     whole = np.array([i.whole_response for i in items])
-    compliance = unsafe & ~whole
-    benign_or_refusal = ~unsafe & ~whole
+    plain = np.array([i.wrap is None for i in items])
+    steps = (unsafe & ~whole) | (~unsafe & ~whole)  # compliance steps against benign and refusal steps
     return {
-        "all": np.ones(len(items), bool),
-        "compliance_steps_vs_benign_and_refusal_steps": compliance | benign_or_refusal,
-        "human_judged_responses": whole & (src == "pyrit_harm"),
+        "all": plain,
+        "compliance_steps_vs_benign_and_refusal_steps": plain & steps,
+        "human_judged_responses": plain & whole & (src == "pyrit_harm"),
+        "wrapped_all": ~plain,
+        "wrapped_compliance_steps_vs_benign_and_refusal_steps": ~plain & steps,
+        "wrapped_human_judged_responses": ~plain & whole & (src == "pyrit_harm"),
     }
 
 
@@ -94,9 +120,14 @@ HIDDEN_UNITS = 16
 MEMBERS = 4  # small MLPs averaged in logit space: the seed-to-seed spread of one MLP was ±0.01 AUROC on responses
 
 
-def fit_mlp_head(x: np.ndarray, y: np.ndarray, weights: np.ndarray, seed: int, alpha: float) -> ProbeHead:
+def fit_mlp_head(rows: Rows, y: np.ndarray, weights: np.ndarray, seed: int, alpha: float) -> ProbeHead:
     """Train MEMBERS one-layer MLPs on standardised features and join them into one MLP of
-    MEMBERS * HIDDEN_UNITS units whose logit is their mean (Platt scaling still to be fitted)."""
+    MEMBERS * HIDDEN_UNITS units whose logit is their mean (Platt scaling still to be fitted).
+
+    Each row (a window of an item's conversation) carries its item's label, and the item's weight
+    shared among its rows."""
+    windows_per_item = np.bincount(rows.owner, minlength=len(y))
+    x, weights, y = rows.x, (weights / windows_per_item)[rows.owner], y[rows.owner]
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
     members = [
@@ -123,16 +154,16 @@ def fit_mlp_head(x: np.ndarray, y: np.ndarray, weights: np.ndarray, seed: int, a
     )
 
 
-def cross_validated_auroc(items: list[LabelledStep], x: np.ndarray, y: np.ndarray, weights: np.ndarray, seed: int,
+def cross_validated_auroc(items: list[LabelledStep], rows: Rows, y: np.ndarray, weights: np.ndarray, seed: int,
                           alpha: float, folds: int = 5) -> dict[str, float]:
     """Grouped k-fold AUROC per slice over all items: steadier than the one held-out split, whose
     human-judged slice holds only some 160 responses."""
     logits = np.zeros(len(items))
     groups = [i.group for i in items]
-    for fold, (train_idx, test_idx) in enumerate(GroupKFold(folds).split(x, y, groups)):
-        head = fit_mlp_head(x[train_idx], y[train_idx], weights[train_idx], seed, alpha)
-        with torch.inference_mode():
-            logits[test_idx] = head.logits(torch.tensor(x[test_idx], dtype=torch.float32)).numpy()
+    for fold, (train_idx, test_idx) in enumerate(GroupKFold(folds).split(np.zeros(len(y)), y, groups)):
+        train_list, test_list = list(train_idx), list(test_idx)
+        head = fit_mlp_head(rows.of(train_list), y[train_idx], weights[train_idx], seed, alpha)
+        logits[test_idx] = rows.of(test_list).item_logits(head)
         print(f"cross-validation fold {fold + 1}/{folds} done", flush=True)
     return {name: round(float(roc_auc_score(y[mask], logits[mask])), 4) for name, mask in held_out_slices(items).items()}
 
@@ -141,26 +172,24 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     np.random.seed(seed)
     torch.manual_seed(seed)
     items = build_dataset(cache_dir, seed=seed)
-    embedder = SentenceEmbedder(device="cpu", dtype="float32")  # the head learns the full-precision features
-    x = embed_all(items, embedder)
+    # the head learns the full-precision features; steps and windows shared by items are encoded once
+    embedder = SentenceEmbedder(device="cpu", dtype="float32", cache_size=1 << 20)
+    rows = embed_all(items, embedder)
     y = np.array([i.unsafe for i in items], dtype=np.int64)
     tr, ca, te = split_by_group(items, seed, fractions=(0.15, 0.2))
 
     weights = np.array([WHOLE_RESPONSE_WEIGHT if i.whole_response else 1.0 for i in items])
-    head = fit_mlp_head(x[tr], y[tr], weights[tr], seed, alpha)
-    # Platt scaling on a split the head never saw.
-    with torch.inference_mode():
-        cal_logits = head.logits(torch.tensor(x[ca], dtype=torch.float32)).numpy()
+    head = fit_mlp_head(rows.of(tr), y[tr], weights[tr], seed, alpha)
+    # Platt scaling on a split the head never saw, of the item logits the scorer takes.
     platt = LogisticRegression(C=1e6, max_iter=1000)
-    platt.fit(cal_logits.reshape(-1, 1), y[ca])
+    platt.fit(rows.of(ca).item_logits(head).reshape(-1, 1), y[ca])
     head.platt_scale, head.platt_bias = float(platt.coef_[0, 0]), float(platt.intercept_[0])
 
-    with torch.inference_mode():
-        p_test = head.p_unsafe(torch.tensor(x[te], dtype=torch.float32)).numpy()
+    p_test = 1.0 / (1.0 + np.exp(-(head.platt_scale * rows.of(te).item_logits(head) + head.platt_bias)))
     test_items = [items[i] for i in te]
     metrics: dict[str, object] = {name: report(p_test[mask], y[te][mask]) for name, mask in held_out_slices(test_items).items()}
     if cross_validate:
-        metrics["grouped_5_fold_cv_auroc"] = cross_validated_auroc(items, x, y, weights, seed, alpha)
+        metrics["grouped_5_fold_cv_auroc"] = cross_validated_auroc(items, rows, y, weights, seed, alpha)
     head.metadata = {
         "seed": str(seed),
         "whole_response_weight": str(WHOLE_RESPONSE_WEIGHT),

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from reward_models.context import conversation_view
 from safethink_server.schema import ReasoningConfig
 from safethink_server.steering.text import Section
 
@@ -158,13 +159,6 @@ def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> Non
 
 
 def scoring_context(conversation: Conversation) -> tuple[str, str]:
-    """(the latest user turn, the rest of the conversation as 'role: text' paragraphs, oldest first).
-    How much of each a scorer reads is the scorer's truncation: the latest turn first, then the
-    end of the rest (`reward_models.base.request_context`)."""
-    messages = conversation.messages
-    if not messages:
-        return "", ""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    latest = users[-1] if users else len(messages) - 1
-    history = "\n\n".join(f"{m['role']}: {m['content']}" for i, m in enumerate(messages) if i != latest and m["content"])
-    return messages[latest]["content"], history
+    """(the latest user turn, the rest of the request as 'role: text' paragraphs in order): all of it,
+    tool definitions and calls included (`reward_models.context.conversation_view`)."""
+    return conversation_view(conversation.messages, conversation.tools)

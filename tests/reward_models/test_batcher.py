@@ -44,22 +44,23 @@ async def test_a_failing_forward_fails_only_its_own_callers():
 async def test_a_warmed_context_is_encoded_before_its_step_and_scores_the_same(probe_scorer):
     """`prefetch` encodes an item's context while its step is still being written: the judgement
     then finds it in the cache and gives the score a cold scorer gives."""
-    from reward_models.probe import feature_texts
+    from reward_models.probe import FeatureTexts
 
-    items = [StepItem(prompt=f"Tell me about request {i}.", reasoning=f"We start with part {i}.", step=f"Step {i} of it.")
-             for i in range(5)]
+    items = [StepItem(prompt=f"Tell me about request {i}. " + "Some long background. " * (40 * i), reasoning=f"We start with part {i}.",
+                      step=f"Step {i} of it.") for i in range(5)]  # up to 4,400 characters: a warming call at a time
+    contexts = [t for i in items for f in [FeatureTexts(i)] for t in (f.reasoning, *f.windows)]
+    assert len(contexts) > 2 * 16
     expected = [s.p_unsafe for s in probe_scorer.score_batch(items)]
     probe_scorer.embedder.clear_cache()
     batcher = MicroBatcher(probe_scorer, max_batch_size=8, max_wait_ms=0)
     for item in items:
         batcher.prefetch(item.model_copy(update={"step": ""}))
     for _ in range(200):
-        if all(feature_texts(i)[1] in probe_scorer.embedder._cache for i in items):
+        if all(probe_scorer.embedder.cached(t) for t in contexts):
             break
         await asyncio.sleep(0.02)
-    cached = probe_scorer.embedder._cache
-    assert all(feature_texts(i)[1] in cached for i in items), "every context is encoded ahead"
-    assert not any(feature_texts(i)[0] in cached for i in items), "no step is encoded before it is judged"
+    assert all(probe_scorer.embedder.cached(t) for t in contexts), "every window and reasoning is encoded ahead"
+    assert not any(probe_scorer.embedder.cached(FeatureTexts(i).step) for i in items), "no step is encoded before it is judged"
     got = await asyncio.gather(*(batcher.score_one(i) for i in items))
     assert [g.p_unsafe for g in got] == pytest.approx(expected, abs=1e-5)
     await batcher.aclose()
@@ -75,6 +76,7 @@ class Recording(Scorer):
 
     def warm_batch(self, items):
         self.calls += [f"warm {i.prompt}" for i in items]
+        return True
 
     def score_batch(self, items):
         self.calls += [f"score {i.prompt}" for i in items]
@@ -101,7 +103,7 @@ async def test_scoring_that_waits_goes_before_warming():
 
 async def test_an_idle_worker_wakes_up_to_warm(probe_scorer):
     """Items to warm that come while the worker waits for scoring are warmed without a step to score."""
-    from reward_models.probe import feature_texts
+    from reward_models.probe import FeatureTexts
 
     batcher = MicroBatcher(probe_scorer, max_batch_size=8, max_wait_ms=0)
     await batcher.score_one(StepItem(prompt="Say hello.", step="Hello."))
@@ -110,8 +112,31 @@ async def test_an_idle_worker_wakes_up_to_warm(probe_scorer):
     probe_scorer.embedder.clear_cache()
     batcher.prefetch(item)
     for _ in range(200):
-        if feature_texts(item)[1] in probe_scorer.embedder._cache:
+        if probe_scorer.embedder.cached(FeatureTexts(item).windows[0]):
             break
         await asyncio.sleep(0.02)
-    assert feature_texts(item)[1] in probe_scorer.embedder._cache
+    assert probe_scorer.embedder.cached(FeatureTexts(item).windows[0])
+    await batcher.aclose()
+
+
+class Piecewise(Recording):
+    """Warms an item in three calls."""
+
+    def warm_batch(self, items):
+        self.calls += [f"warm {i.prompt}" for i in items]
+        return sum(c == f"warm {items[0].prompt}" for c in self.calls) >= 3
+
+
+async def test_an_item_left_half_warm_is_warmed_on_until_done():
+    scorer = Piecewise()
+    batcher = MicroBatcher(scorer, max_batch_size=4, max_wait_ms=0)
+    batcher.prefetch(StepItem(prompt="long", step=""))
+    await asyncio.sleep(0)
+    await batcher.score_one(StepItem(prompt="s", step="x"))
+    for _ in range(100):
+        if scorer.calls.count("warm long") == 3:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert scorer.calls.count("warm long") == 3 and scorer.calls.count("score s") == 1, scorer.calls
     await batcher.aclose()
