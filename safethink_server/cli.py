@@ -178,10 +178,11 @@ def evaluate(args: argparse.Namespace) -> None:
     from safethink_server.evaluation.evaluate import EvalConfig
     from safethink_server.evaluation.evaluate import evaluate as run
     from safethink_server.evaluation.report import markdown
+    from safethink_server.evaluation.wrapped import parse_wraps
 
     with _evaluation_errors():
         config = EvalConfig(suite=args.suite, out=args.out, bare=args.bare, bare_server=args.bare_server,
-                            steering=args.steering, **_evaluation_parts(args))  # type: ignore[arg-type]
+                            steering=args.steering, wraps=parse_wraps(args.wrap), **_evaluation_parts(args))  # type: ignore[arg-type]
         report = asyncio.run(run(config, progress=not args.no_progress))
     print(markdown(report))
     print(f"wrote {args.out}/results.json, report.md and plots", file=sys.stderr)
@@ -246,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
                              "there), a second server given by --bare-server, or none")
     p_eval.add_argument("--bare-server", help="API base of a server without steering")
     p_eval.add_argument("--steering", type=json.loads, help='overrides sent with steered requests, JSON, e.g. \'{"prefix": "..."}\'')
+    p_eval.add_argument("--wrap", help="also send each prompt wrapped in these ways, comma-separated: filler-before, "
+                        "filler-after, filler-both, split-turns, in-system, in-assistant, in-tool, template; the report "
+                        "gives the action rate and ASR per wrapping")
     p_eval.set_defaults(func=evaluate)
 
     p_prefix = sub.add_parser("optimize-prefix", help="measure candidate corrective prefixes on a dev split and pick one")

@@ -13,7 +13,9 @@ from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.judges import Judge, JudgeConfig, build_judge
 from safethink_server.evaluation.report import Report, compare, judge_completions, summarise_arm, write_report
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_arms
-from safethink_server.evaluation.suites import EvalPrompt, build_prompts, load_suite
+from reward_models.wrapping import WrapKind
+from safethink_server.evaluation.suites import EvalPrompt, build_prompts, jailbreak_templates, load_suite
+from safethink_server.evaluation.wrapped import eval_wrapper, wrapped_prompts
 
 BARE_OVERRIDES = {"early_steps": 0}
 
@@ -40,6 +42,7 @@ class EvalConfig(BaseModel):
     generation: GenerationSettings = GenerationSettings()
     judge: JudgeConfig = JudgeConfig()
     cache_dir: Path = DEFAULT_CACHE
+    wraps: list[WrapKind] = Field(default=[], description="also send each prompt wrapped in these ways (`reward_models.wrapping`)")
 
 
 def build_arms(config: EvalConfig) -> list[Arm]:
@@ -78,6 +81,8 @@ async def evaluate(config: EvalConfig, progress: bool = True) -> Report:
     """Everything that can be wrong with the configuration fails before the first request."""
     suite, base_dir = load_suite(config.suite)
     prompts = build_prompts(suite, base_dir, config.cache_dir)
+    if config.wraps:
+        prompts = wrapped_prompts(prompts, config.wraps, eval_wrapper(jailbreak_templates(config.cache_dir)), suite.seed)
     arms = build_arms(config)
     judge = build_judge(config.judge)
     try:

