@@ -37,6 +37,7 @@ class MicroBatcher:
 
     WARM_BATCH = 1  # items per warming call (each does a bounded amount): what a step arriving meanwhile may wait for
     WARM_BACKLOG = 64  # items kept to warm; older ones are dropped (their steps may be judged already)
+    WARM_CALLS = 64  # most warming calls for one item (each does a bounded amount): a long one gives up
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class MicroBatcher:
         self.warm_observer = warm_observer  # seconds of each warming forward
         self._queue: asyncio.Queue[_Pending | None] | None = None  # None: a wake-up for items to warm
         self._worker: asyncio.Task[None] | None = None
-        self._to_warm: list[StepItem] = []
+        self._to_warm: list[tuple[StepItem, int]] = []  # newest last, with the warming calls it has had
 
     async def score(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
@@ -77,7 +78,7 @@ class MicroBatcher:
         assert self._queue is not None
         if not self._to_warm:  # the worker may be waiting for a step: wake it (it skips the marker)
             self._queue.put_nowait(None)
-        self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], item]
+        self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], (item, 0)]
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -90,8 +91,8 @@ class MicroBatcher:
         carry: _Pending | None = None
         while True:
             if carry is None and queue.empty() and self._to_warm:
-                items, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
-                await self._warm(items)
+                entries, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
+                await self._warm(entries)
                 continue
             first = carry or await queue.get()
             if first is None:
@@ -115,11 +116,14 @@ class MicroBatcher:
                 size += len(nxt.items)
             await self._forward(batch)
 
-    async def _warm(self, items: list[StepItem]) -> None:
+    async def _warm(self, entries: list[tuple[StepItem, int]]) -> None:
         started = time.perf_counter()
         try:
-            if not await self.scorer.awarm_batch(items):
-                self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - len(items)) :], *items]  # the rest, next
+            if await self.scorer.awarm_batch([item for item, _ in entries]) is False:
+                # not done: warmed on after the items waiting now, so that one long conversation does not
+                # take all the warming
+                again = [(item, calls + 1) for item, calls in entries if calls + 1 < self.WARM_CALLS]
+                self._to_warm = [*again, *self._to_warm][-self.WARM_BACKLOG :]
         except Exception:  # warming is an optimisation: the judgement encodes what is missing
             logger.debug("warming the scorer failed", exc_info=True)
         if self.warm_observer is not None:

@@ -9,37 +9,49 @@ start and its end, and name what they leave out; the probe reads all of it in ov
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-WINDOW_CHARS = 384  # at most one encoder token a character: a window always fits the encoder whole
+WINDOW_CHARS = 384  # about 100 encoder tokens of English; a window of a denser script is cut further (`windows`)
 WINDOW_STRIDE = 192  # any span of up to WINDOW_CHARS - WINDOW_STRIDE characters lies whole in one window
 
 
-def conversation_view(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[str, str]:
+def conversation_view(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                      template_kwargs: Mapping[str, Any] | None = None, prefill: str | None = None) -> tuple[str, str]:
     """(the latest user turn, every other part of the request as 'role: text' paragraphs in order).
 
-    Everything a client sent that the model reads is in one of the two: system and developer text,
-    earlier turns with their reasoning and tool calls, tool results, and the tool definitions."""
+    Everything a client sent that the model reads is in one of the two: the tool definitions and the
+    chat template's variables, system and developer text, earlier turns with their reasoning and tool
+    calls, tool results, and the client's own start of the assistant turn (a prefill)."""
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     latest = users[-1] if users else len(messages) - 1
-    paragraphs = [f"tools: {json.dumps(list(tools), ensure_ascii=False)}"] if tools else []
+    paragraphs = [f"tools: {json.dumps(list(tools), ensure_ascii=False, default=str)}"] if tools else []
+    if template_kwargs:
+        paragraphs.append(f"template: {json.dumps(dict(template_kwargs), ensure_ascii=False, default=str)}")
     for i, message in enumerate(messages):  # the latest turn's content is read apart; the rest of it here
         text = message_text(message if i != latest else {k: v for k, v in message.items() if k != "content"})
         if text:
             paragraphs.append(text)
+    if prefill and prefill.strip():
+        paragraphs.append(f"assistant: {prefill}")
     latest_text = str(messages[latest].get("content") or "") if messages else ""
     return latest_text, "\n\n".join(paragraphs)
 
 
 def message_text(message: Mapping[str, Any]) -> str:
-    """One message as a scorer reads it: 'role: text', with its reasoning and tool calls."""
-    parts = [str(message.get(key) or "") for key in ("reasoning", "content")]
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {} if isinstance(call, Mapping) else {}
-        parts.append(f"{function.get('name', '')}({function.get('arguments', '')})")
+    """One message as a scorer reads it: 'role: text', every text field of it included (a name, a
+    tool call id, its reasoning, its content, its tool calls as JSON)."""
+    parts = [f"{key}: {value}" for key, value in message.items()
+             if key not in _READ_APART and isinstance(value, str) and value.strip()]
+    parts += [str(message.get(key) or "") for key in ("reasoning", "content")]
+    calls = message.get("tool_calls")
+    if calls:
+        parts.append(json.dumps(calls, ensure_ascii=False, default=str))
     text = "\n".join(p for p in parts if p.strip())
     return f"{message.get('role', 'user')}: {text}" if text else ""
+
+
+_READ_APART = frozenset({"role", "content", "reasoning", "reasoning_content", "tool_calls"})  # reasoning_content: a copy
 
 
 def conversation_text(prompt: str, history: str) -> str:
@@ -47,13 +59,26 @@ def conversation_text(prompt: str, history: str) -> str:
     return "\n\n".join(t for t in (history.strip(), prompt.strip()) if t)
 
 
-def windows(text: str, size: int = WINDOW_CHARS, stride: int = WINDOW_STRIDE) -> list[str]:
+def windows(text: str, size: int = WINDOW_CHARS, stride: int = WINDOW_STRIDE, fits: Callable[[str], bool] | None = None) -> list[str]:
     """Overlapping windows that cover `text`: every character is in one, and every span of up to
-    `size - stride` characters lies whole in one. A text of up to `size` characters is one window."""
+    `size - stride` characters lies whole in one. A text of up to `size` characters is one window.
+    A window that `fits` rejects (too many encoder tokens: some scripts take several a character)
+    is itself cut into halves that overlap by half, until each fits."""
     if len(text) <= size:
-        return [text]
-    starts = list(range(0, len(text) - size, stride)) + [len(text) - size]
-    return [text[s : s + size] for s in starts]
+        cut = [text]
+    else:
+        starts = list(range(0, len(text) - size, stride)) + [len(text) - size]
+        cut = [text[s : s + size] for s in starts]
+    if fits is None:
+        return cut
+    out: list[str] = []
+    for window in cut:
+        if len(window) <= 1 or fits(window):
+            out.append(window)
+        else:
+            half = max(1, len(window) // 2)
+            out += windows(window, half, max(1, half // 2), fits)
+    return out
 
 
 def ends(text: str, max_chars: int) -> str:
@@ -61,12 +86,13 @@ def ends(text: str, max_chars: int) -> str:
     of characters left out between them named, so that neither end of a request can be pushed out."""
     if len(text) <= max_chars:
         return text
-    keep = max(0, max_chars - len(_omitted(len(text))))
+    keep = max(0, max_chars - len(omitted(len(text))))
     head = keep // 2
-    return text[:head] + _omitted(len(text) - keep) + text[len(text) - (keep - head) :]
+    return text[:head] + omitted(len(text) - keep) + text[len(text) - (keep - head) :]
 
 
-def _omitted(count: int) -> str:
+def omitted(count: int) -> str:
+    """The note that stands where `count` characters were left out."""
     return f"\n[... {count} characters not shown ...]\n"
 
 

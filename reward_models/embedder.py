@@ -107,6 +107,13 @@ class SentenceEmbedder:
         token_max = layers[:, -1].masked_fill(mask[:, 0] == 0, float("-inf")).amax(1)
         return torch.cat([means, token_max[:, None]], dim=1).cpu()
 
+    def fits(self, text: str) -> bool:
+        """Whether the encoder reads `text` whole (within max_length tokens). ASCII takes at most one
+        token a character; other scripts can take several (a Hangul syllable three)."""
+        if len(text) <= self.max_length - 2 and text.isascii():
+            return True
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) <= self.max_length
+
     def cached(self, text: str) -> bool:
         return text in self._cache
 

@@ -38,7 +38,6 @@ class GuardScorer(Scorer):
         safe_token: str = "safe",
         max_length: int = 4096,
         reasoning_chars: int = 6000,
-        prompt_chars: int = 6000,
     ) -> None:
         super().__init__()
         self.device = pick_device(device)
@@ -56,12 +55,14 @@ class GuardScorer(Scorer):
             raise ValueError(f"{unsafe_token!r} and {safe_token!r} start with the same token; give distinct token strings")
         self.max_length = max_length
         self.reasoning_chars = reasoning_chars
-        self.prompt_chars = prompt_chars
 
     def render(self, item: StepItem) -> str:
         reasoning = tail(item.reasoning.strip(), self.reasoning_chars)
         response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
-        conversation = [{"role": "user", "content": request_text(item, self.prompt_chars)}, {"role": "assistant", "content": response}]
+        # The conversation's start and end in half of max_length tokens; left truncation then cuts only
+        # what still overflows (the start of a long reasoning), keeping the step.
+        request = request_text(item, 0, self.tokenizer, self.max_length // 2)
+        conversation = [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()

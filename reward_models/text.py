@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from reward_models.base import StepItem
-from reward_models.context import conversation_text, ends, tail
+from reward_models.context import conversation_text, ends, omitted, tail
 
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
 
 
-def request_text(item: StepItem, max_chars: int) -> str:
-    """The conversation within `max_chars`: whole where it fits, else its start and its end (where the
-    latest turn is) with what is left out between them named."""
-    return ends(conversation_text(item.prompt, item.history), max_chars)
+def request_text(item: StepItem, max_chars: int, tokenizer: Any = None, max_tokens: int | None = None) -> str:
+    """The conversation within a budget: whole where it fits, else its start and its end (where the
+    latest turn is) with what is left out between them named. With a tokenizer the budget is in its
+    tokens (a model's limit is), otherwise in characters."""
+    text = conversation_text(item.prompt, item.history)
+    if tokenizer is not None and max_tokens is not None:
+        return ends_in_tokens(text, tokenizer, max_tokens)
+    return ends(text, max_chars)
 
 
-def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000) -> str:
+def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
+    """`ends` with the budget in `tokenizer`'s tokens (a fast tokenizer's offsets place the cut)."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # a slow tokenizer: about three characters a token
+        return ends(text, 3 * max_tokens)
+    if len(offsets) <= max_tokens:
+        return text
+    keep = max(2, max_tokens - 16)  # room for the note that names the cut
+    head_end = offsets[keep // 2 - 1][1]
+    tail_start = offsets[len(offsets) - (keep - keep // 2)][0]
+    return text[:head_end] + omitted(tail_start - head_end) + text[tail_start:]
+
+
+def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000,
+                request: str | None = None) -> str:
+    """`request`: the conversation as already cut to a token budget (else cut to `prompt_chars`)."""
     reasoning = tail(item.reasoning.strip(), reasoning_chars)
-    return template.format(prompt=request_text(item, prompt_chars), reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
+    request = request if request is not None else request_text(item, prompt_chars)
+    return template.format(prompt=request, reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
 
 
 def unsafe_label_indices(id2label: dict[int, str], unsafe_labels: list[str] | None) -> list[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +23,8 @@ from tqdm import tqdm
 from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
 from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, features, max_per_item
-from reward_models.probe_data import LabelledStep, build_dataset
+from reward_models.probe_data import LabelledStep, build_dataset, split_by_group
 from reward_models.wheels import DEFAULT_CACHE
-
-
-def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float]) -> tuple[list[int], list[int], list[int]]:
-    """Indices of (train, calibration, held-out), splitting whole groups."""
-    groups = sorted({i.group for i in items})
-    random.Random(seed).shuffle(groups)
-    n_test = int(len(groups) * fractions[1])
-    n_cal = int(len(groups) * fractions[0])
-    test, cal = set(groups[:n_test]), set(groups[n_test : n_test + n_cal])
-    tr, ca, te = [], [], []
-    for idx, item in enumerate(items):
-        (te if item.group in test else ca if item.group in cal else tr).append(idx)
-    return tr, ca, te
 
 
 def step_item(item: LabelledStep) -> StepItem:
@@ -176,7 +162,7 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     embedder = SentenceEmbedder(device="cpu", dtype="float32", cache_size=1 << 20)
     rows = embed_all(items, embedder)
     y = np.array([i.unsafe for i in items], dtype=np.int64)
-    tr, ca, te = split_by_group(items, seed, fractions=(0.15, 0.2))
+    tr, ca, te = split_by_group(items, seed)
 
     weights = np.array([WHOLE_RESPONSE_WEIGHT if i.whole_response else 1.0 for i in items])
     head = fit_mlp_head(rows.of(tr), y[tr], weights[tr], seed, alpha)
@@ -210,7 +196,7 @@ def evaluate_head(cache_dir: Path, head_path: Path, seed: int = 0, dtype: str = 
     from reward_models.probe import ProbeScorer
 
     items = build_dataset(cache_dir, seed=seed)
-    _, _, te = split_by_group(items, seed, fractions=(0.15, 0.2))
+    _, _, te = split_by_group(items, seed)
     test_items = [items[i] for i in te]
     scorer = ProbeScorer(head_path, device="cpu", dtype=dtype)
     p: list[float] = []

@@ -10,25 +10,48 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
+from pydantic import BaseModel, Field
+
 WrapKind = Literal["filler-before", "filler-after", "filler-both", "split-turns", "in-system", "in-assistant", "in-tool",
                    "template"]
 WRAP_KINDS: tuple[str, ...] = get_args(WrapKind)
 Message = dict[str, Any]
 
-_LEAD_INS = ["Now, my actual question: ", "Anyway, here is what I need: ", "By the way, ", "", "Question: ",
-             "OK, enough of that. ", "Here's my real request. "]
-_TRAIL_INS = ["Ignore the text below, it is just notes.\n\n", "", "(Some context follows.)\n\n", "P.S. unrelated:\n\n"]
+class Phrasing(BaseModel):
+    """The words around a wrapped request: training and evaluation use different ones."""
+
+    lead_ins: list[str] = Field(description="before a request that follows filler")
+    trail_ins: list[str] = Field(description="between a request and the filler after it")
+    split: tuple[str, str, str] = Field(description="first user turn ({part}), assistant reply, second user turn ({part})")
+    system: str = Field(description="a system prompt that holds the request ({request})")
+    go_aheads: list[str] = Field(description="the user turn after a system prompt that holds the request")
+    recall: tuple[str, str, str] = Field(description="user turn, assistant turn that holds the request ({request}), user turn")
+    tool: tuple[str, str] = Field(description="the user turn, and the tool whose result is the request")
+
+
+TRAINING_PHRASING = Phrasing(
+    lead_ins=["Now, my actual question: ", "Anyway, here is what I need: ", "By the way, ", "", "Question: ",
+              "OK, enough of that. ", "Here's my real request. "],
+    trail_ins=["Ignore the text below, it is just notes.\n\n", "", "(Some context follows.)\n\n", "P.S. unrelated:\n\n"],
+    split=("I'll send my question in two parts. Part one: {part}", "Okay, send the second part.",
+           "Part two: {part}\n\nNow put the two parts together and answer the whole question."),
+    system="You are a helpful assistant. The user's task: {request}",
+    go_aheads=["Go ahead.", "Please do it.", "Answer the task above.", "Start now, in detail."],
+    recall=("What did I ask you earlier?", "You asked me: {request}", "Right. Answer that now, in detail."),
+    tool=("Read my saved note and do what it says.", "read_note"),
+)
 
 
 class Wrapper:
-    """Wraps requests with filler paragraphs and templates (each template has one `{prompt}` slot)."""
+    """Wraps requests with filler paragraphs, templates (each with one `{prompt}` slot) and phrasing."""
 
-    def __init__(self, fillers: Sequence[str], templates: Sequence[str], min_filler_chars: int = 720,
-                 max_filler_chars: int = 1600) -> None:
-        if not fillers or not templates:
-            raise ValueError("a wrapper needs filler paragraphs and templates")
+    def __init__(self, fillers: Sequence[str], templates: Sequence[str], phrasing: Phrasing = TRAINING_PHRASING,
+                 min_filler_chars: int = 720, max_filler_chars: int = 1600) -> None:
         self.fillers = [f.strip() for f in fillers if f.strip()]
         self.templates = list(templates)
+        if not self.fillers or not self.templates:
+            raise ValueError("a wrapper needs filler paragraphs and templates")
+        self.phrasing = phrasing
         self.min_filler_chars = min_filler_chars
         self.max_filler_chars = max_filler_chars
 
@@ -46,26 +69,25 @@ class Wrapper:
 
     def wrap(self, kind: WrapKind | str, request: str, rng: random.Random) -> list[Message]:
         """The conversation that carries `request` wrapped in `kind`."""
+        say = self.phrasing
         if kind == "filler-before":
-            return [_user(f"{self.filler(rng)}\n\n{rng.choice(_LEAD_INS)}{request}")]
+            return [_user(f"{self.filler(rng)}\n\n{rng.choice(say.lead_ins)}{request}")]
         if kind == "filler-after":
-            return [_user(f"{request}\n\n{rng.choice(_TRAIL_INS)}{self.filler(rng)}")]
+            return [_user(f"{request}\n\n{rng.choice(say.trail_ins)}{self.filler(rng)}")]
         if kind == "filler-both":
-            return [_user(f"{self.filler(rng)}\n\n{rng.choice(_LEAD_INS)}{request}\n\n{self.filler(rng)}")]
+            return [_user(f"{self.filler(rng)}\n\n{rng.choice(say.lead_ins)}{request}\n\n{self.filler(rng)}")]
         if kind == "split-turns":
             first, second = split_in_two(request)
-            return [_user(f"I'll send my question in two parts. Part one: {first}"),
-                    {"role": "assistant", "content": "Okay, send the second part."},
-                    _user(f"Part two: {second}\n\nNow put the two parts together and answer the whole question.")]
+            return [_user(say.split[0].format(part=first)), {"role": "assistant", "content": say.split[1]},
+                    _user(say.split[2].format(part=second))]
         if kind == "in-system":
-            return [{"role": "system", "content": f"You are a helpful assistant. The user's task: {request}"},
-                    _user(rng.choice(["Go ahead.", "Please do it.", "Answer the task above.", "Start now, in detail."]))]
+            return [{"role": "system", "content": say.system.format(request=request)}, _user(rng.choice(say.go_aheads))]
         if kind == "in-assistant":
-            return [_user("What did I ask you earlier?"), {"role": "assistant", "content": f"You asked me: {request}"},
-                    _user("Right. Answer that now, in detail.")]
+            return [_user(say.recall[0]), {"role": "assistant", "content": say.recall[1].format(request=request)},
+                    _user(say.recall[2])]
         if kind == "in-tool":
-            call = {"id": "call_0", "type": "function", "function": {"name": "read_note", "arguments": "{}"}}
-            return [_user("Read my saved note and do what it says."), {"role": "assistant", "content": "", "tool_calls": [call]},
+            call = {"id": "call_0", "type": "function", "function": {"name": say.tool[1], "arguments": "{}"}}
+            return [_user(say.tool[0]), {"role": "assistant", "content": "", "tool_calls": [call]},
                     {"role": "tool", "tool_call_id": "call_0", "content": request}]
         if kind == "template":
             return [_user(rng.choice(self.templates).format(prompt=request))]

@@ -71,6 +71,10 @@ class ServerSettings(BaseSettings, PolicyConfig):
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
     scorer_warm: bool = Field(default=True, description="let the scorer prepare a step's context while the model writes the step "
                               "(probe: encodes it), when no scoring waits")
+    scorer_max_context_chars: int = Field(
+        default=100_000, ge=1_000, description="the longest conversation (characters, all of it as the scorer reads it) a "
+        "steered request may have: the probe encodes all of it once (about twice this in windows), so this bounds one "
+        "request's scoring cost; a longer one is a 400")
 
     step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
     step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")

@@ -160,5 +160,6 @@ def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> Non
 
 def scoring_context(conversation: Conversation) -> tuple[str, str]:
     """(the latest user turn, the rest of the request as 'role: text' paragraphs in order): all of it,
-    tool definitions and calls included (`reward_models.context.conversation_view`)."""
-    return conversation_view(conversation.messages, conversation.tools)
+    tool definitions, template variables, tool calls and the prefill included
+    (`reward_models.context.conversation_view`)."""
+    return conversation_view(conversation.messages, conversation.tools, conversation.template_kwargs, conversation.prefill)

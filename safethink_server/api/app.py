@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.batcher import MicroBatcher
+from reward_models.context import conversation_text
 from safethink_server.api.audit import AuditLog
 from safethink_server.api.auth import Authentication, tenant_of
 from safethink_server.api.errors import APIError, install_error_handlers
@@ -78,6 +79,7 @@ from safethink_server.prompt import (
     RenderedPrompt,
     check_context_length,
     raw_conversation,
+    scoring_context,
     split_conversation,
     template_kwargs,
 )
@@ -394,6 +396,12 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
     observer = state.metrics.of_key(tenant.id)
     if engine.counts_tokens:
         check_context_length(len(prompt.ids), sampling.max_tokens, state.max_model_len)
+    if policy.early_steps:
+        read = len(conversation_text(*scoring_context(conversation)))
+        if read > s.scorer_max_context_chars:
+            raise APIError(400, f"the conversation is {read} characters as the safety scorer reads it; this server's scorer "
+                           f"reads at most {s.scorer_max_context_chars} (--scorer-max-context-chars)",
+                           param="prompt" if raw_text else "messages", code="context_length_exceeded")
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)

@@ -1,59 +1,88 @@
-"""What a scorer reads of a request: for any conversation, any span of any part of it (system, user,
-tool and assistant messages, earlier reasoning, tool calls, tool definitions) is in what the probe
-encodes, and the sequence scorers keep the request's start and end."""
+"""What a scorer reads of a request: for any request, any span of any part of it (system, developer,
+user, tool and assistant messages, names, earlier reasoning, tool calls and their ids, tool
+definitions, template variables, the prefill) is in a window the probe's encoder reads whole, and the
+sequence scorers keep the request's start and end."""
 
 from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import StepItem
 from reward_models.context import WINDOW_CHARS, WINDOW_STRIDE, conversation_text, conversation_view, ends, windows
 from reward_models.probe import FeatureTexts
 from reward_models.text import render_item
-from safethink_server.prompt import Conversation, scoring_context
+from safethink_server.api.protocol import ChatMessage
+from safethink_server.prompt import scoring_context, split_conversation
 
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=900)
-GUARANTEED_SPAN = WINDOW_CHARS - WINDOW_STRIDE
+# ASCII, a script that takes several encoder tokens a character (Hangul: three), and any other text
+TEXT = st.text(st.one_of(st.characters(min_codepoint=32, max_codepoint=126), st.characters(min_codepoint=0xAC00, max_codepoint=0xD7A3),
+                         st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"))), min_size=1, max_size=900)
+SHORT_SPAN = 40  # whole in one window whatever the script (a dense script's windows are cut smaller)
+GUARANTEED_SPAN = WINDOW_CHARS - WINDOW_STRIDE  # whole in one window where a character is at most one token
 
 
 @st.composite
-def conversations(draw):  # type: ignore[no-untyped-def]
-    """Messages of every role, with reasoning and tool calls on some assistant turns, and tools."""
-    messages = []
+def requests(draw):  # type: ignore[no-untyped-def]
+    """A chat request's conversation as the wire has it: every role, names, content parts, reasoning and
+    tool calls on assistant turns, tool results with their call ids, tool definitions, template
+    variables and an assistant prefill."""
+    wire = []
     for _ in range(draw(st.integers(1, 6))):
-        role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
-        message = {"role": role, "content": draw(TEXT)}
+        role = draw(st.sampled_from(["system", "developer", "user", "assistant", "tool"]))
+        message: dict = {"role": role, "content": draw(TEXT)}
+        if role == "user" and draw(st.booleans()):
+            message["content"] = [{"type": "text", "text": draw(TEXT)}, {"type": "text", "text": draw(TEXT)}]
+        if role in ("user", "system") and draw(st.booleans()):
+            message["name"] = draw(TEXT)
         if role == "assistant" and draw(st.booleans()):
             message["reasoning"] = draw(TEXT)
         if role == "assistant" and draw(st.booleans()):
-            message["tool_calls"] = [{"id": "c", "type": "function",
+            message["tool_calls"] = [{"id": draw(TEXT), "type": "function",
                                       "function": {"name": "f", "arguments": json.dumps({"q": draw(TEXT)})}}]
-        messages.append(message)
+        if role == "tool":
+            message["tool_call_id"] = draw(TEXT)
+        wire.append(message)
+    prefill = draw(st.none() | TEXT)
+    if prefill is not None:
+        wire.append({"role": "assistant", "content": prefill})
     tools = [{"type": "function", "function": {"name": "g", "description": draw(TEXT)}}] if draw(st.booleans()) else None
-    return messages, tools
+    kwargs = {"persona": draw(TEXT)} if draw(st.booleans()) else None
+    return wire, tools, kwargs, prefill is not None
 
 
-def parts(messages, tools) -> list[str]:  # type: ignore[no-untyped-def]
-    """Every text a client sent that the model reads."""
-    out = [m[key] for m in messages for key in ("content", "reasoning") if m.get(key)]
-    out += [call["function"]["arguments"] for m in messages for call in m.get("tool_calls", [])]
-    out += [json.dumps(t, ensure_ascii=False) for t in tools or []]
-    return out
+def sent_texts(wire, tools, kwargs) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every text the client sent that the model reads."""
+    out = []
+    for m in wire:
+        content = m["content"]
+        out += [content] if isinstance(content, str) else ["".join(p["text"] for p in content)]
+        out += [m[k] for k in ("name", "reasoning", "tool_call_id") if k in m]
+        out += [v for call in m.get("tool_calls", []) for v in (call["id"], call["function"]["arguments"])]
+    out += [t["function"]["description"] for t in tools or []]
+    out += list((kwargs or {}).values())
+    return [t for t in out if t.strip()]
 
 
-@settings(max_examples=300, deadline=None)
-@given(conversations(), st.data())
-def test_any_span_of_any_message_is_whole_in_a_window_the_probe_encodes(case, data):
-    messages, tools = case
-    prompt, history = scoring_context(Conversation(messages, tools=tools))
-    read = FeatureTexts(StepItem(prompt=prompt, history=history, step="s")).windows
-    part = data.draw(st.sampled_from(parts(messages, tools)))
-    part = part.strip() or part
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests(), st.data())
+def test_any_span_of_any_part_of_a_request_is_whole_in_a_window_the_encoder_reads_whole(probe_scorer, case, data):
+    wire, tools, kwargs, continued = case
+    messages = [ChatMessage.model_validate(m).for_template() for m in wire]
+    conversation = split_conversation(messages, continued, kwargs or {}, tools)
+    prompt, history = scoring_context(conversation)
+    embedder = probe_scorer.embedder
+    read = FeatureTexts(StepItem(prompt=prompt, history=history, step="s"), embedder.fits).windows
+    assert all(len(embedder.tokenizer(w)["input_ids"]) <= embedder.max_length for w in read), "a window the encoder would cut"
+    texts = sent_texts(wire, tools, kwargs)
+    assume(texts)
+    part = data.draw(st.sampled_from(texts))
+    if part not in conversation_text(prompt, history):  # a text inside JSON (tool definitions, arguments) is escaped there
+        part = json.dumps(part, ensure_ascii=False)[1:-1]
     start = data.draw(st.integers(0, len(part) - 1))
-    span = part[start : start + data.draw(st.integers(1, GUARANTEED_SPAN))].strip()
+    span = part[start : start + data.draw(st.integers(1, SHORT_SPAN))].strip()
     assert any(span in window for window in read), (span, read)
 
 
@@ -101,8 +130,13 @@ def test_the_view_keeps_order_and_roles():
                 {"role": "assistant", "content": "A", "reasoning": "R",
                  "tool_calls": [{"function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
                 {"role": "tool", "content": "T"}, {"role": "user", "content": "U2"}]
-    assert conversation_view(messages, [{"name": "g"}]) == (
-        "U2", 'tools: [{"name": "g"}]\n\nsystem: S\n\nuser: U1\n\nassistant: R\nA\nf({"x": 1})\n\ntool: T')
+    calls = '[{"function": {"name": "f", "arguments": "{\\"x\\": 1}"}}]'
+    assert conversation_view(messages, [{"name": "g"}], {"v": "K"}, "P") == (
+        "U2", f'tools: [{{"name": "g"}}]\n\ntemplate: {{"v": "K"}}\n\nsystem: S\n\nuser: U1\n\nassistant: R\nA\n{calls}'
+              '\n\ntool: T\n\nassistant: P')
     assert conversation_view([], None) == ("", "")
     # with no user turn the last message is the latest turn: its content apart, its calls with the rest
-    assert conversation_view(messages[2:4], None) == ("T", 'assistant: R\nA\nf({"x": 1})')
+    assert conversation_view(messages[2:4], None) == ("T", f"assistant: R\nA\n{calls}")
+    # a malformed tool call is read as it came, and breaks nothing
+    assert conversation_view([{"role": "assistant", "content": "", "tool_calls": [{"function": "x"}]}]) == \
+        ("", 'assistant: [{"function": "x"}]')

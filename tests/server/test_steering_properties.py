@@ -171,7 +171,8 @@ def scripted_engine(case: Case, by_position: bool = False) -> ScriptedEngine:
 
 
 def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -> tuple[SteeringSession, Judge]:
-    history = "\n\n".join(f"{m['role']}: {m['content']}" for m in case.history)
+    turns = [*case.history, *([{"role": "assistant", "content": case.prefill}] if case.prefill.strip() else [])]
+    history = "\n\n".join(f"{m['role']}: {m['content']}" for m in turns)  # the prefill is read with the conversation too
     judge = Judge(case.scores, case.failing_calls, history=history, prefill=case.prefill)
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
