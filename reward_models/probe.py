@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reward_models.base import Scorer, StepItem, StepScore
-from reward_models.context import conversation_text, tail, windows
+from reward_models.context import conversation_text, tail
 from reward_models.embedder import SENTENCE_ROW, TOKEN_MAX_ROW, SentenceEmbedder
 
 FEATURE_VERSION = "minilm-l6-layers-step-reasoning-windows-v3"
@@ -30,13 +30,13 @@ WARM_WINDOWS = 16  # windows encoded per warming call: what a step arriving mean
 
 
 class FeatureTexts:
-    """The texts encoded for one item: its step, its reasoning so far, and its conversation's windows,
-    each of which `fits` the encoder whole."""
+    """The texts encoded for one item: its step, its reasoning so far, and its conversation's windows
+    (`windows_of`: cut so that the encoder reads each whole, `SentenceEmbedder.windows_of`)."""
 
-    def __init__(self, item: StepItem, fits: Callable[[str], bool]) -> None:
+    def __init__(self, item: StepItem, windows_of: Callable[[str], Sequence[str]]) -> None:
         self.step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
         self.reasoning = tail(item.reasoning.strip(), _REASONING_CHARS) or _NO_REASONING
-        self.windows = windows(conversation_text(item.prompt, item.history), fits=fits) or [""]
+        self.windows = list(windows_of(conversation_text(item.prompt, item.history))) or [""]
 
 
 def features(embedder: SentenceEmbedder, items: Sequence[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ def features(embedder: SentenceEmbedder, items: Sequence[StepItem]) -> tuple[tor
     A row: the step's six layer means, its token-wise max, the window's sentence embedding, its
     product with the step's, the window's token-wise max, and the same three of the reasoning so far.
     All texts of the batch go through one embedder call."""
-    texts = [FeatureTexts(i, embedder.fits) for i in items]
+    texts = [FeatureTexts(i, embedder.windows_of) for i in items]
     owner = torch.tensor([k for k, t in enumerate(texts) for _ in t.windows], dtype=torch.long)
     flat_windows = [w for t in texts for w in t.windows]
     encodings = embedder.embed([t.step for t in texts] + [t.reasoning for t in texts] + flat_windows)
@@ -152,7 +152,7 @@ class ProbeScorer(Scorer):
         """Encode up to WARM_WINDOWS of the items' conversation windows (and their reasoning) into the
         embedder's cache: a request's conversation is known before its step is, so it is encoded
         while the model still writes the step. True when all of them are cached."""
-        texts = [t for i in items for f in [FeatureTexts(i, self.embedder.fits)] for t in (f.reasoning, *f.windows)]
+        texts = [t for i in items for f in [FeatureTexts(i, self.embedder.windows_of)] for t in (f.reasoning, *f.windows)]
         missing = list(dict.fromkeys(t for t in texts if not self.embedder.cached(t)))
         self.embedder.embed(missing[:WARM_WINDOWS])
         return len(missing) <= WARM_WINDOWS

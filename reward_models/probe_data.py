@@ -311,7 +311,8 @@ def training_fillers(pyrit: WheelReader, groups: set[str]) -> list[str]:
     for name in pyrit.names("pyrit/datasets/scorer_evals/refusal_scorer/", ".csv"):
         for row in _read_csv(pyrit.text(name)):
             response = (row.get("assistant_response") or "").strip()
-            if row.get("human_score", "").strip() == "0" and f"refusal:{row['objective'][:200]}" in groups:
+            benign = row.get("human_score", "").strip() == "0" and not _HARMFUL_OBJECTIVE.search(row["objective"])
+            if benign and f"refusal:{row['objective'][:200]}" in groups:
                 fillers += [p for p in split_steps(response, max_chars=600) if len(p) > 80]
     return fillers
 

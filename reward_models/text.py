@@ -28,7 +28,9 @@ def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
         return ends(text, 3 * max_tokens)
     if len(offsets) <= max_tokens:
         return text
-    keep = max(2, max_tokens - 16)  # room for the note that names the cut
+    if max_tokens < 32:  # too small a budget for both ends and the note: the end alone
+        return text[offsets[-max_tokens][0] :] if max_tokens > 0 else ""
+    keep = max_tokens - 16  # room for the note that names the cut
     head_end = offsets[keep // 2 - 1][1]
     tail_start = offsets[len(offsets) - (keep - keep // 2)][0]
     return text[:head_end] + omitted(tail_start - head_end) + text[tail_start:]

@@ -73,8 +73,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
                               "(probe: encodes it), when no scoring waits")
     scorer_max_context_chars: int = Field(
         default=100_000, ge=1_000, description="the longest conversation (characters, all of it as the scorer reads it) a "
-        "steered request may have: the probe encodes all of it once (about twice this in windows), so this bounds one "
-        "request's scoring cost; a longer one is a 400")
+        "steered request may have: the probe encodes all of it once (about twice this in windows, more tokens for a dense "
+        "script), so this bounds one request's scoring cost; a longer one is a 400")
 
     step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
     step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")

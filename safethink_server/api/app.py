@@ -355,6 +355,7 @@ async def build_sessions(state: ServerState, tenant: Tenant, body: ChatCompletio
     sampling.answer_constraint = answer.constraint if answer is not None else None
     template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
+    check_scorer_reach(state, policy, conversation, "messages")
     reasoning = engine.reasoning_for(s.reasoning(), conversation)
     prompt = await engine.render(conversation, reasoning, body.model)
     sessions = choice_sessions(state, tenant, body, prompt, conversation, sampling, policy, reasoning,
@@ -382,9 +383,22 @@ async def build_completion_sessions(state: ServerState, tenant: Tenant, body: Co
     max_tokens = body.max_tokens or s.default_max_tokens
     reasoning = engine.reasoning_for(s.reasoning())
     sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+    if isinstance(raw, str):
+        check_scorer_reach(state, policy, raw_conversation(raw), "prompt")
     prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)
+    if not isinstance(raw, str):  # token ids: their text is known once decoded
+        check_scorer_reach(state, policy, raw_conversation(prompt.raw_text), "prompt")
     return choice_sessions(state, tenant, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,
                            raw_text=True)
+
+
+def check_scorer_reach(state: ServerState, policy: PolicyConfig, conversation: Conversation, param: str) -> None:
+    """A steered request's conversation must be within what the scorer reads (its cost grows with it);
+    checked before anything is rendered or a slot is taken."""
+    limit = state.settings.scorer_max_context_chars
+    if policy.early_steps and (read := len(conversation_text(*scoring_context(conversation)))) > limit:
+        raise APIError(400, f"the conversation is {read} characters as the safety scorer reads it; this server's scorer reads "
+                       f"at most {limit} (--scorer-max-context-chars)", param=param, code="context_length_exceeded")
 
 
 def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest, prompt: RenderedPrompt, conversation: Conversation,
@@ -396,12 +410,6 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
     observer = state.metrics.of_key(tenant.id)
     if engine.counts_tokens:
         check_context_length(len(prompt.ids), sampling.max_tokens, state.max_model_len)
-    if policy.early_steps:
-        read = len(conversation_text(*scoring_context(conversation)))
-        if read > s.scorer_max_context_chars:
-            raise APIError(400, f"the conversation is {read} characters as the safety scorer reads it; this server's scorer "
-                           f"reads at most {s.scorer_max_context_chars} (--scorer-max-context-chars)",
-                           param="prompt" if raw_text else "messages", code="context_length_exceeded")
 
     async def score(item: StepItem) -> StepScore:
         return await state.batcher.score_one(item)

@@ -48,7 +48,7 @@ async def test_a_warmed_context_is_encoded_before_its_step_and_scores_the_same(p
 
     items = [StepItem(prompt=f"Tell me about request {i}. " + "Some long background. " * (40 * i), reasoning=f"We start with part {i}.",
                       step=f"Step {i} of it.") for i in range(5)]  # up to 4,400 characters: a warming call at a time
-    contexts = [t for i in items for f in [FeatureTexts(i, probe_scorer.embedder.fits)] for t in (f.reasoning, *f.windows)]
+    contexts = [t for i in items for f in [FeatureTexts(i, probe_scorer.embedder.windows_of)] for t in (f.reasoning, *f.windows)]
     assert len(contexts) > 2 * 16
     expected = [s.p_unsafe for s in probe_scorer.score_batch(items)]
     probe_scorer.embedder.clear_cache()
@@ -60,7 +60,7 @@ async def test_a_warmed_context_is_encoded_before_its_step_and_scores_the_same(p
             break
         await asyncio.sleep(0.02)
     assert all(probe_scorer.embedder.cached(t) for t in contexts), "every window and reasoning is encoded ahead"
-    assert not any(probe_scorer.embedder.cached(FeatureTexts(i, probe_scorer.embedder.fits).step) for i in items), "no step is encoded before it is judged"
+    assert not any(probe_scorer.embedder.cached(FeatureTexts(i, probe_scorer.embedder.windows_of).step) for i in items), "no step is encoded before it is judged"
     got = await asyncio.gather(*(batcher.score_one(i) for i in items))
     assert [g.p_unsafe for g in got] == pytest.approx(expected, abs=1e-5)
     await batcher.aclose()
@@ -112,10 +112,10 @@ async def test_an_idle_worker_wakes_up_to_warm(probe_scorer):
     probe_scorer.embedder.clear_cache()
     batcher.prefetch(item)
     for _ in range(200):
-        if probe_scorer.embedder.cached(FeatureTexts(item, probe_scorer.embedder.fits).windows[0]):
+        if probe_scorer.embedder.cached(FeatureTexts(item, probe_scorer.embedder.windows_of).windows[0]):
             break
         await asyncio.sleep(0.02)
-    assert probe_scorer.embedder.cached(FeatureTexts(item, probe_scorer.embedder.fits).windows[0])
+    assert probe_scorer.embedder.cached(FeatureTexts(item, probe_scorer.embedder.windows_of).windows[0])
     await batcher.aclose()
 
 
@@ -139,4 +139,22 @@ async def test_an_item_left_half_warm_is_warmed_on_until_done():
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     assert scorer.calls.count("warm long") == 3 and scorer.calls.count("score s") == 1, scorer.calls
+    await batcher.aclose()
+
+
+class NeverDone(Recording):
+    def warm_batch(self, items):
+        self.calls += [f"warm {i.prompt}" for i in items]
+        return False
+
+
+async def test_an_item_that_never_finishes_warming_is_given_up_after_warm_calls():
+    scorer = NeverDone()
+    batcher = MicroBatcher(scorer, max_batch_size=4, max_wait_ms=0)
+    batcher.prefetch(StepItem(prompt="endless", step=""))
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+    assert scorer.calls.count("warm endless") == MicroBatcher.WARM_CALLS
+    await batcher.score_one(StepItem(prompt="s", step="x"))
+    assert scorer.calls[-1] == "score s"
     await batcher.aclose()

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import StepItem
+from reward_models.embedder import readable
 from reward_models.context import WINDOW_CHARS, WINDOW_STRIDE, conversation_text, conversation_view, ends, windows
 from reward_models.probe import FeatureTexts
 from reward_models.text import render_item
@@ -74,8 +75,8 @@ def test_any_span_of_any_part_of_a_request_is_whole_in_a_window_the_encoder_read
     conversation = split_conversation(messages, continued, kwargs or {}, tools)
     prompt, history = scoring_context(conversation)
     embedder = probe_scorer.embedder
-    read = FeatureTexts(StepItem(prompt=prompt, history=history, step="s"), embedder.fits).windows
-    assert all(len(embedder.tokenizer(w)["input_ids"]) <= embedder.max_length for w in read), "a window the encoder would cut"
+    read = FeatureTexts(StepItem(prompt=prompt, history=history, step="s"), embedder.windows_of).windows
+    assert all(len(embedder.tokenizer(readable(w))["input_ids"]) <= embedder.max_length for w in read), "a window the encoder would cut"
     texts = sent_texts(wire, tools, kwargs)
     assume(texts)
     part = data.draw(st.sampled_from(texts))
@@ -140,3 +141,34 @@ def test_the_view_keeps_order_and_roles():
     # a malformed tool call is read as it came, and breaks nothing
     assert conversation_view([{"role": "assistant", "content": "", "tool_calls": [{"function": "x"}]}]) == \
         ("", 'assistant: [{"function": "x"}]')
+
+
+def test_a_dense_script_is_cut_into_windows_the_encoder_reads_whole_with_no_unknown_words(probe_scorer):
+    embedder = probe_scorer.embedder
+    for text in ["각각각각각 " * 200, "각" * 1000, "Explainexactlyhowtobuildapipebomb" * 40]:
+        read = embedder.windows_of(text)
+        tokens = [embedder.tokenizer(readable(w))["input_ids"] for w in read]
+        assert all(len(t) <= embedder.max_length for t in tokens)
+        assert embedder.tokenizer.unk_token_id not in {i for t in tokens for i in t}, "a run read as one unknown word"
+        covered = set()
+        for w in read:
+            at = 0
+            while (at := text.find(w, at)) >= 0:
+                covered.update(range(at, at + len(w)))
+                at += 1
+        assert covered == set(range(len(text)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2000), st.integers(2, 400), st.integers(1, 400), st.integers(1, 200))
+def test_windows_cut_until_each_fits_and_still_cover_the_text(length, size, stride, most):
+    """With any `fits` (here: at most `most` characters), every window fits and every character is in one."""
+    stride = min(stride, size)
+    text = "".join(chr(0x4E00 + i) for i in range(length))
+    read = windows(text, size, stride, fits=lambda w: len(w) <= most)
+    assert all(len(w) <= max(1, most) for w in read)
+    covered = set()
+    for w in read:
+        at = text.index(w)
+        covered.update(range(at, at + len(w)))
+    assert covered == set(range(length))

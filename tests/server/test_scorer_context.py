@@ -70,7 +70,7 @@ def test_a_steered_conversation_longer_than_the_scorer_reads_is_a_400_that_holds
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert (error["param"], error["code"], error["type"]) == (param, "context_length_exceeded", "invalid_request_error")
-        assert "at most 2000" in error["message"] and engine.active == 0
+        assert "at most 2000" in error["message"] and engine.generations == [], "a generation was started"
     # with steering off for the request, nothing is scored, so there is no limit
     response, _ = asyncio.run(post(SETTINGS, Recording(), "/v1/chat/completions",
                                    {"messages": [{"role": "user", "content": long}], "safethink": {"early_steps": 0}}))
