@@ -81,6 +81,12 @@ def windows(text: str, size: int = WINDOW_CHARS, stride: int = WINDOW_STRIDE, fi
     return out
 
 
+def paragraphs(text: str, size: int = WINDOW_CHARS) -> list[str]:
+    """The lines of `text` of up to `size` characters, each read alone as well: a request set apart
+    from filler around it by a line break is then read without the filler."""
+    return [line for line in (line.strip() for line in text.splitlines()) if line and len(line) <= size and line != text.strip()]
+
+
 def ends(text: str, max_chars: int) -> str:
     """`text` within `max_chars`: whole where it fits, otherwise its start and its end with the number
     of characters left out between them named, so that neither end of a request can be pushed out."""

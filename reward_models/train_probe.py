@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
-from reward_models.probe import DEFAULT_HEAD_PATH, ProbeHead, features, max_per_item
+from reward_models.probe import DEFAULT_HEAD_PATH, FeatureTexts, ProbeHead, features, max_per_item
 from reward_models.probe_data import LabelledStep, build_dataset, split_by_group
 from reward_models.wheels import DEFAULT_CACHE
 
@@ -32,17 +32,18 @@ def step_item(item: LabelledStep) -> StepItem:
 
 
 class Rows:
-    """Feature rows, one per (item, window of its conversation), and the item of each row."""
+    """Feature rows, one per (item, window of its conversation), the item of each row, and whether the
+    row is a training instance (`instances`)."""
 
-    def __init__(self, x: np.ndarray, owner: np.ndarray) -> None:
-        self.x, self.owner = x, owner
+    def __init__(self, x: np.ndarray, owner: np.ndarray, trains: np.ndarray) -> None:
+        self.x, self.owner, self.trains = x, owner, trains
 
     def of(self, indices: list[int]) -> Rows:
         """The rows of these items, renumbered 0..len(indices)-1 in the given order."""
         position = np.full(self.owner.max() + 1, -1)
         position[np.asarray(indices)] = np.arange(len(indices))
         keep = position[self.owner] >= 0
-        return Rows(self.x[keep], position[self.owner[keep]])
+        return Rows(self.x[keep], position[self.owner[keep]], self.trains[keep])
 
     def item_logits(self, head: ProbeHead) -> np.ndarray:
         """Each item's logit: the highest of its rows', as the scorer takes it."""
@@ -51,14 +52,35 @@ class Rows:
             return max_per_item(logits, torch.tensor(self.owner), int(self.owner.max()) + 1).numpy()
 
 
+def shares_request(window: str, request: str, piece: int = 40) -> bool:
+    """Whether `window` holds the request or a piece of it (`piece` characters, or all of a shorter one)."""
+    request = request.strip()
+    if len(request) <= piece:
+        return request in window
+    return any(request[i : i + piece] in window for i in range(0, len(request) - piece + 1, piece // 2))
+
+
+def instances(item: LabelledStep, windows: list[str]) -> list[bool]:
+    """Which of an item's windows are training rows. A safe item's windows are all safe (the scorer
+    takes the highest). An unsafe wrapped copy is unsafe for the request it carries, not for the filler
+    around it: only its windows that hold the request are rows (at least one always is), so that
+    filler with a generic step is not taught as unsafe."""
+    if not item.unsafe or item.request is None:
+        return [True] * len(windows)
+    held = [shares_request(w, item.request) for w in windows]
+    return held if any(held) else [True] * len(windows)
+
+
 def embed_all(items: list[LabelledStep], embedder: SentenceEmbedder, chunk: int = 256) -> Rows:
-    xs, owners = [], []
+    xs, owners, trains = [], [], []
     for start in tqdm(range(0, len(items), chunk), desc="embedding", unit="chunk"):
-        batch = [step_item(i) for i in items[start : start + chunk]]
+        labelled = items[start : start + chunk]
+        batch = [step_item(i) for i in labelled]
         x, owner = features(embedder, batch)
         xs.append(x.numpy())
         owners.append(owner.numpy() + start)
-    return Rows(np.concatenate(xs), np.concatenate(owners))
+        trains += [t for i, s in zip(labelled, batch, strict=True) for t in instances(i, FeatureTexts(s, embedder.windows_of).windows)]
+    return Rows(np.concatenate(xs), np.concatenate(owners), np.array(trains))
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
@@ -89,15 +111,16 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
     src = np.array([i.source for i in items])
     unsafe = np.array([i.unsafe for i in items])
     whole = np.array([i.whole_response for i in items])
-    plain = np.array([i.wrap is None for i in items])
+    plain = np.array([i.wrap is None and i.source != "generic_opening" for i in items])  # as before the wrapped copies
+    wrapped = np.array([i.wrap is not None for i in items])
     steps = (unsafe & ~whole) | (~unsafe & ~whole)  # compliance steps against benign and refusal steps
     return {
         "all": plain,
         "compliance_steps_vs_benign_and_refusal_steps": plain & steps,
         "human_judged_responses": plain & whole & (src == "pyrit_harm"),
-        "wrapped_all": ~plain,
-        "wrapped_compliance_steps_vs_benign_and_refusal_steps": ~plain & steps,
-        "wrapped_human_judged_responses": ~plain & whole & (src == "pyrit_harm"),
+        "wrapped_all": wrapped,
+        "wrapped_compliance_steps_vs_benign_and_refusal_steps": wrapped & steps,
+        "wrapped_human_judged_responses": wrapped & whole & (src == "pyrit_harm"),
     }
 
 
@@ -110,10 +133,11 @@ def fit_mlp_head(rows: Rows, y: np.ndarray, weights: np.ndarray, seed: int, alph
     """Train MEMBERS one-layer MLPs on standardised features and join them into one MLP of
     MEMBERS * HIDDEN_UNITS units whose logit is their mean (Platt scaling still to be fitted).
 
-    Each row (a window of an item's conversation) carries its item's label, and the item's weight
-    shared among its rows."""
-    windows_per_item = np.bincount(rows.owner, minlength=len(y))
-    x, weights, y = rows.x, (weights / windows_per_item)[rows.owner], y[rows.owner]
+    Each training row (a window of an item's conversation, `instances`) carries its item's label, and
+    the item's weight shared among its training rows."""
+    owner = rows.owner[rows.trains]
+    rows_per_item = np.maximum(np.bincount(owner, minlength=len(y)), 1)
+    x, weights, y = rows.x[rows.trains], (weights / rows_per_item)[owner], y[owner]
     scaler = StandardScaler().fit(x)
     xs = scaler.transform(x)
     members = [
