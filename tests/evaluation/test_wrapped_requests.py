@@ -68,8 +68,9 @@ async def test_eval_reports_each_wrapping_of_the_smoke_suite(server_url, tmp_pat
     assert steered.errors == 0 and steered.requests == 8 * (1 + len(wraps))
     tokens = {c.prompt_id: c.prompt_tokens for c in report.completions}
     for prompt_id, plain in tokens.items():
-        if "~" not in prompt_id:  # each wrapping sent more than the request as written
-            assert all(tokens[f"{prompt_id}~{w}"] > plain for w in wraps), prompt_id
+        if "~" not in prompt_id:  # each wrapping sent more than the request as written (a system prompt of
+            # our own replaces the chat template's default one, which can be longer: not compared)
+            assert all(tokens[f"{prompt_id}~{w}"] > plain for w in wraps if w != "in-system"), prompt_id
     markdown = (tmp_path / "report.md").read_text()
     for wrap in ["plain", *wraps]:
         assert f"| `{wrap}`: harmful prompts acted on (intervention or refusal), 95% CI |" in markdown
