@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import DEFAULT_TEMPLATE, render_item, request_text, unsafe_label_indices
+from reward_models.text import DEFAULT_TEMPLATE, render_item, request_in_tokens, unsafe_label_indices
 
 
 class ClassifierScorer(Scorer):
@@ -54,7 +54,7 @@ class ClassifierScorer(Scorer):
         # The conversation's start and end in half of max_length tokens, and the reasoning's end; left
         # truncation then cuts only what still overflows (a long step's reasoning), keeping the step.
         texts = [render_item(i, self.template, reasoning_chars=self.max_length,
-                             request=request_text(i, 0, self.tokenizer, self.max_length // 2)) for i in items]
+                             request=request_in_tokens(i, self.tokenizer, self.max_length // 2)) for i in items]
         self.tokenizer.truncation_side = "left"
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
         logits = self.model(**enc).logits.float()

@@ -81,7 +81,7 @@ def windows(text: str, size: int = WINDOW_CHARS, stride: int = WINDOW_STRIDE, fi
     return out
 
 
-def paragraphs(text: str, size: int = WINDOW_CHARS) -> list[str]:
+def lines(text: str, size: int = WINDOW_CHARS) -> list[str]:
     """The lines of `text` of up to `size` characters, each read alone as well: a request set apart
     from filler around it by a line break is then read without the filler."""
     return [line for line in (line.strip() for line in text.splitlines()) if line and len(line) <= size and line != text.strip()]

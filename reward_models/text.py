@@ -10,14 +10,15 @@ from reward_models.context import conversation_text, ends, omitted, tail
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
 
 
-def request_text(item: StepItem, max_chars: int, tokenizer: Any = None, max_tokens: int | None = None) -> str:
-    """The conversation within a budget: whole where it fits, else its start and its end (where the
-    latest turn is) with what is left out between them named. With a tokenizer the budget is in its
-    tokens (a model's limit is), otherwise in characters."""
-    text = conversation_text(item.prompt, item.history)
-    if tokenizer is not None and max_tokens is not None:
-        return ends_in_tokens(text, tokenizer, max_tokens)
-    return ends(text, max_chars)
+def request_text(item: StepItem, max_chars: int) -> str:
+    """The conversation within `max_chars`: whole where it fits, else its start and its end (where the
+    latest turn is) with what is left out between them named."""
+    return ends(conversation_text(item.prompt, item.history), max_chars)
+
+
+def request_in_tokens(item: StepItem, tokenizer: Any, max_tokens: int) -> str:
+    """`request_text` with the budget in a scorer's own tokens (a model's limit is)."""
+    return ends_in_tokens(conversation_text(item.prompt, item.history), tokenizer, max_tokens)
 
 
 def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +46,11 @@ class Rows:
         keep = position[self.owner] >= 0
         return Rows(self.x[keep], position[self.owner[keep]], self.trains[keep])
 
-    def item_logits(self, head: ProbeHead) -> np.ndarray:
-        """Each item's logit: the highest of its rows', as the scorer takes it."""
+    def item_max(self, per_row: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """Each item's highest row value (`head.logits` or `head.p_unsafe`), as the scorer takes it."""
         with torch.inference_mode():
-            logits = head.logits(torch.tensor(self.x, dtype=torch.float32))
-            return max_per_item(logits, torch.tensor(self.owner), int(self.owner.max()) + 1).numpy()
+            values = per_row(torch.tensor(self.x, dtype=torch.float32))
+            return max_per_item(values, torch.tensor(self.owner), int(self.owner.max()) + 1).numpy()
 
 
 def shares_request(window: str, request: str, piece: int = 40) -> bool:
@@ -113,7 +114,7 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
     whole = np.array([i.whole_response for i in items])
     plain = np.array([i.wrap is None and i.source != "generic_opening" for i in items])  # as before the wrapped copies
     wrapped = np.array([i.wrap is not None for i in items])
-    steps = (unsafe & ~whole) | (~unsafe & ~whole)  # compliance steps against benign and refusal steps
+    steps = ~whole  # compliance steps against benign and refusal steps
     return {
         "all": plain,
         "compliance_steps_vs_benign_and_refusal_steps": plain & steps,
@@ -173,7 +174,7 @@ def cross_validated_auroc(items: list[LabelledStep], rows: Rows, y: np.ndarray, 
     for fold, (train_idx, test_idx) in enumerate(GroupKFold(folds).split(np.zeros(len(y)), y, groups)):
         train_list, test_list = list(train_idx), list(test_idx)
         head = fit_mlp_head(rows.of(train_list), y[train_idx], weights[train_idx], seed, alpha)
-        logits[test_idx] = rows.of(test_list).item_logits(head)
+        logits[test_idx] = rows.of(test_list).item_max(head.logits)
         print(f"cross-validation fold {fold + 1}/{folds} done", flush=True)
     return {name: round(float(roc_auc_score(y[mask], logits[mask])), 4) for name, mask in held_out_slices(items).items()}
 
@@ -192,10 +193,10 @@ def train(cache_dir: Path, output: Path, seed: int = 0, alpha: float = 3.0, cros
     head = fit_mlp_head(rows.of(tr), y[tr], weights[tr], seed, alpha)
     # Platt scaling on a split the head never saw, of the item logits the scorer takes.
     platt = LogisticRegression(C=1e6, max_iter=1000)
-    platt.fit(rows.of(ca).item_logits(head).reshape(-1, 1), y[ca])
+    platt.fit(rows.of(ca).item_max(head.logits).reshape(-1, 1), y[ca])
     head.platt_scale, head.platt_bias = float(platt.coef_[0, 0]), float(platt.intercept_[0])
 
-    p_test = 1.0 / (1.0 + np.exp(-(head.platt_scale * rows.of(te).item_logits(head) + head.platt_bias)))
+    p_test = rows.of(te).item_max(head.p_unsafe)
     test_items = [items[i] for i in te]
     metrics: dict[str, object] = {name: report(p_test[mask], y[te][mask]) for name, mask in held_out_slices(test_items).items()}
     if cross_validate:

@@ -17,6 +17,7 @@ WrapKind = Literal["filler-before", "filler-after", "filler-both", "split-turns"
 WRAP_KINDS: tuple[str, ...] = get_args(WrapKind)
 Message = dict[str, Any]
 
+
 class Phrasing(BaseModel):
     """The words around a wrapped request: training and evaluation use different ones."""
 

@@ -9,11 +9,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from reward_models.wheels import DEFAULT_CACHE
+from reward_models.wrapping import WrapKind
 from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.judges import Judge, JudgeConfig, build_judge
 from safethink_server.evaluation.report import Report, compare, judge_completions, summarise_arm, write_report
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_arms
-from reward_models.wrapping import WrapKind
 from safethink_server.evaluation.suites import EvalPrompt, build_prompts, jailbreak_templates, load_suite
 from safethink_server.evaluation.wrapped import eval_wrapper, wrapped_prompts
 
