@@ -48,7 +48,7 @@ def minilm_dir() -> Path:
 def encoder_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
     """auto: bf16 where the hardware has it natively (a GPU that supports it, a CPU with AMX or
     AVX512-BF16), float32 elsewhere. On this project's CPU bf16 gives about three times the steps/s
-    of float32 at batch 64 with the probe's held-out AUROC unchanged (README, Benchmarks). A step's
+    of float32 at batch 64 with the probe's held-out AUROC unchanged (docs/benchmarks.md). A step's
     bf16 score moves by up to about 1e-3 with the padding of the batch it is scored in."""
     if requested and requested != "auto":
         return pick_dtype(device, requested)

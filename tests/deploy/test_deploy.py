@@ -72,7 +72,7 @@ def test_promtool_checks_and_unit_tests_the_alert_rules():
 def test_alerts_and_recording_rules_per_api_key():
     found = rules()
     assert {name for name, r in found.items() if "alert" in r} == ALERTS
-    # Per key: the key's interventions over the key's requests, as the dashboard and README have it.
+    # Per key: the key's interventions over the key's requests, as the dashboard and docs/operations.md have it.
     assert flat(found["safethink:intervention_rate_by_key:5m"]["expr"]) == (
         "sum by (key) (rate(safethink_interventions_total[5m])) / sum by (key) (rate(safethink_requests_total[5m]))")
     assert flat(found["safethink:refusal_rate_by_key:10m"]["expr"]) == (
@@ -132,10 +132,10 @@ def test_network_policy_lets_only_the_gateway_pods_reach_vllm():
     (policy,) = network_policies(VLLM_LABELS)
     pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
     upstream = urlsplit(container_env("SAFETHINK_UPSTREAM_URL"))
-    # It selects the vLLM pods (by the label the README and the manifest's comment ask for), not the gateway's.
+    # It selects the vLLM pods (by the label docs/operations.md and the manifest's comment ask for), not the gateway's.
     assert policy["podSelector"] == {"matchLabels": VLLM_LABELS} and upstream.hostname == "vllm"
     label = "app.kubernetes.io/name: vllm"
-    assert label in (ROOT / "README.md").read_text()
+    assert label in (ROOT / "docs" / "operations.md").read_text()
     assert any(label in line for line in (DEPLOY / "k8s/networkpolicy.yaml").read_text().splitlines() if line.startswith("#"))
     assert not VLLM_LABELS.items() <= pod_labels.items()
     # Ingress is governed: whatever no rule allows is denied. Each rule names its peers (a rule without `from`
@@ -263,7 +263,7 @@ def test_dashboard_has_the_refusal_and_per_key_panels():
 
 
 def readme_intervention_rate() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text()
     return re.search(r"```promql\n(.+?)\n```", text, re.S).group(1).strip()
 
 

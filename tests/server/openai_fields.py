@@ -1,4 +1,4 @@
-"""The request fields × engine table of the README, as data for the tests: each cell is a test that
+"""The request fields × engine table of docs/api.md, as data for the tests: each cell is a test that
 sends the field alone (with a value that asks for something) and expects it honoured (200) or
 refused (400 naming it in `param`)."""
 

@@ -1,4 +1,4 @@
-"""Every request field honoured or refused by name (the README's table), and what honouring means:
+"""Every request field honoured or refused by name (the table in docs/api.md), and what honouring means:
 logprobs of the released tokens only, n choices each steered on its own, sampling fields that change
 the answer. Real servers, the official openai client."""
 

@@ -183,7 +183,7 @@ async def test_an_intervention_inside_a_multi_token_batch_is_exact(vllm_server):
     assert after[:20] == expected[:20]
 
 
-# --- OpenAI fields on the vllm engine (the README's table, and what honouring means) ---------------
+# --- OpenAI fields on the vllm engine (the table in docs/api.md, and what honouring means) ---------
 
 NO_BREACH = {"safethink": {"threshold": 1.0}}  # steps are judged (and released) but none breaches
 
