@@ -17,7 +17,7 @@ from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
 
 if TYPE_CHECKING:
-    from safethink_server.api.app import ServerState
+    from safethink_server.api.state import ServerState
     from safethink_server.steering.session import SteeringSession
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import StepItem, StepScore
-from safethink_server.api.app import choice_runs
+from safethink_server.api.streaming import choice_runs
 from safethink_server.engines.base import SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
