@@ -12,7 +12,7 @@ from typing import Any
 
 from reward_models.context import conversation_view
 from safethink_server.schema import ReasoningConfig
-from safethink_server.steering.text import Section
+from safethink_server.schema import Section
 
 
 class PromptError(ValueError):

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+Section = Literal["pre", "reasoning", "answer"]  # where a piece of the output falls: before, inside or after the reasoning
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a seed or token count may be: never an error inside an engine
 
 

@@ -1,4 +1,4 @@
-"""Judging, scoring and summarising completions into a report: results.json, report.md and plots."""
+"""Judging, scoring and summarising completions into a report (written out by `evaluate.write_report`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -298,12 +297,3 @@ def markdown(report: Report) -> str:
     lines += ["", "Plots: `asr.png`, `false_interventions.png`, `intervention_steps.png`, `p_unsafe_trajectories.png`, "
               "`latency.png`.", ""]
     return "\n".join(lines)
-
-
-def write_report(report: Report, out_dir: Path) -> list[Path]:
-    from safethink_server.evaluation.plots import write_plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(report.model_dump_json(indent=2))
-    (out_dir / "report.md").write_text(markdown(report))
-    return [out_dir / "results.json", out_dir / "report.md", *write_plots(report, out_dir)]

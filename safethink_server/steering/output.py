@@ -9,7 +9,8 @@ from typing import Any
 
 from safethink_server.engines.base import TokenLogprob
 from safethink_server.schema import InsertedKind, ReasoningConfig
-from safethink_server.steering.text import IncrementalDetokenizer, Section, Segment, SectionSplitter, StopMatcher
+from safethink_server.schema import Section
+from safethink_server.steering.text import IncrementalDetokenizer, Segment, SectionSplitter, StopMatcher
 
 
 @dataclass

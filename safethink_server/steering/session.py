@@ -37,7 +37,7 @@ from safethink_server.schema import (
 from safethink_server.steering.output import Delta, OutputCheckpoint, OutputProcessor, merged
 from safethink_server.steering.policy import decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
-from safethink_server.steering.text import Section
+from safethink_server.schema import Section
 
 ScoreFn = Callable[[StepItem], Awaitable[StepScore]]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Section = Literal["pre", "reasoning", "answer"]
+from safethink_server.schema import Section
 
 
 class IncrementalDetokenizer:
