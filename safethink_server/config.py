@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reward_models.registry import ScorerConfig, ScorerKind
-from safethink_server.engines.upstream import UpstreamConfig
+from safethink_server.engines.upstream.config import UpstreamConfig
 from safethink_server.schema import PolicyConfig, ReasoningConfig, ReportDetail
 from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.tenants import KeyConfig, Keyring, read_keys_file

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reward_models.context import conversation_view
-from safethink_server.schema import ReasoningConfig
-from safethink_server.schema import Section
+from safethink_server.schema import ReasoningConfig, Section
 
 
 class PromptError(ValueError):

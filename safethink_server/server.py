@@ -20,7 +20,7 @@ SETTINGS_ENV = "SAFETHINK_WORKER_SETTINGS"  # `serve --workers N`: the file with
 
 def build_engine(settings: ServerSettings) -> Engine:
     if settings.engine == "upstream":
-        from safethink_server.engines.upstream import UpstreamEngine
+        from safethink_server.engines.upstream.engine import UpstreamEngine
 
         return UpstreamEngine(settings.upstream_config(), settings.served_model_name, max_queued_requests=settings.max_queued_requests)
     from safethink_server.engines.model_store import EMBEDDED_MODEL_NAME, embedded_model_dir

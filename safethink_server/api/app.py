@@ -21,7 +21,11 @@ from safethink_server.api.middleware import BodySizeLimit
 from safethink_server.api.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 from safethink_server.api.request_json import CheckedRoute
 from safethink_server.api.responses import (
-    RESPONSES_FIELDS, ResponseBuilder, ResponseEvents, ResponsesRequest, refused_response_field,
+    RESPONSES_FIELDS,
+    ResponseBuilder,
+    ResponseEvents,
+    ResponsesRequest,
+    refused_response_field,
 )
 from safethink_server.api.serving import respond
 from safethink_server.api.serving_chat import complete, stream
@@ -30,17 +34,21 @@ from safethink_server.api.serving_responses import complete_response, stream_res
 from safethink_server.api.sessions import build_completion_sessions, build_sessions
 from safethink_server.api.state import ServerState
 from safethink_server.api.tokens import (
-    DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, detokenize, tokenize,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
 )
 from safethink_server.api.tracker import RequestTracker, failure
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import AnswerFormat, Engine
-from safethink_server.engines.upstream_stream import UpstreamError
+from safethink_server.engines.upstream.stream import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
 from safethink_server.steering.session import SteeringSession
 from safethink_server.tenants import Tenant
-
 
 # What the OpenAPI schema documents: every error is an ErrorResponse; a stream is text/event-stream.
 ERRORS: dict[int | str, dict[str, Any]] = {

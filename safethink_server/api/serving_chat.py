@@ -10,8 +10,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from safethink_server.api.protocol import (
-    AssistantMessage, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, Choice, ChoiceLogprobs, DeltaMessage,
-    StreamChoice, completion_id,
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    StreamChoice,
+    completion_id,
 )
 from safethink_server.api.serving import finished
 from safethink_server.api.state import ServerState

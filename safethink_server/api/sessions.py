@@ -10,7 +10,13 @@ from safethink_server.api.protocol import ChatCompletionRequest, CompletionReque
 from safethink_server.api.state import ServerState
 from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, SamplingParams
 from safethink_server.prompt import (
-    Conversation, PromptError, RenderedPrompt, check_context_length, raw_conversation, scoring_context, split_conversation,
+    Conversation,
+    PromptError,
+    RenderedPrompt,
+    check_context_length,
+    raw_conversation,
+    scoring_context,
+    split_conversation,
     template_kwargs,
 )
 from safethink_server.schema import PolicyConfig, ReasoningConfig, SamplingFields, seed_plus

@@ -7,7 +7,7 @@ import re
 
 from safethink_server.api.protocol import DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ToolCall, tool_call_id
 from safethink_server.engines.base import ToolCallReader
-from safethink_server.engines.upstream_answer import ARGUMENTS, CALL, CALL_END
+from safethink_server.engines.upstream.answer import ARGUMENTS, CALL, CALL_END
 
 
 def tool_call_message(reader: ToolCallReader, answer: str) -> tuple[str | None, list[ToolCall] | None]:

@@ -12,7 +12,7 @@ from safethink_server.api.audit import AuditChoice, AuditError, AuditRecord
 from safethink_server.api.errors import APIError
 from safethink_server.api.protocol import Usage
 from safethink_server.engines.base import EngineError, EngineOverloaded
-from safethink_server.engines.upstream_errors import UpstreamError
+from safethink_server.engines.upstream.errors import UpstreamError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from safethink_server.api.protocol import (
-    ChoiceLogprobs, CompletionLogprobs, CompletionTokensDetails, TokenLogprobEntry, TopLogprob, Usage,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    CompletionTokensDetails,
+    TokenLogprobEntry,
+    TopLogprob,
+    Usage,
 )
 from safethink_server.api.tracker import RequestTracker
 from safethink_server.engines.base import Generation, TokenLogprob

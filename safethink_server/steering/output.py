@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safethink_server.engines.base import TokenLogprob
-from safethink_server.schema import InsertedKind, ReasoningConfig
-from safethink_server.schema import Section
-from safethink_server.steering.text import IncrementalDetokenizer, Segment, SectionSplitter, StopMatcher
+from safethink_server.schema import InsertedKind, ReasoningConfig, Section
+from safethink_server.steering.text import IncrementalDetokenizer, SectionSplitter, Segment, StopMatcher
 
 
 @dataclass

@@ -13,20 +13,17 @@ own texts are context for the scorer, never the judged step, and are listed in t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 
-from reward_models.base import StepItem, StepScore
-from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor, TokenLogprob
+from reward_models.base import StepItem
+from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor
 from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
 from safethink_server.schema import (
     Action,
     InsertedKind,
-    InsertedText,
     InterventionRecord,
     PolicyConfig,
     ReasoningConfig,
@@ -34,60 +31,14 @@ from safethink_server.schema import (
     SteeringReport,
     StepRecord,
 )
-from safethink_server.steering.output import Delta, OutputCheckpoint, OutputProcessor, merged
+from safethink_server.steering.held import HeldStep
+from safethink_server.steering.hooks import ScoreFn, SteeringObserver
+from safethink_server.steering.outbox import Outbox
+from safethink_server.steering.output import Delta, OutputProcessor
 from safethink_server.steering.policy import decide, is_watching
 from safethink_server.steering.steps import StepBoundaryDetector
-from safethink_server.schema import Section
-
-ScoreFn = Callable[[StepItem], Awaitable[StepScore]]
 
 __all__ = ["Delta", "ReasoningConfig", "ScoreFn", "SteeringObserver", "SteeringSession"]
-
-
-class SteeringObserver:
-    """Metrics hooks; the default does nothing."""
-
-    def step_scored(self, p_unsafe: float, error: bool) -> None: ...
-    def intervention(self, step_index: int) -> None: ...
-    def injected(self, n_tokens: int) -> None: ...
-    def refused(self) -> None: ...
-
-
-@dataclass
-class _HeldStep:
-    checkpoint: OutputCheckpoint
-    tokens: int = 0
-    text: str = ""
-    deltas: list[Delta] = field(default_factory=list)
-    sections: set[Section] = field(default_factory=set)
-
-    def add(self, deltas: list[Delta]) -> None:
-        for delta in deltas:
-            if not delta.marker:
-                self.text += delta.text
-                if delta.text.strip():
-                    self.sections.add(delta.section)
-        self.deltas += deltas
-
-    @property
-    def answer_text(self) -> str:
-        return "".join(d.text for d in self.deltas if d.section == "answer" and not d.marker)
-
-    @property
-    def section(self) -> Section:
-        """The section of the step's first text."""
-        return next((d.section for d in self.deltas if d.text.strip() and not d.marker),
-                    self.deltas[0].section if self.deltas else "reasoning")
-
-    def ended_by_section(self, now: Section) -> bool:
-        """A step ends where its section does: at the reasoning's end marker."""
-        return len(self.sections) > 1 or (bool(self.text.strip()) and now != self.section)
-
-    def opened_the_answer(self, now: Section) -> bool:
-        """No text yet, but the model wrote the reasoning's end marker: the marker is judged with the
-        answer text that follows it, and a breach rolls it back (the prefix then goes into the
-        reasoning, and the client never learns that the model had ended it)."""
-        return not self.text.strip() and now == "answer" and self.checkpoint.splitter[0] == "reasoning"
 
 
 class SteeringSession:
@@ -130,25 +81,15 @@ class SteeringSession:
         self._latest_turn, self._history = scoring_context(conversation)
         self._eos = engine.eos_token_ids
         self._step_index = 1
-        self._held: _HeldStep | None = None
-        self._out: list[Delta] = []
+        self._held: HeldStep | None = None
         self._reasoning_closed_by_server = False
         self._constrained = sampling.answer_constraint is not None  # a breach in the answer is refused
         self._resamples_answer_start = self._constrained and not engine.constrains_answer_itself
         self._answer_begun = False
-        # Logprob entries go out with judged text only: those of output positions up to `_entries_through`
-        # (the end of the last step judged safe, or of text past the window); `_entries_sent` have gone.
-        # Inside the window (before `_window_end`) an entry's alternatives are never released.
-        self._entries_through = 0
-        self._entries_sent = 0
-        self._window_end: int | None = None
+        # Where ids are not tokens (upstream bytes), an interval of one token is still every batch.
+        self.outbox = Outbox(self.output, self.report, sampling.logprobs, raw_text,
+                             0 if stream_interval <= 1 else stream_interval * engine.ids_per_token)
         self._note_window()
-        self._shown: dict[str, int] = {}  # characters released so far, by section (one count for raw text)
-        self._open_insert: InsertedText | None = None  # the inserted text the client's text ends in, if any
-        # Ids that must come between two events (0: every batch's text goes out at once). Where ids are
-        # not tokens (upstream bytes), an interval of one token is still every batch.
-        self._stream_ids = 0 if stream_interval <= 1 else stream_interval * engine.ids_per_token
-        self._yielded_at: int | None = None  # output ids when text last went out; None before the first
         self._warm = warm
         self._warmed_for: str | None = None  # the released text (stripped) the scorer was last warmed with
 
@@ -194,54 +135,20 @@ class SteeringSession:
                     await self._on_token(await self.cursor.next())
                 if self.finish_reason is None and self._out_of_tokens():
                     self.finish_reason = "length"
-                if self._out and not self.cursor.unread and self._stream_due():
+                if self.outbox.deltas and not self.cursor.unread and self.outbox.due():
                     # A whole engine batch is processed: its text goes out together, one delta per section.
-                    for delta in self._take_out():
+                    for delta in self.outbox.take(self.generation):
                         yield delta
             await self._finish()
             await self.cursor.rollback(0)  # the unread rest of the last batch is not part of the sequence
-            for delta in self._take_out():
+            for delta in self.outbox.take(self.generation):
                 yield delta
         finally:
             await self.close()
 
-    def _entries_due(self) -> list[TokenLogprob]:
-        """The logprob entries (where the sampling asked for them) of the model tokens released as judged
-        text, or past the window, since the last call. Inside the window an entry's alternatives are
-        dropped: they are candidates the model did not write, and no scorer judged them."""
-        start, end = self._entries_sent, self._entries_through
-        if self.generation is None or self.sampling.logprobs is None or end <= start:
-            return []
-        self._entries_sent = end
-        window_end = self._window_end
-        return [entry if not entry.top or (window_end is not None and first >= window_end) else entry.model_copy(update={"top": []})
-                for first, entry in self.generation.logprob_entries(start, end)]
-
     def _note_window(self) -> None:
-        """Where the watched window ends: from here on entries go out whole."""
-        if self._window_end is None and not self._watching():
-            self._window_end = self.output.output_tokens
-
-    def _stream_due(self) -> bool:
-        """Whether released text goes out now: the first at once, then once `stream_interval` tokens
-        have come since the last (fewer events, each with more text, for less cost per token)."""
-        at = self.output.output_tokens
-        if self._yielded_at is not None and at - self._yielded_at < self._stream_ids:
-            return False
-        self._yielded_at = at
-        return True
-
-    def _take_out(self) -> list[Delta]:
-        """What goes out now: the released deltas, the last carrying the logprob entries released with them."""
-        out, self._out = self._out, []
-        entries = self._entries_due()
-        if entries:  # with the last model text, whose tokens they are (or a delta of their own)
-            at = next((i for i in range(len(out) - 1, -1, -1) if out[i].inserted is None and not out[i].marker), None)
-            if at is None:
-                out.append(Delta("reasoning" if self.output.section == "reasoning" else "answer", ""))
-                at = len(out) - 1
-            out[at] = dataclasses.replace(out[at], logprobs=out[at].logprobs + entries)
-        return merged(out)
+        if not self._watching():
+            self.outbox.window_ended()
 
     @property
     def cursor(self) -> SequenceCursor:
@@ -314,13 +221,13 @@ class SteeringSession:
             held.add(deltas)
         return whole
 
-    def _ends_step(self, held: _HeldStep, deltas: list[Delta], n_tokens: int) -> bool:
+    def _ends_step(self, held: HeldStep, deltas: list[Delta], n_tokens: int) -> bool:
         """Whether `deltas` (of one section, the step's) would end the held step."""
         text = "".join(d.text for d in deltas)
         answer = text if deltas and deltas[0].section == "answer" else ""
         return self.detector.is_complete(held.text + text, held.tokens + n_tokens) or self._reaches_stop(held, answer)
 
-    def _reaches_stop(self, held: _HeldStep, more_answer: str = "") -> bool:
+    def _reaches_stop(self, held: HeldStep, more_answer: str = "") -> bool:
         """Whether the held step's answer text (and `more_answer`) holds a stop string; the text is
         joined only when there are stop strings."""
         stop = self.output.stop
@@ -401,30 +308,10 @@ class SteeringSession:
         judged safe; text past the window counts as judged too. Only judged text releases the logprob
         entries of its tokens (and of the blank tokens before it)."""
         if not self.output.stopped and (judged or (self._held is None and not self._watching())):  # past a stop nothing goes out
-            self._entries_through = self.output.output_tokens
-        self._emit(self.output.release(deltas, final=final))
+            self.outbox.judged_so_far()
+        self.outbox.add(self.output.release(deltas, final=final))
         if self.output.stopped and self.finish_reason is None:
             self.finish_reason = "stop"
-
-    def _emit(self, released: list[Delta]) -> None:
-        """Released deltas go out; the server's are listed in the report where the client reads them."""
-        for delta in released:
-            if not delta.text:
-                continue
-            where = "text" if self.raw_text else delta.section
-            at = self._shown.get(where, 0)
-            self._shown[where] = at + len(delta.text)
-            if delta.inserted is None:
-                self._open_insert = None
-                continue
-            last = self._open_insert
-            if last is not None and (last.kind, last.section) == (delta.inserted, delta.section):
-                last.text += delta.text  # the rest of an inserted text held back for a stop string
-            else:
-                self._open_insert = InsertedText(kind=delta.inserted, section=delta.section, text=delta.text,  # type: ignore[arg-type]
-                                                 at=at)
-                self.report.inserted.append(self._open_insert)
-        self._out += released
 
     # --- judging ------------------------------------------------------------------------------
     async def _judge(self, final: bool = False) -> Action:
@@ -469,11 +356,11 @@ class SteeringSession:
                 self._refuse()
         return action
 
-    async def _discard(self, step: _HeldStep) -> None:
+    async def _discard(self, step: HeldStep) -> None:
         await self.cursor.rollback(step.tokens)
         self.output.restore(step.checkpoint)
 
-    def _new_step(self) -> _HeldStep:
+    def _new_step(self) -> HeldStep:
         """A watched step begins: its context is known now, and the scorer may prepare it while the
         model writes the step."""
         if self._warm is not None:
@@ -481,7 +368,7 @@ class SteeringSession:
             if released != self._warmed_for:
                 self._warmed_for = released
                 self._warm(self._item(""))
-        return _HeldStep(self.output.checkpoint())
+        return HeldStep(self.output.checkpoint())
 
     def _item(self, step_text: str) -> StepItem:
         return StepItem(prompt=self._latest_turn, history=self._history,
@@ -538,7 +425,7 @@ class SteeringSession:
         await self.cursor.inject(ids)
         self.report.injected_tokens += len(ids)
         self.observer.injected(len(ids))
-        self._open_insert = None  # listed on its own, as the client reads it (see `_emit`)
+        self.outbox.open_insert = None  # listed on its own, as the client reads it (see `Outbox.add`)
         self._release(self.output.push_all(ids, kind))
         await self._begin_answer_once_in_it()
         return len(ids)
@@ -558,14 +445,14 @@ class SteeringSession:
         # Judged answer text held back for a stop string goes out; a half-seen marker does not. No
         # logprob entry is released by it: blank tokens before the refused step stay unreleased.
         if not self.output.stopped:
-            self._emit(self.output.release([], final=True))
+            self.outbox.add(self.output.release([], final=True))
         answered = self.output.splitter.answer_started  # answer text went out (all before it is released now)
         text = ("\n\n" if answered else "") + self.policy.refusal
         if self.raw_text and self.output.section == "reasoning":
             text = self.reasoning_cfg.end_marker + text  # the raw text's answer begins after the marker
         self.report.refusal = self.policy.refusal
-        self._open_insert = None
-        self._emit([Delta("answer", text, "refusal")])  # past the stop strings: the refusal is whole
+        self.outbox.open_insert = None
+        self.outbox.add([Delta("answer", text, "refusal")])  # past the stop strings: the refusal is whole
         self.output.add_released(text)
         self.finish_reason = "content_filter"
         self.observer.refused()

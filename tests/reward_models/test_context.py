@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import StepItem
-from reward_models.embedder import readable
 from reward_models.context import WINDOW_CHARS, WINDOW_STRIDE, conversation_text, conversation_view, ends, windows
+from reward_models.embedder import readable
 from reward_models.probe import FeatureTexts
 from reward_models.text import render_item
 from safethink_server.api.protocol import ChatMessage

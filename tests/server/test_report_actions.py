@@ -15,7 +15,7 @@ import pytest
 from safethink_server.evaluation.evaluate import EvalConfig, evaluate
 from safethink_server.evaluation.report import Rate, Report
 from safethink_server.evaluation.runner import Completion, GenerationSettings, InterventionTrace, StepTrace
-from safethink_server.schema import Action, InsertedText, InterventionRecord, StepRecord, SteeringReport
+from safethink_server.schema import Action, InsertedText, InterventionRecord, SteeringReport, StepRecord
 from tests.conftest import EMBEDDED_MODEL, running_server
 
 HIDDEN_TOP = {"withheld_tokens", "discarded_tokens"}

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safethink_server.api.tool_calls import ToolCallStream
-from safethink_server.engines.upstream_answer import CALL, CALL_END, FoldedToolCalls, ToolCallFolder, read_folded, without_marks
-from safethink_server.engines.upstream_stream import UpstreamError
+from safethink_server.engines.upstream.answer import CALL, CALL_END, FoldedToolCalls, ToolCallFolder, read_folded, without_marks
+from safethink_server.engines.upstream.stream import UpstreamError
 
 MARKS = [CALL, "\x03", CALL_END]
 TEXT = st.text(alphabet=st.sampled_from(["a", " ", "{", '"', "\n", "é", *MARKS]), max_size=20)

@@ -10,8 +10,8 @@ import logging
 import aiohttp
 import pytest
 
-from safethink_server.engines.upstream_errors import identifier, status_error, stream_error, transport_error
-from safethink_server.engines.upstream_stream import UpstreamError, sse_batches
+from safethink_server.engines.upstream.errors import identifier, status_error, stream_error, transport_error
+from safethink_server.engines.upstream.stream import UpstreamError, sse_batches
 from tests.server.faulty_upstream import QUOTED
 
 

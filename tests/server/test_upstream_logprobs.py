@@ -11,14 +11,15 @@ whose text crosses the window's end gives no alternatives of tokens inside it.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
 import pytest
 
 from safethink_server.engines.base import SamplingParams
-from safethink_server.engines.upstream import END, UpstreamConfig, UpstreamEngine
+from safethink_server.engines.upstream.bytes import END
+from safethink_server.engines.upstream.config import UpstreamConfig
+from safethink_server.engines.upstream.engine import UpstreamEngine
 from safethink_server.prompt import Conversation
 from safethink_server.schema import ReasoningConfig
 from tests.conftest import free_port, running_server

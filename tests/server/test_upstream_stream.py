@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safethink_server.engines.upstream_stream import EventReader, SSEDecoder, UpstreamError, sse_batches
+from safethink_server.engines.upstream.stream import EventReader, SSEDecoder, UpstreamError, sse_batches
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 

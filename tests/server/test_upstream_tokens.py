@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safethink_server.engines.upstream_tokens import TokenMarks
+from safethink_server.engines.upstream.tokens import TokenMarks
 
 EVENTS = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 4)), max_size=30)  # (bytes, tokens) of each event
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from safethink_server.engines.upstream_errors import UpstreamError, stream_error
+from safethink_server.engines.upstream.errors import UpstreamError, stream_error
 
 
 class SSEDecoder:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from safethink_server.engines.base import AnswerFormat, ToolCallReader
-from safethink_server.engines.upstream_errors import UpstreamError
+from safethink_server.engines.upstream.errors import UpstreamError
 from safethink_server.prompt import PromptError
 
 ANSWER_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs")
