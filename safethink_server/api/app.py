@@ -43,8 +43,7 @@ from safethink_server.api.tokens import (
 )
 from safethink_server.api.tracker import RequestTracker, failure
 from safethink_server.config import ServerSettings
-from safethink_server.engines.base import AnswerFormat, Engine
-from safethink_server.engines.upstream.stream import UpstreamError
+from safethink_server.engines.base import AnswerFormat, Engine, EngineError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
 from safethink_server.steering.session import SteeringSession
@@ -132,14 +131,14 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         try:
             return await tokenize(engine, body, state.max_model_len)
-        except (PromptError, UpstreamError) as exc:
+        except (PromptError, EngineError) as exc:
             raise failure(exc, metrics)[0] from exc
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
             return await detokenize(engine, body, getattr(engine, "vocab_size", None))
-        except (PromptError, UpstreamError) as exc:
+        except (PromptError, EngineError) as exc:
             raise failure(exc, metrics)[0] from exc
 
     @app.post("/v1/chat/completions", response_model=None, responses=GENERATION)

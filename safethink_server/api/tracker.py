@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 from safethink_server.api.audit import AuditChoice, AuditError, AuditRecord
 from safethink_server.api.errors import APIError
 from safethink_server.api.protocol import Usage
-from safethink_server.engines.base import EngineError, EngineOverloaded
-from safethink_server.engines.upstream.errors import UpstreamError
+from safethink_server.engines.base import EngineError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
 
@@ -105,14 +104,11 @@ def failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
         return exc, "invalid" if exc.status < 500 else "unavailable" if exc.status == 503 else "error"
     if isinstance(exc, PromptError):
         return APIError(400, str(exc), param=exc.param, code=exc.code), "invalid"
-    if isinstance(exc, UpstreamError):
-        metrics.upstream_errors.labels(kind=exc.kind).inc()
-        code = "rate_limit_exceeded" if exc.status == 429 else "upstream_error"
-        return APIError(exc.status, str(exc), param=exc.param, code=code), "upstream_error"
-    if isinstance(exc, EngineOverloaded):
-        return APIError(503, f"server overloaded: {exc}", code="overloaded"), "overloaded"
     if isinstance(exc, EngineError):
-        logger.warning("generation failed: %s", exc)
-        return APIError(500, f"generation failed: {exc}", type_="server_error"), "error"
+        if exc.kind is not None:
+            metrics.upstream_errors.labels(kind=exc.kind).inc()
+        if exc.counted_as == "error":
+            logger.warning("generation failed: %s", exc)
+        return APIError(exc.status, exc.client_message, param=exc.param, code=exc.code, type_=exc.error_type), exc.counted_as
     logger.exception("unexpected error while serving a request")
     return APIError(500, "internal server error", type_="server_error"), "error"

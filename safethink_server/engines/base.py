@@ -78,12 +78,34 @@ class AnswerFormat(BaseModel):
     keep_special_tokens: bool = False  # the tool parser reads special tokens (hermes' <tool_call> in Qwen's vocabulary)
 
 
-class EngineOverloaded(RuntimeError):
+class EngineError(RuntimeError):
+    """The engine failed, with what the API answers: its status, error code and type, the request
+    field at fault where there is one, how the request is counted, and (`kind`) the backend failure
+    it was, for the metrics of an upstream's failures."""
+
+    status = 500
+    code: str | None = None
+    error_type: str | None = "server_error"
+    counted_as = "error"
+    kind: str | None = None
+    param: str | None = None
+
+    @property
+    def client_message(self) -> str:
+        return f"generation failed: {self}"
+
+
+class EngineOverloaded(EngineError):
     """No slot free and the wait queue is full: the API answers 503."""
 
+    status = 503
+    code = "overloaded"
+    error_type = None
+    counted_as = "overloaded"
 
-class EngineError(RuntimeError):
-    """The engine failed while generating."""
+    @property
+    def client_message(self) -> str:
+        return f"server overloaded: {self}"
 
 
 class Generation(ABC):

@@ -27,11 +27,19 @@ class UpstreamError(EngineError):
     """An upstream failure, with the status the gateway answers and a kind for the metrics. Its
     message reaches the client: it is the gateway's own text, never the upstream's."""
 
+    error_type = None
+    counted_as = "upstream_error"
+
     def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.param = param  # the request field an upstream's 4xx named (an identifier)
+        self.code = "rate_limit_exceeded" if status == 429 else "upstream_error"
+
+    @property
+    def client_message(self) -> str:
+        return str(self)
 
 
 def identifier(value: Any) -> str | None:
