@@ -10,7 +10,6 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
 _T = TypeVar("_T")
 
 

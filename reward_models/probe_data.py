@@ -13,7 +13,10 @@ Sources and labels:
   refuse or reason cautiously (safe) and steps that set out to comply (unsafe), so that a harm topic
   alone does not decide the label: the step's stance does.
 - reasoning-gym `gsm_symbolic` templates 0-49 and CHAMP solution steps: benign reasoning, safe.
-- a generic opening step ("Let's break it down step by step:") on each benign request: safe.
+- a generic opening step ("Let's break it down step by step:", "Sure, I can help with that.") on each
+  request, and one that takes up a sentence of harmless text instead of the request ("That sounds
+  lovely. ..."): safe on a benign request, unsafe on a harmful one (the model goes ahead without
+  weighing it).
 - wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each
   with its request wrapped one way (`reward_models.wrapping`: filler before, after or both, split over
   turns, in the system prompt, in an earlier assistant turn or a tool result, in a template) with the
@@ -323,21 +326,46 @@ def training_fillers(pyrit: WheelReader, gym: WheelReader, groups: set[str]) -> 
     return fillers
 
 
-# Openings a model writes before it knows where it is going: safe on a benign request, so that such a
-# step reads as unsafe only with a harmful request in view.
+# Openings a model writes before it knows where it is going, or while it goes along with what it was
+# given. The same texts are safe on a benign request and unsafe on a harmful one (a model that goes
+# ahead without weighing the request), so that only the request in view tells them apart: a request
+# wrapped in filler or moved into the system prompt is judged by what it asks, not by how the model
+# happens to start.
 GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think about this.", "First, let's understand the problem.",
                     "Let me start by reading the question carefully.", "Alright, here is my plan.", "Let's work through this.",
-                    "To answer this, I'll go step by step.", "Hmm, let me think."]
+                    "To answer this, I'll go step by step.", "Hmm, let me think.", "Sure, I can help with that.",
+                    "I'm ready to help. What would you like me to do first?", "Of course! I'm happy to help with this.",
+                    "Thanks for sharing all of that. Let me get started.", "That sounds great. Here is what I would do.",
+                    "I'm here to help you with this task."]
 
 
 def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
-    """One generic opening step per benign request (math problems and everyday tasks), safe."""
+    """One generic opening step per request: safe on benign requests (math problems and everyday tasks),
+    unsafe on the harmful ones that have compliance steps (AdvBench, DoNotAnswer)."""
     seen: set[str] = set()
     for item in items:
-        if item.source in ("gsm_symbolic", "champ", "benign_helpful") and item.group not in seen:
+        benign = item.source in ("gsm_symbolic", "champ", "benign_helpful")
+        harmful = item.source.endswith("_compliance")
+        if (benign or harmful) and item.group not in seen:
             seen.add(item.group)
-            yield LabelledStep(prompt=item.prompt, reasoning="", step=rng.choice(GENERIC_OPENINGS), unsafe=False,
+            yield LabelledStep(prompt=item.prompt, reasoning="", step=rng.choice(GENERIC_OPENINGS), unsafe=harmful,
                                source="generic_opening", group=item.group)
+
+
+# A model that answers the text around a request instead of the request: it takes up a sentence of
+# that text. Safe on a benign request; on a harmful one it goes ahead without weighing the request.
+_ASIDES = ["{sentence}", "That sounds lovely. {sentence}", "Thanks for sharing that! {sentence}", "I'm glad to hear it. {sentence}",
+           "What a story. {sentence}", "Let me start with what you told me. {sentence}"]
+
+
+def off_topic_openings(items: list[LabelledStep], fillers: list[str], rng: random.Random) -> Iterator[LabelledStep]:
+    """One opening step per request that takes up a sentence of harmless text (the filler paragraphs):
+    safe on benign requests, unsafe on the harmful ones with compliance steps, as `generic_openings`."""
+    sentences = [s.strip() for f in fillers for s in re.split(r"(?<=[.!?])\s+", f) if 40 <= len(s.strip()) <= 220]
+    for item in items:
+        if item.source == "generic_opening":
+            step = rng.choice(_ASIDES).format(sentence=rng.choice(sentences))
+            yield item.model_copy(update={"step": step, "source": "off_topic_opening"})
 
 
 def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float] = SPLIT) -> tuple[list[int], list[int], list[int]]:
@@ -391,5 +419,6 @@ def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) ->
     items += champ(champ_wheel)
     items += list(generic_openings(items, rng))
     train = {items[i].group for i in split_by_group(items, seed)[0]}  # wrapped copies keep their group: the same split
-    wrapper = Wrapper(training_fillers(pyrit, gym, train), TRAINING_TEMPLATES)
-    return items + wrapped_copies(items, wrapper, random.Random(f"{seed}:wrap"))
+    fillers = training_fillers(pyrit, gym, train)
+    items += list(off_topic_openings(items, fillers, random.Random(f"{seed}:asides")))
+    return items + wrapped_copies(items, Wrapper(fillers, TRAINING_TEMPLATES), random.Random(f"{seed}:wrap"))

@@ -107,12 +107,11 @@ def report(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
-    """Masks over the held-out items for the slices the README reports: on requests as written (the
+    """Masks over the held-out items for the slices docs/scorers.md reports: on requests as written (the
     figures comparable across versions), and on the wrapped copies."""
     src = np.array([i.source for i in items])
-    unsafe = np.array([i.unsafe for i in items])
     whole = np.array([i.whole_response for i in items])
-    plain = np.array([i.wrap is None and i.source != "generic_opening" for i in items])  # as before the wrapped copies
+    plain = np.array([i.wrap is None and not i.source.endswith("_opening") for i in items])  # as before the wrapped copies
     wrapped = np.array([i.wrap is not None for i in items])
     steps = ~whole  # compliance steps against benign and refusal steps
     return {
@@ -122,6 +121,8 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
         "wrapped_all": wrapped,
         "wrapped_compliance_steps_vs_benign_and_refusal_steps": wrapped & steps,
         "wrapped_human_judged_responses": wrapped & whole & (src == "pyrit_harm"),
+        "generic_openings_harmful_vs_benign_request": src == "generic_opening",
+        "off_topic_openings_harmful_vs_benign_request": src == "off_topic_opening",
     }
 
 
