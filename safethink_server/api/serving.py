@@ -82,6 +82,13 @@ class Released:
         return [entry for d in self.deltas for entry in d.logprobs]
 
 
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. The request's body is read by now, so the next ASGI
+    message is the disconnect: waited for, not polled (vLLM's `listen_for_disconnect`)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[Released], Usage] | Response:
     """Every choice's released deltas and the usage, once all have ended (the request counted as a
     success); or the response that ends the request early (a client gone, a failure)."""
@@ -96,15 +103,16 @@ async def finished(sessions: list[SteeringSession], tracker: RequestTracker, req
                 parts[index].deltas.append(delta)
 
     task = asyncio.create_task(collect())
+    gone = asyncio.create_task(client_gone(request))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                return JSONResponse({}, status_code=499)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            return JSONResponse({}, status_code=499)
         task.result()
     except Exception as exc:
         return tracker.failed(exc).response()
     finally:
+        gone.cancel()
         if not task.done():
             task.cancel()  # the sessions' own `finally` frees the slots; the route closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import EMBEDDED_MODEL, read_stream, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 API_KEY = "test-key"
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
 
@@ -259,6 +261,21 @@ def test_disconnect_mid_stream_frees_the_engine_and_health_stays_responsive(stee
         assert time.monotonic() < deadline, "the engine slot was not freed after the client left"
         time.sleep(0.2)
     assert metric(steered_url, 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}') >= 1
+
+
+def test_a_client_that_leaves_a_whole_response_frees_its_slot_and_is_counted_aborted(steered_url):
+    """Without a stream the server learns of a disconnect from the ASGI server's own message, while the
+    sequence is still being generated: the slot is freed, and the request counted once, aborted."""
+    aborted = 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}'
+    before = metric(steered_url, aborted)
+    body = {"model": EMBEDDED_MODEL, "messages": MATH, "max_tokens": 400, **UNSTEERED}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(steered_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    deadline = time.monotonic() + 30
+    while httpx.get(steered_url + "/health").json()["running"] != 0 or metric(steered_url, aborted) == before:
+        assert time.monotonic() < deadline, "the engine slot was not freed, or the request not counted, after the client left"
+        time.sleep(0.2)
+    assert metric(steered_url, aborted) == before + 1
 
 
 def post(url: str, body, headers=None, raw: bytes | None = None) -> httpx.Response:
