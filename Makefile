@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install prepare system-deps serve test bench clean
+.PHONY: install prepare system-deps serve lint test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +32,15 @@ system-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
-test: prepare system-deps
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: prepare system-deps lint
 	$(VENV)/bin/pytest -q
+
+# The app in-process, the steering loop, scorers and parsers: no server process, no vLLM (about a minute).
+test-fast: prepare lint
+	$(VENV)/bin/pytest -q -m 'not e2e'
 
 bench: prepare
 	$(PY) bench/steering_bench.py

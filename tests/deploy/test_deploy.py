@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from safethink_server.config import ServerSettings
 from tests.conftest import EMBEDDED_MODEL, free_port, running_server, series
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent

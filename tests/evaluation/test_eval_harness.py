@@ -16,6 +16,8 @@ from safethink_server.evaluation.report import Rate, Report, strip_injections
 from safethink_server.evaluation.runner import GenerationSettings
 from tests.conftest import free_port, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 PLOTS = ["asr.png", "false_interventions.png", "intervention_steps.png", "p_unsafe_trajectories.png", "latency.png"]
 TINY = GenerationSettings(max_tokens=64, concurrency=2, seed=0)
 

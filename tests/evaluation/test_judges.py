@@ -8,6 +8,8 @@ import pytest
 from safethink_server.evaluation.judges import JudgeConfig, RefusalJudge, build_judge, parse_yes_no
 from tests.conftest import free_port, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 
 async def test_refusal_judge_matches_zou_phrases_anywhere():
     judge = RefusalJudge()

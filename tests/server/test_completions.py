@@ -11,6 +11,8 @@ from transformers import AutoTokenizer
 
 from tests.conftest import EMBEDDED_MODEL, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 REASONING_PROMPT = "<|im_start|>user\nWhat is 12 + 30? Think step by step.<|im_end|>\n<|im_start|>assistant\n<think>\n"
 BARE = {"safethink": {"early_steps": 0}}
 FORCED = {"safethink": {"threshold": 0, "max_interventions": 1}}

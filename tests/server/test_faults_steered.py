@@ -15,6 +15,8 @@ from tests.conftest import free_port, running_server, series, server_log
 from tests.server.faulty_scorer import FaultyScorer
 from tests.server.faulty_upstream import QUOTED, FaultyUpstream
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 MATH = [{"role": "user", "content": "What is 2 + 2?"}]
 HELD = "Two plus"  # what the faulty upstream writes before it fails: a step not yet ended, so held back
 

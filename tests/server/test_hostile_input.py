@@ -15,6 +15,8 @@ from schemathesis.generation.modes import GenerationMode
 
 from tests.conftest import EMBEDDED_MODEL, running_server, series
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 KEY = "hostile-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BASE = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

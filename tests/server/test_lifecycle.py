@@ -16,6 +16,8 @@ import uvicorn
 
 from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 STORY = {"model": EMBEDDED_MODEL, "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
          "stream": True, "safethink": {"early_steps": 0}}
 

@@ -3,8 +3,12 @@ once, no slot is held afterwards, and the server is still healthy and serving.""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.load import LoadConfig, run_load
 from tests.conftest import running_server
+
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 
 # 8 clients over 2 engine slots: most requests queue for a slot, and some leave while others run.
 CONFIG = LoadConfig(duration_s=25, concurrency=8, seed=7, words=(3, 150), max_tokens=(8, 40), stream_share=0.85,

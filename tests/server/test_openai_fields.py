@@ -13,6 +13,8 @@ from safethink_server.api.protocol import ChatCompletionRequest, ChatMessage
 from tests.conftest import EMBEDDED_MODEL, running_server
 from tests.server.openai_fields import EXAMPLES, HONOURED, refused_param
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
 UNSTEERED = {"safethink": {"early_steps": 0}}
 

@@ -18,6 +18,8 @@ from safethink_server.evaluation.runner import Completion, GenerationSettings, I
 from safethink_server.schema import Action, InsertedText, InterventionRecord, SteeringReport, StepRecord
 from tests.conftest import EMBEDDED_MODEL, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 HIDDEN_TOP = {"withheld_tokens", "discarded_tokens"}
 HIDDEN_STEP = {"p_unsafe", "score_ms"}
 HIDDEN_UNRELEASED = {"tokens", "section"}

@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import EMBEDDED_MODEL, running_server
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 QUESTION = "What is 12 + 30? Think step by step."
 BARE = {"safethink": {"early_steps": 0}}
 FORCED = {"safethink": {"threshold": 0, "max_interventions": 1}}

@@ -17,6 +17,8 @@ from safethink_server.schema import PolicyConfig
 from safethink_server.tenants import ANONYMOUS, KeyConfig, Keyring
 from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_server, series
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 TOKEN = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
 IDS = st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True)
 

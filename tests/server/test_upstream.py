@@ -17,6 +17,8 @@ from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, read_stream, runn
 from tests.server.faulty_upstream import FaultyUpstream
 from tests.server.openai_fields import ANSWER_SCHEMA, WEATHER_TOOL
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 MATH = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
 
 

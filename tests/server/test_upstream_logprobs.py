@@ -25,6 +25,8 @@ from safethink_server.schema import ReasoningConfig
 from tests.conftest import free_port, running_server
 from tests.server.scripted_upstream import KeywordScorer, ScriptedUpstream
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 MATH = [{"role": "user", "content": "What is 2 + 2?"}]
 REFUSAL = "I can't help with that request."
 STEP_ONE = ["Fine", " step", " one", ".\n\n"]

@@ -17,6 +17,8 @@ from safethink_server.prompt import Conversation, RenderedPrompt
 from tests.conftest import EMBEDDED_MODEL, free_port, read_stream
 from tests.server.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
 
+pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
+
 NO_CONVERSATION = Conversation([{"role": "user", "content": ""}])
 
 MAX_MODEL_LEN = 2048
