@@ -37,7 +37,7 @@ from typing import Generic, TypeVar
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import free_port  # noqa: E402  the same port helper the tests use
+from tests.support.servers import free_port  # noqa: E402  the same port helper the tests use
 
 T = TypeVar("T")
 WORDS = ["First", " we", " look", " at", " the", " numbers", " and", " add", " them", " up", "."]

@@ -54,7 +54,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gateway_cost import start  # noqa: E402  start a server process once its health answers
-from tests.conftest import free_port  # noqa: E402  the same port helper the tests use
+from tests.support.servers import free_port  # noqa: E402  the same port helper the tests use
 
 # Steering outcomes a request asks for with the per-request override; None: the server's default.
 MODES: dict[str, dict[str, object] | None] = {

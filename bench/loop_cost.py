@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gateway_cost import measure, start, stop_all  # noqa: E402
 from safethink_server.engines.base import Engine, Generation, SamplingParams  # noqa: E402
 from safethink_server.prompt import Conversation, RenderedPrompt  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.support.servers import free_port  # noqa: E402
 
 PARAGRAPH = ("First we look at the numbers in the list and add them up one by one, keeping a running total so that "
              "nothing is counted twice.\n\n")

@@ -25,7 +25,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.steering_bench import PROMPTS  # noqa: E402  the same prompts as the steering bench
-from tests.conftest import free_port, running_process  # noqa: E402  the same server helper the tests use
+from tests.support.servers import free_port, running_process  # noqa: E402  the same server helper the tests use
 
 
 @contextmanager

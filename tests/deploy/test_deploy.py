@@ -20,7 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from safethink_server.config import ServerSettings
-from tests.conftest import EMBEDDED_MODEL, free_port, running_server, series
+from tests.support.servers import EMBEDDED_MODEL, free_port, running_server, series
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -14,7 +14,7 @@ from safethink_server.evaluation.evaluate import EvalConfig, evaluate
 from safethink_server.evaluation.prefix_search import CandidateResult, PrefixSearchConfig, choose, search, significant_drop
 from safethink_server.evaluation.report import Rate, Report, strip_injections
 from safethink_server.evaluation.runner import GenerationSettings
-from tests.conftest import free_port, running_server
+from tests.support.servers import free_port, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from safethink_server.evaluation.judges import JudgeConfig, RefusalJudge, build_judge, parse_yes_no
-from tests.conftest import free_port, running_server
+from tests.support.servers import free_port, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -15,7 +15,7 @@ from safethink_server.evaluation.report import Report
 from safethink_server.evaluation.runner import GenerationSettings
 from safethink_server.evaluation.suites import jailbreak_templates
 from safethink_server.evaluation.wrapped import eval_wrapper
-from tests.conftest import running_server
+from tests.support.servers import running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

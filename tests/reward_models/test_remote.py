@@ -14,7 +14,7 @@ from reward_models.base import ScorerError, StepItem
 from reward_models.classifier import ClassifierScorer
 from reward_models.remote import RemoteScorer
 from reward_models.text import render_item
-from tests.conftest import free_port
+from tests.support.servers import free_port
 
 
 @pytest.fixture(scope="module")

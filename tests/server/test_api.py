@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EMBEDDED_MODEL, read_stream, running_server
+from tests.support.servers import EMBEDDED_MODEL, running_server
+from tests.support.streams import read_stream
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import EMBEDDED_MODEL, running_server
+from tests.support.servers import EMBEDDED_MODEL, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port, running_server, series, server_log
 from tests.server.faulty_scorer import FaultyScorer
 from tests.server.faulty_upstream import QUOTED, FaultyUpstream
+from tests.support.servers import free_port, running_server, series, server_log
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks as sc
 from schemathesis.generation.modes import GenerationMode
 
-from tests.conftest import EMBEDDED_MODEL, running_server, series
+from tests.support.servers import EMBEDDED_MODEL, running_server, series
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

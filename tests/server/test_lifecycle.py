@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port
+from tests.support.servers import EMBEDDED_MODEL, LOG_DIR, free_port
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.load import LoadConfig, run_load
-from tests.conftest import running_server
+from tests.support.servers import running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -16,7 +16,7 @@ from safethink_server.evaluation.evaluate import EvalConfig, evaluate
 from safethink_server.evaluation.report import Rate, Report
 from safethink_server.evaluation.runner import Completion, GenerationSettings, InterventionTrace, StepTrace
 from safethink_server.schema import Action, InsertedText, InterventionRecord, SteeringReport, StepRecord
-from tests.conftest import EMBEDDED_MODEL, running_server
+from tests.support.servers import EMBEDDED_MODEL, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EMBEDDED_MODEL, running_server
+from tests.support.servers import EMBEDDED_MODEL, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

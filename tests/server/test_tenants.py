@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from safethink_server.config import ServerSettings
 from safethink_server.schema import PolicyConfig
 from safethink_server.tenants import ANONYMOUS, KeyConfig, Keyring
-from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, running_server, series
+from tests.support.servers import EMBEDDED_MODEL, LOG_DIR, free_port, running_server, series
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

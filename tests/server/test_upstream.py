@@ -13,9 +13,10 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import EMBEDDED_MODEL, LOG_DIR, free_port, read_stream, running_process, running_server
 from tests.server.faulty_upstream import FaultyUpstream
 from tests.server.openai_fields import ANSWER_SCHEMA, WEATHER_TOOL
+from tests.support.servers import EMBEDDED_MODEL, LOG_DIR, free_port, running_process, running_server
+from tests.support.streams import read_stream
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

@@ -22,8 +22,8 @@ from safethink_server.engines.upstream.config import UpstreamConfig
 from safethink_server.engines.upstream.engine import UpstreamEngine
 from safethink_server.prompt import Conversation
 from safethink_server.schema import ReasoningConfig
-from tests.conftest import free_port, running_server
 from tests.server.scripted_upstream import KeywordScorer, ScriptedUpstream
+from tests.support.servers import free_port, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 

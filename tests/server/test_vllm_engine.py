@@ -14,8 +14,9 @@ import pytest
 import pytest_asyncio
 
 from safethink_server.prompt import Conversation, RenderedPrompt
-from tests.conftest import EMBEDDED_MODEL, free_port, read_stream
 from tests.server.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
+from tests.support.servers import EMBEDDED_MODEL, free_port
+from tests.support.streams import read_stream
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 
