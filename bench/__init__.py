@@ -1,0 +1,1 @@
+"""Benchmarks of what steering costs (the loop, the scorer, the gateway, load, leaks); figures in docs/benchmarks.md."""

@@ -1,0 +1,1 @@
+"""The steering loop: steps, the policy's decisions, hold-back and release, and output processing."""

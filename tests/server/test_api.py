@@ -205,10 +205,11 @@ def test_clients_that_leave_before_their_first_chunk_hold_no_slot(steered_url):
 
 
 def test_early_steps_zero_scores_nothing(bare_url):
+    before = metric(bare_url, "safethink_requests_total")
     r = client(bare_url, API_KEY).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=48, temperature=0)
     assert r.model_extra["safethink"]["steps"] == []
     assert metric(bare_url, "safethink_steps_scored_total") == 0
-    assert metric(bare_url, "safethink_requests_total") >= 1
+    assert metric(bare_url, "safethink_requests_total") == before + 1
 
 
 def test_a_stream_interval_sends_the_same_text_in_fewer_events(bare_url):
@@ -248,6 +249,8 @@ def test_two_concurrent_streams_keep_their_texts_apart(steered_url):
 
 
 def test_disconnect_mid_stream_frees_the_engine_and_health_stays_responsive(steered_url):
+    aborted = 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}'
+    before = metric(steered_url, aborted)
     body = {"model": EMBEDDED_MODEL, "messages": MATH, "max_tokens": 400, "stream": True, **UNSTEERED}
     with httpx.stream("POST", steered_url + "/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
@@ -258,10 +261,10 @@ def test_disconnect_mid_stream_frees_the_engine_and_health_stays_responsive(stee
         assert httpx.get(steered_url + "/health", timeout=10).json()["running"] >= 1
         assert httpx.get(steered_url + "/metrics", timeout=10).status_code == 200
     deadline = time.monotonic() + 30
-    while httpx.get(steered_url + "/health").json()["running"] != 0:
-        assert time.monotonic() < deadline, "the engine slot was not freed after the client left"
+    while httpx.get(steered_url + "/health").json()["running"] != 0 or metric(steered_url, aborted) == before:
+        assert time.monotonic() < deadline, "the engine slot was not freed, or the request not counted, after the client left"
         time.sleep(0.2)
-    assert metric(steered_url, 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}') >= 1
+    assert metric(steered_url, aborted) == before + 1
 
 
 def test_a_client_that_leaves_a_whole_response_frees_its_slot_and_is_counted_aborted(steered_url):
