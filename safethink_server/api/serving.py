@@ -86,7 +86,7 @@ async def client_gone(request: Request) -> None:
     """Returns once the client has disconnected. The request's body is read by now, so the next ASGI
     message is the disconnect: waited for, not polled (vLLM's `listen_for_disconnect`)."""
     while (await request.receive())["type"] != "http.disconnect":
-        pass
+        await asyncio.sleep(0)  # a server that answers at once with something else is not spun on
 
 
 async def finished(sessions: list[SteeringSession], tracker: RequestTracker, request: Request) -> tuple[list[Released], Usage] | Response:
@@ -107,12 +107,15 @@ async def finished(sessions: list[SteeringSession], tracker: RequestTracker, req
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
+            gone.result()  # a failure to listen is a failure, not a client gone
             return JSONResponse({}, status_code=499)
         task.result()
     except Exception as exc:
         return tracker.failed(exc).response()
     finally:
         gone.cancel()
+        with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError, Exception):
+            await gone
         if not task.done():
             task.cancel()  # the sessions' own `finally` frees the slots; the route closes them again regardless
             with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):

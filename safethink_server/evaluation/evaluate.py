@@ -12,7 +12,6 @@ from reward_models.wheels import DEFAULT_CACHE
 from reward_models.wrapping import WrapKind
 from safethink_server.evaluation import EvaluationError
 from safethink_server.evaluation.judges import Judge, JudgeConfig, build_judge
-from safethink_server.evaluation.plots import write_plots
 from safethink_server.evaluation.report import Report, compare, judge_completions, markdown, summarise_arm
 from safethink_server.evaluation.runner import Arm, Completion, GenerationSettings, run_arms
 from safethink_server.evaluation.suites import EvalPrompt, build_prompts, jailbreak_templates, load_suite
@@ -98,6 +97,8 @@ async def evaluate(config: EvalConfig, progress: bool = True) -> Report:
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
     """results.json, report.md and the plots, in `out_dir`."""
+    from safethink_server.evaluation.plots import write_plots  # matplotlib, only where a report is written
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(report.model_dump_json(indent=2))
     (out_dir / "report.md").write_text(markdown(report))

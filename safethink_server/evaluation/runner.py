@@ -13,7 +13,8 @@ import httpx
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from safethink_server.engines.upstream.stream import UpstreamError, sse_events
+from safethink_server.engines.upstream.errors import UpstreamError
+from safethink_server.engines.upstream.stream import sse_events
 from safethink_server.evaluation.suites import EvalPrompt, PromptKind
 from safethink_server.steering.text import SectionSplitter
 

@@ -43,4 +43,3 @@ class HeldStep:
         answer text that follows it, and a breach rolls it back (the prefix then goes into the
         reasoning, and the client never learns that the model had ended it)."""
         return not self.text.strip() and now == "answer" and self.checkpoint.splitter[0] == "reasoning"
-

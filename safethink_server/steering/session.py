@@ -147,6 +147,7 @@ class SteeringSession:
             await self.close()
 
     def _note_window(self) -> None:
+        """Where the watched window ends: from here on entries go out whole."""
         if not self._watching():
             self.outbox.window_ended()
 

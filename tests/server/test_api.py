@@ -272,7 +272,7 @@ def test_a_client_that_leaves_a_whole_response_frees_its_slot_and_is_counted_abo
     sequence is still being generated: the slot is freed, and the request counted once, aborted."""
     aborted = 'safethink_requests_total{engine="hf",key="anonymous",status="aborted"}'
     before = metric(steered_url, aborted)
-    body = {"model": EMBEDDED_MODEL, "messages": MATH, "max_tokens": 400, **UNSTEERED}
+    body = {"model": EMBEDDED_MODEL, "messages": MATH, "max_tokens": 400, "min_tokens": 400, **UNSTEERED}  # seconds of work
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(steered_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
     deadline = time.monotonic() + 30
