@@ -126,8 +126,7 @@ class MicroBatcher:
                 self._to_warm = [*again, *self._to_warm][-self.WARM_BACKLOG :]
         except Exception:  # warming is an optimisation: the judgement encodes what is missing
             logger.debug("warming the scorer failed", exc_info=True)
-        if self.warm_observer is not None:
-            self.warm_observer(time.perf_counter() - started)
+        self._observe(self.warm_observer, time.perf_counter() - started)
 
     async def _forward(self, batch: list[_Pending]) -> None:
         live = [p for p in batch if not p.future.done()]  # cancelled callers are dropped
@@ -142,8 +141,7 @@ class MicroBatcher:
                 raise RuntimeError(f"scorer returned {len(scores)} scores for {len(flat)} items")
         except Exception as exc:  # every caller of this batch gets the failure
             error = exc
-        if self.observer is not None:
-            self.observer(len(flat), time.perf_counter() - started, error)
+        self._observe(self.observer, len(flat), time.perf_counter() - started, error)
         offset = 0
         for p in live:
             if p.future.done():
@@ -154,6 +152,16 @@ class MicroBatcher:
             else:
                 p.future.set_result(scores[offset : offset + len(p.items)])
             offset += len(p.items)
+
+    @staticmethod
+    def _observe(observer: Callable[..., None] | None, *args: object) -> None:
+        """A metrics hook, which must not take the worker down with it (its callers would wait forever)."""
+        if observer is None:
+            return
+        try:
+            observer(*args)
+        except Exception:
+            logger.exception("a scorer metrics hook failed")
 
     async def aclose(self) -> None:
         self._to_warm = []

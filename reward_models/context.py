@@ -9,11 +9,33 @@ start and its end, and name what they leave out; the probe reads all of it in ov
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 WINDOW_CHARS = 384  # about 100 encoder tokens of English; a window of a denser script is cut further (`windows`)
 WINDOW_STRIDE = 192  # any span of up to WINDOW_CHARS - WINDOW_STRIDE characters lies whole in one window
+
+
+def _code_points(category: str) -> list[int]:
+    return [cp for cp in range(0x10000) if unicodedata.category(chr(cp)) == category]
+
+
+# Text a model reads but an encoder would not: tag characters spell ASCII invisibly (mapped back to
+# it), format characters (zero-width spaces and joiners, direction marks) are dropped, compatibility
+# forms (fullwidth and mathematical letters, ligatures) become their plain letters (NFKC), and a run
+# of combining marks keeps its first.
+_INVISIBLE = {cp: None for cp in _code_points("Cf")} | {cp: None for cp in range(0xE0000, 0xE0080)} | {
+    cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}
+_MARK_RUNS = re.compile("([{0}])[{0}]+".format("".join(f"\\u{cp:04x}" for cp in _code_points("Mn"))))
+
+
+def normalised(text: str) -> str:
+    """`text` as the scorer reads it: what a model reads of it, in the letters an encoder knows."""
+    if text.isascii():
+        return text
+    return _MARK_RUNS.sub(r"\1", unicodedata.normalize("NFKC", text.translate(_INVISIBLE)))
 
 
 def conversation_view(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
@@ -35,7 +57,7 @@ def conversation_view(messages: Sequence[Mapping[str, Any]], tools: Sequence[Map
     if prefill and prefill.strip():
         paragraphs.append(f"assistant: {prefill}")
     latest_text = str(messages[latest].get("content") or "") if messages else ""
-    return latest_text, "\n\n".join(paragraphs)
+    return normalised(latest_text), normalised("\n\n".join(paragraphs))
 
 
 def message_text(message: Mapping[str, Any]) -> str:
@@ -46,9 +68,20 @@ def message_text(message: Mapping[str, Any]) -> str:
     parts += [str(message.get(key) or "") for key in ("reasoning", "content")]
     calls = message.get("tool_calls")
     if calls:
-        parts.append(json.dumps(calls, ensure_ascii=False, default=str))
+        parts.append(json.dumps([_arguments_as_read(call) for call in calls], ensure_ascii=False, default=str))
     text = "\n".join(p for p in parts if p.strip())
     return f"{message.get('role', 'user')}: {text}" if text else ""
+
+
+def _arguments_as_read(call: Any) -> Any:
+    """A tool call with its arguments as the chat template reads them: the object a JSON string holds
+    (so that escapes such as \\u0068 reach the scorer as the letters the model reads)."""
+    try:
+        function = dict(call["function"])
+        function["arguments"] = json.loads(function["arguments"])
+        return {**call, "function": function}
+    except (KeyError, TypeError, ValueError):
+        return call
 
 
 _READ_APART = frozenset({"role", "content", "reasoning", "reasoning_content", "tool_calls"})  # reasoning_content: a copy

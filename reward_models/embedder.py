@@ -28,6 +28,7 @@ ENCODING_ROWS = LAYERS + 1  # one mean-pooled row per layer, then the last layer
 SENTENCE_ROW = LAYERS - 1
 TOKEN_MAX_ROW = LAYERS
 _LONG_RUN = re.compile(r"\S{32}")  # the tokenizer reads a word of over 100 characters (after NFD) as one [UNK]
+MIN_LINES = 32  # lines of a conversation read alone, at least (`SentenceEmbedder.windows_of`)
 _SLACK_CHARS = 200  # texts this much longer than a chunk's shortest still join it: a forward has its own cost
 
 
@@ -130,7 +131,15 @@ class SentenceEmbedder:
         return len(self.tokenizer(readable(text), add_special_tokens=True)["input_ids"]) <= self.max_length
 
     def _windows_of(self, text: str) -> tuple[str, ...]:
-        return tuple(dict.fromkeys([*windows(text, fits=self.fits), *(line for line in lines(text) if self.fits(line))]))
+        """The windows of `text`, then its lines that are read alone as well: at most as many lines as
+        windows (and at least MIN_LINES), the longest kept, so that a conversation of many short lines
+        costs no more than twice its windows. The windows cover every line whatever is left out."""
+        cut = windows(text, fits=self.fits)
+        alone = [line for line in dict.fromkeys(lines(text)) if self.fits(line)]
+        if len(alone) > max(MIN_LINES, len(cut)):
+            kept = set(sorted(alone, key=len, reverse=True)[: max(MIN_LINES, len(cut))])
+            alone = [line for line in alone if line in kept]
+        return tuple(dict.fromkeys([*cut, *alone]))
 
     def cached(self, text: str) -> bool:
         return text in self._cache

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from reward_models.base import Scorer, StepItem, StepScore
-from reward_models.context import conversation_text, tail
+from reward_models.context import conversation_text, normalised, tail
 from reward_models.embedder import SENTENCE_ROW, TOKEN_MAX_ROW, SentenceEmbedder
 
 FEATURE_VERSION = "minilm-l6-layers-step-reasoning-windows-v3"
@@ -26,6 +26,7 @@ _REASONING_CHARS = 400
 _STEP_CHARS = 1200
 _TOKEN_MAX_SCALE = 0.1  # brings token-wise maxima near the scale of the normalised means
 _NO_REASONING = "(no reasoning yet)"
+MAX_ROWS = 2048  # feature rows (item x window) scored together: about 40 MB of float32
 WARM_WINDOWS = 16  # windows encoded per warming call: what a step arriving meanwhile may wait for
 
 
@@ -34,8 +35,8 @@ class FeatureTexts:
     (`windows_of`: cut so that the encoder reads each whole, `SentenceEmbedder.windows_of`)."""
 
     def __init__(self, item: StepItem, windows_of: Callable[[str], Sequence[str]]) -> None:
-        self.step = item.step.strip()[:_STEP_CHARS] or "(empty step)"
-        self.reasoning = tail(item.reasoning.strip(), _REASONING_CHARS) or _NO_REASONING
+        self.step = normalised(item.step).strip()[:_STEP_CHARS] or "(empty step)"
+        self.reasoning = tail(normalised(item.reasoning).strip(), _REASONING_CHARS) or _NO_REASONING
         self.windows = list(windows_of(conversation_text(item.prompt, item.history))) or [""]
 
 
@@ -158,9 +159,25 @@ class ProbeScorer(Scorer):
         return len(missing) <= WARM_WINDOWS
 
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
-        if not items:
-            return []
+        scores: list[StepScore] = []
         with torch.inference_mode():
-            x, owner = features(self.embedder, items)
-            p = max_per_item(self.head.p_unsafe(x), owner, len(items))
-        return [StepScore(p_unsafe=float(v)) for v in p.clamp(0.0, 1.0)]
+            for chunk in self._chunks(items):
+                x, owner = features(self.embedder, chunk)
+                p = max_per_item(self.head.p_unsafe(x), owner, len(chunk))
+                scores += [StepScore(p_unsafe=float(v)) for v in p.clamp(0.0, 1.0)]
+        return scores
+
+    def _chunks(self, items: Sequence[StepItem]) -> list[Sequence[StepItem]]:
+        """Items in consecutive groups of at most MAX_ROWS feature rows (one item alone where it has
+        more): the rows of a batch of long conversations are never all in memory at once."""
+        out: list[Sequence[StepItem]] = []
+        start, rows = 0, 0
+        for k, item in enumerate(items):
+            n = len(self.embedder.windows_of(conversation_text(item.prompt, item.history)))
+            if k > start and rows + n > MAX_ROWS:
+                out.append(items[start:k])
+                start, rows = k, 0
+            rows += n
+        if start < len(items):
+            out.append(items[start:])
+        return out
