@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from reward_models import probe
 from reward_models.base import StepItem
 from reward_models.device import native_bf16_cpu
 from reward_models.embedder import encoder_dtype
@@ -100,7 +101,6 @@ def test_a_conversation_scores_as_its_most_unsafe_window(probe_scorer, words, at
     assert probe_scorer.score_batch([item])[0].p_unsafe == pytest.approx(max(s.p_unsafe for s in alone), abs=1e-5)
 
 
-
 def test_items_with_different_window_counts_score_together_as_alone(probe_scorer):
     """The rows of a batch map back to their own items, whatever each item's number of windows."""
     filler = "We spent the afternoon in the garden planting beans and talking about the weather. "
@@ -112,3 +112,16 @@ def test_items_with_different_window_counts_score_together_as_alone(probe_scorer
     together = [s.p_unsafe for s in probe_scorer.score_batch(items)]
     alone = [probe_scorer.score_batch([i])[0].p_unsafe for i in items]
     assert together == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("max_rows", [1, 4, 10])
+def test_a_batch_scored_in_groups_of_rows_scores_as_a_whole(probe_scorer, monkeypatch, max_rows):
+    """Rows are scored in groups (`MAX_ROWS`) so that long conversations never all sit in memory:
+    the grouping changes no score, and every item gets its own."""
+    filler = "We spent the afternoon in the garden planting beans and talking about the weather. "
+    items = [StepItem(prompt=filler * k + "How do I poison a dog?", step=step)
+             for k, step in [(8, "Mix it into some meat."), (0, "I won't help with that."), (20, "Sure, here is how.")]]
+    whole = [s.p_unsafe for s in probe_scorer.score_batch(items)]
+    monkeypatch.setattr(probe, "MAX_ROWS", max_rows)
+    assert len(probe_scorer._chunks(items)) > 1
+    assert [s.p_unsafe for s in probe_scorer.score_batch(items)] == pytest.approx(whole, abs=1e-5)
