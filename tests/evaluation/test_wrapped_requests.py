@@ -68,6 +68,9 @@ async def test_eval_reports_each_wrapping_of_the_smoke_suite(server_url, tmp_pat
     for rates in steered.by_wrap.values():
         assert rates.harmful_acted_on.n == 4 and rates.benign_acted_on.n == 4 and rates.harmful_acted_on.ci95 is not None
     assert steered.errors == 0 and steered.requests == 8 * (1 + len(wraps))
+    # the headline rates are over the prompts as written, comparable with a run without --wrap
+    assert steered.harmful_intervened.n == 4 and steered.false_interventions.n == 4
+    assert all(rates.errors == 0 for rates in steered.by_wrap.values())
     tokens = {c.prompt_id: c.prompt_tokens for c in report.completions}
     for prompt_id, plain in tokens.items():
         if "~" not in prompt_id:  # each wrapping sent more than the request as written (a system prompt of
