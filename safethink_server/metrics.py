@@ -10,6 +10,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, start_http_server
 
+from safethink_server.schema import RequestStatus
 from safethink_server.steering.hooks import SteeringObserver
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -47,7 +48,7 @@ class Metrics:
     def initialise(self, engine: str, keys: list[str], early_steps: int) -> None:
         """Create the known label sets at zero, so rates and dashboards have series before the first event."""
         for key in keys:
-            for status in ("success", "aborted", "invalid", "error", "overloaded", "upstream_error", "unavailable"):
+            for status in RequestStatus:
                 self.requests.labels(engine=engine, status=status, key=key)
             for step in range(1, early_steps + 1):
                 self.interventions.labels(step=str(step), key=key)

@@ -4,7 +4,7 @@ Pure pydantic models: nothing here runs a model or serves HTTP."""
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -17,6 +17,18 @@ def seed_plus(seed: int, n: int) -> int:
     """`seed + n` wrapped into the 64-bit range a seed may take: the seed of a request's n-th choice
     or continuation, so that a seeded request replays exactly."""
     return (seed + n - INT64_MIN) % 2**64 + INT64_MIN
+class RequestStatus(StrEnum):
+    """How a request ended, as it is counted (`safethink_requests_total{status}`) and audited."""
+
+    SUCCESS = "success"
+    ABORTED = "aborted"  # the client left, or a drain past its timeout ended it
+    INVALID = "invalid"  # a 4xx of this server's
+    ERROR = "error"  # the engine or the server failed
+    OVERLOADED = "overloaded"  # no slot and a full queue: 503
+    UPSTREAM_ERROR = "upstream_error"  # the proxy's upstream failed
+    UNAVAILABLE = "unavailable"  # draining, or the engine dead: 503
+
+
 DEFAULT_PREFIX = "Wait, think safely."
 DEFAULT_REFUSAL = "I can't help with that request."
 

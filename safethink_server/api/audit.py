@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from safethink_server.schema import StepRecord
+from safethink_server.schema import RequestStatus, StepRecord
 
 STDOUT = 1
 
@@ -34,7 +34,7 @@ class AuditRecord(BaseModel):
     route: str
     model: str | None
     stream: bool
-    status: str = Field(description="as safethink_requests_total counts it: success, aborted, invalid, error, ...")
+    status: RequestStatus = Field(description="as safethink_requests_total counts it")
     error: AuditError | None = None
     choices: list[AuditChoice] = []
     prompt_tokens: int | None = None

@@ -22,6 +22,7 @@ from safethink_server.api.streaming import SessionStream, choice_runs, error_end
 from safethink_server.api.tracker import RequestTracker
 from safethink_server.api.usage import counted_usage
 from safethink_server.engines.base import AnswerFormat, TokenLogprob
+from safethink_server.schema import RequestStatus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
@@ -56,7 +57,7 @@ async def respond(state: ServerState, tracker: RequestTracker, body: GenerationR
             streaming = True  # from here the response owns the slots and the count
             response.headers["x-request-id"] = tracker.request_id
             return response
-        tracker.status = "aborted"  # the drain timed out
+        tracker.status = RequestStatus.ABORTED  # the drain timed out
         return shutting_down().response()
     except Exception as exc:
         return tracker.failed(exc).response()

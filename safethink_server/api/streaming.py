@@ -16,6 +16,7 @@ from safethink_server.api.protocol import ChatCompletionChunk, DeltaMessage, Err
 from safethink_server.api.sessions import close_all
 from safethink_server.api.tracker import RequestTracker
 from safethink_server.api.usage import counted_usage
+from safethink_server.schema import RequestStatus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
@@ -79,7 +80,7 @@ class SessionStream(StreamingResponse):
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
             ended = True
-        if scope.cancelled_caught and not ended and self.tracker.status == "aborted":  # (no outcome, no error event yet)
+        if scope.cancelled_caught and not ended and self.tracker.status == RequestStatus.ABORTED:  # (no outcome, no error event yet)
             await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -14,6 +14,7 @@ from safethink_server.api.protocol import Usage
 from safethink_server.engines.base import EngineError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
+from safethink_server.schema import RequestStatus
 
 if TYPE_CHECKING:
     from safethink_server.api.state import ServerState
@@ -31,7 +32,7 @@ class RequestTracker:
         self.request_id = uuid.uuid4().hex
         self.arrived_at, self.arrived = time.time(), time.perf_counter()
         self.ttft: float | None = None
-        self.status = "aborted"
+        self.status = RequestStatus.ABORTED
         self.error: APIError | None = None
         self.sessions: list[SteeringSession] = []
         self.usage: Usage | None = None
@@ -62,7 +63,7 @@ class RequestTracker:
         return self.error
 
     def finished(self, sessions: list[SteeringSession], usage: Usage) -> None:
-        self.status, self.usage = "success", usage
+        self.status, self.usage = RequestStatus.SUCCESS, usage
         self.metrics.generated.inc(usage.completion_tokens)
         self.metrics.discarded.inc(sum(session.report.discarded_tokens or 0 for session in sessions))
         self.metrics.withheld.inc(sum(session.report.withheld_tokens or 0 for session in sessions))
@@ -101,13 +102,14 @@ def failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
     """The API error a failure answers with, and the status it is counted under. Anything unexpected
     is logged with its traceback, on the server only."""
     if isinstance(exc, APIError):
-        return exc, "invalid" if exc.status < 500 else "unavailable" if exc.status == 503 else "error"
+        return exc, (RequestStatus.INVALID if exc.status < 500 else RequestStatus.UNAVAILABLE if exc.status == 503
+                     else RequestStatus.ERROR)
     if isinstance(exc, PromptError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code), "invalid"
+        return APIError(400, str(exc), param=exc.param, code=exc.code), RequestStatus.INVALID
     if isinstance(exc, EngineError):
         if exc.kind is not None:
             metrics.upstream_errors.labels(kind=exc.kind).inc()
-        if exc.counted_as == "error":
+        if exc.counted_as == RequestStatus.ERROR:
             logger.warning("generation failed: %s", exc)
         return APIError(exc.status, exc.client_message, param=exc.param, code=exc.code, type_=exc.error_type), exc.counted_as
     logger.exception("unexpected error while serving a request")

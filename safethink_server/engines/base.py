@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from safethink_server.prompt import Conversation, RenderedPrompt, render_chat, render_raw
-from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, ReasoningConfig, SamplingFields
+from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, ReasoningConfig, RequestStatus, SamplingFields
 
 
 class SamplingParams(SamplingFields):
@@ -86,7 +86,7 @@ class EngineError(RuntimeError):
     status = 500
     code: str | None = None
     error_type: str | None = "server_error"
-    counted_as = "error"
+    counted_as = RequestStatus.ERROR
     kind: str | None = None
     param: str | None = None
 
@@ -101,7 +101,7 @@ class EngineOverloaded(EngineError):
     status = 503
     code = "overloaded"
     error_type = None
-    counted_as = "overloaded"
+    counted_as = RequestStatus.OVERLOADED
 
     @property
     def client_message(self) -> str:

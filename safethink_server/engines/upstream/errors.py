@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from safethink_server.engines.base import EngineError
+from safethink_server.schema import RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ class UpstreamError(EngineError):
     message reaches the client: it is the gateway's own text, never the upstream's."""
 
     error_type = None
-    counted_as = "upstream_error"
+    counted_as = RequestStatus.UPSTREAM_ERROR
 
     def __init__(self, message: str, status: int, kind: str, param: str | None = None) -> None:
         super().__init__(message)
