@@ -68,12 +68,12 @@ def message_text(message: Mapping[str, Any]) -> str:
     parts += [str(message.get(key) or "") for key in ("reasoning", "content")]
     calls = message.get("tool_calls")
     if calls:
-        parts.append(json.dumps([_arguments_as_read(call) for call in calls], ensure_ascii=False, default=str))
+        parts.append(json.dumps([arguments_as_read(call) for call in calls], ensure_ascii=False, default=str))
     text = "\n".join(p for p in parts if p.strip())
     return f"{message.get('role', 'user')}: {text}" if text else ""
 
 
-def _arguments_as_read(call: Any) -> Any:
+def arguments_as_read(call: Any) -> Any:
     """A tool call with its arguments as the chat template reads them: the object a JSON string holds
     (so that escapes such as \\u0068 reach the scorer as the letters the model reads)."""
     try:

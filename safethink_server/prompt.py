@@ -6,11 +6,10 @@ own /tokenize."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from reward_models.context import conversation_view
+from reward_models.context import arguments_as_read, conversation_view
 from safethink_server.schema import ReasoningConfig, Section
 
 
@@ -97,17 +96,8 @@ def open_turn(conversation: Conversation, reasoning: ReasoningConfig, template_o
 def _template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as local chat templates read them: a tool call's arguments as an object (as vLLM
     gives them to templates), where the wire has a JSON string."""
-    return [{**m, "tool_calls": [_arguments_as_object(call) for call in m["tool_calls"]]} if m.get("tool_calls") else m
+    return [{**m, "tool_calls": [arguments_as_read(call) for call in m["tool_calls"]]} if m.get("tool_calls") else m
             for m in messages]
-
-
-def _arguments_as_object(call: Any) -> Any:
-    try:
-        function = dict(call["function"])
-        function["arguments"] = json.loads(function["arguments"])
-        return {**call, "function": function}
-    except (KeyError, TypeError, ValueError):
-        return call
 
 
 def chat_text(tokenizer: Any, messages: list[dict[str, Any]], template: dict[str, Any], tools: list[dict[str, Any]] | None = None,
