@@ -137,7 +137,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
-            return await detokenize(engine, body, getattr(engine, "vocab_size", None))
+            return await detokenize(engine, body, engine.vocab_size)
         except (PromptError, EngineError) as exc:
             raise failure(exc, metrics)[0] from exc
 

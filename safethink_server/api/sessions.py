@@ -63,7 +63,7 @@ async def build_sessions(state: ServerState, tenant: Tenant, body: ChatCompletio
     messages = [m.for_template() for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or s.default_max_tokens
     answer = engine.answer_format(body.model_dump(exclude_unset=True))
-    sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+    sampling = sampling_params(body, max_tokens, engine.vocab_size)
     sampling.answer_constraint = answer.constraint if answer is not None else None
     template = template_kwargs(body.chat_template_kwargs, body.reasoning_effort)
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
@@ -94,7 +94,7 @@ async def build_completion_sessions(state: ServerState, tenant: Tenant, body: Co
         raise APIError(400, str(exc), param="prompt") from exc
     max_tokens = body.max_tokens or s.default_max_tokens
     reasoning = engine.reasoning_for(s.reasoning())
-    sampling = sampling_params(body, max_tokens, getattr(engine, "vocab_size", None))
+    sampling = sampling_params(body, max_tokens, engine.vocab_size)
     if isinstance(raw, str):
         check_scorer_reach(state, policy, raw_conversation(raw), "prompt")
     prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)

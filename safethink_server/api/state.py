@@ -29,4 +29,4 @@ class ServerState:
     def max_model_len(self) -> int:
         if self.settings.max_model_len:
             return self.settings.max_model_len
-        return int(getattr(self.engine, "max_model_len", None) or self.engine.tokenizer.model_max_length)
+        return int(self.engine.max_model_len or self.engine.tokenizer.model_max_length)

@@ -231,6 +231,8 @@ class Engine(ABC):
     # (an upstream's reasoning parser), so the loop need not resample the answer's first token.
     constrains_answer_itself = False
     ids_per_token = 1  # loop ids per model token, to scale token-denominated limits (upstream: ~4 bytes)
+    vocab_size: int | None = None  # token ids are checked against it where known (None: the backend checks them)
+    max_model_len: int | None = None  # the context the engine knows (None or 0: the tokenizer's model_max_length)
 
     @abstractmethod
     async def start(self, prompt: RenderedPrompt, sampling: SamplingParams, conversation: Conversation,
