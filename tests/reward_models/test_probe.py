@@ -1,5 +1,7 @@
 """The shipped probe head on the real MiniLM embeddings."""
 
+import random
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -78,10 +80,23 @@ def test_the_scorer_dtype_setting_reaches_the_scorer():
         ServerSettings(scorer_dtype="bf16")
 
 
-def test_shipped_head_is_small_and_carries_its_held_out_metrics():
+def test_shipped_head_is_small_and_separates_held_out_steps_as_it_says(probe_scorer):
+    """The shipped head, scored here on held-out steps of its training sources (a seeded sample of the
+    split it was measured on), separates them as well as its file says, within sampling error."""
+    from sklearn.metrics import roc_auc_score
+
+    from reward_models.probe_data import build_dataset, split_by_group
+    from reward_models.train_probe import step_item
+    from reward_models.wheels import DEFAULT_CACHE
+
     assert DEFAULT_HEAD_PATH.stat().st_size < 1_000_000
-    info = ProbeHead.load(DEFAULT_HEAD_PATH).describe()
-    assert info["held_out_metrics"]["compliance_steps_vs_benign_and_refusal_steps"]["auroc"] >= 0.95
+    stated = ProbeHead.load(DEFAULT_HEAD_PATH).describe()["held_out_metrics"]["compliance_steps_vs_benign_and_refusal_steps"]["auroc"]
+    items = build_dataset(DEFAULT_CACHE)
+    held = [items[i] for i in split_by_group(items, 0)[2]]
+    steps = [i for i in held if i.wrap is None and not i.whole_response and not i.source.endswith("_opening")]
+    sample = random.Random(0).sample(steps, 250)
+    p = [s.p_unsafe for s in probe_scorer.score_batch([step_item(i) for i in sample])]
+    assert roc_auc_score([i.unsafe for i in sample], p) >= min(stated, 0.99) - 0.02
 
 
 FILLER_WORDS = "the garden roses grew tall this summer and we watered them every morning before work".split()
