@@ -34,7 +34,9 @@ class AuditRecord(BaseModel):
     route: str
     model: str | None
     stream: bool
-    status: RequestStatus = Field(description="as safethink_requests_total counts it")
+    status: RequestStatus | Literal["unauthorized"] = Field(
+        description="as safethink_requests_total counts it; unauthorized: refused before the body was read "
+                    "(counted in safethink_unauthorized_total)")
     error: AuditError | None = None
     choices: list[AuditChoice] = []
     prompt_tokens: int | None = None
