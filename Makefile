@@ -38,7 +38,7 @@ lint: install
 test: prepare system-deps lint
 	$(VENV)/bin/pytest -q
 
-# The app in-process, the steering loop, scorers and parsers: no server process, no vLLM (about a minute).
+# The app in-process, the steering loop, scorers and parsers: no server process, no vLLM (under two minutes).
 test-fast: prepare lint
 	$(VENV)/bin/pytest -q -m 'not e2e'
 
