@@ -7,6 +7,7 @@ own /tokenize."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from reward_models.context import arguments_as_read, conversation_view
@@ -28,6 +29,11 @@ class Conversation:
     prefill: str | None = None  # the client's own start of the assistant turn (continue_final_message)
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra variables for the chat template
     tools: list[dict[str, Any]] | None = None  # rendered by the chat template
+
+    @cached_property
+    def scoring_view(self) -> tuple[str, str]:
+        """`scoring_context`, built once: the length check and each choice's session read the same."""
+        return conversation_view(self.messages, self.tools, self.template_kwargs, self.prefill)
 
 
 # Arguments of `apply_chat_template` a request's template variables may not override.
@@ -151,4 +157,4 @@ def scoring_context(conversation: Conversation) -> tuple[str, str]:
     """(the latest user turn, the rest of the request as 'role: text' paragraphs in order): all of it,
     tool definitions, template variables, tool calls and the prefill included
     (`reward_models.context.conversation_view`)."""
-    return conversation_view(conversation.messages, conversation.tools, conversation.template_kwargs, conversation.prefill)
+    return conversation.scoring_view
