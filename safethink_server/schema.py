@@ -17,6 +17,8 @@ def seed_plus(seed: int, n: int) -> int:
     """`seed + n` wrapped into the 64-bit range a seed may take: the seed of a request's n-th choice
     or continuation, so that a seeded request replays exactly."""
     return (seed + n - INT64_MIN) % 2**64 + INT64_MIN
+
+
 class RequestStatus(StrEnum):
     """How a request ended, as it is counted (`safethink_requests_total{status}`) and audited."""
 
