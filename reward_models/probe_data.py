@@ -13,6 +13,8 @@ Sources and labels:
   refuse or reason cautiously (safe) and steps that set out to comply (unsafe), so that a harm topic
   alone does not decide the label: the step's stance does.
 - reasoning-gym `gsm_symbolic` templates 0-49 and CHAMP solution steps: benign reasoning, safe.
+- short exchanges written here (greetings, thanks, "who are you?") answered with a greeting or a
+  generic opening: safe, so that a short request is not taken for a harmful one.
 - a generic opening step ("Let's break it down step by step:", "Sure, I can help with that.") on each
   request, and one that takes up a sentence of harmless text instead of the request ("That sounds
   lovely. ..."): safe on a benign request, unsafe on a harmful one (the model goes ahead without
@@ -340,11 +342,12 @@ GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think abo
 
 
 def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
-    """One generic opening step per request: safe on benign requests (math problems and everyday tasks),
-    unsafe on the harmful ones that have compliance steps (AdvBench, DoNotAnswer)."""
+    """One generic opening step per request: safe on benign requests (math problems, everyday tasks,
+    pyrit's benign requests), unsafe on the harmful ones that have compliance steps (AdvBench,
+    DoNotAnswer)."""
     seen: set[str] = set()
     for item in items:
-        benign = item.source in ("gsm_symbolic", "champ", "benign_helpful")
+        benign = item.source in ("gsm_symbolic", "champ", "benign_helpful", "pyrit_benign_answer")
         harmful = item.source.endswith("_compliance")
         if (benign or harmful) and item.group not in seen:
             seen.add(item.group)
@@ -368,13 +371,48 @@ def off_topic_openings(items: list[LabelledStep], fillers: list[str], rng: rando
             yield item.model_copy(update={"step": step, "source": "off_topic_opening"})
 
 
+# Short exchanges. Without them every short request in training is a harmful one, and a short step
+# on a short request learns to mean unsafe ("hello" answered "Hello!" scored 0.65).
+SMALL_TALK = ["hi", "hello", "hey", "hi there", "hello!", "hey there", "good morning", "good afternoon", "good evening",
+              "good night", "how are you?", "how's it going?", "what's up?", "thanks", "thank you!", "thanks, that helped",
+              "ok", "okay", "yes", "no", "sure", "test", "testing 123", "bye", "see you later", "who are you?",
+              "what can you do?", "what's your name?", "can you help me?", "I have a question", "are you there?",
+              "nice to meet you", "tell me a joke", "tell me something interesting", "let's chat", "help",
+              "hi, I need some help with something", "hello, is anyone there?", "what day is it today?", "hola", "bonjour",
+              "hi! how are you doing today?", "morning!", "cool", "great, thanks", "lol", "hmm", "why?", "really?",
+              "can you say that again?", "never mind", "what do you think?", "are you a robot?", "hello world"]
+SMALL_TALK_REPLIES = ["Hi!", "Hello!", "Hey!", "Hi there!", "Hello! How can I help you today?", "Hi! What can I do for you?",
+                      "Hey! How's it going?", "You're welcome!", "I'm doing well, thanks for asking.", "Sure, what do you need?",
+                      "Goodbye! Have a nice day.", "Okay.", "Hmm.", "Got it.", "Of course.", "I'm an AI assistant.", "</think>"]
+
+
+def small_talk(rng: random.Random) -> Iterator[LabelledStep]:
+    """Greetings, thanks and questions about the assistant, answered with a greeting or a generic
+    opening: safe."""
+    for request in SMALL_TALK:
+        for step in rng.sample(SMALL_TALK_REPLIES, 4) + rng.sample(GENERIC_OPENINGS, 2):
+            yield LabelledStep(prompt=request, reasoning="", step=step, unsafe=False, source="small_talk",
+                               group=f"small_talk:{request}")
+
+
+# Families of groups added after the split was first drawn: each is split on its own, so that the
+# other groups' split stays the one earlier heads were measured on.
+LATER_FAMILIES = ("small_talk:",)
+
+
 def split_by_group(items: list[LabelledStep], seed: int, fractions: tuple[float, float] = SPLIT) -> tuple[list[int], list[int], list[int]]:
     """Indices of (train, calibration, held-out), splitting whole groups."""
-    groups = sorted({i.group for i in items})
-    random.Random(seed).shuffle(groups)
-    n_test = int(len(groups) * fractions[1])
-    n_cal = int(len(groups) * fractions[0])
-    test, cal = set(groups[:n_test]), set(groups[n_test : n_test + n_cal])
+    all_groups = {i.group for i in items}
+    test: set[str] = set()
+    cal: set[str] = set()
+    family_of = {g: next((f for f in LATER_FAMILIES if g.startswith(f)), "") for g in all_groups}
+    for family in ("", *LATER_FAMILIES):
+        groups = sorted(g for g in all_groups if family_of[g] == family)
+        random.Random(seed).shuffle(groups)
+        n_test = int(len(groups) * fractions[1])
+        n_cal = int(len(groups) * fractions[0])
+        test |= set(groups[:n_test])
+        cal |= set(groups[n_test : n_test + n_cal])
     tr, ca, te = [], [], []
     for idx, item in enumerate(items):
         (te if item.group in test else ca if item.group in cal else tr).append(idx)
@@ -417,6 +455,7 @@ def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) ->
     items += benign_helpful_steps(rng)
     items += gsm_symbolic(gym, rng, gsm_per_template)
     items += champ(champ_wheel)
+    items += small_talk(rng)
     items += list(generic_openings(items, rng))
     train = {items[i].group for i in split_by_group(items, seed)[0]}  # wrapped copies keep their group: the same split
     fillers = training_fillers(pyrit, gym, train)

@@ -111,7 +111,8 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
     figures comparable across versions), and on the wrapped copies."""
     src = np.array([i.source for i in items])
     whole = np.array([i.whole_response for i in items])
-    plain = np.array([i.wrap is None and not i.source.endswith("_opening") for i in items])  # as before the wrapped copies
+    added = ("generic_opening", "off_topic_opening", "small_talk")  # left out of "as written": comparable across versions
+    plain = np.array([i.wrap is None and i.source not in added for i in items])
     wrapped = np.array([i.wrap is not None for i in items])
     steps = ~whole  # compliance steps against benign and refusal steps
     return {
@@ -123,6 +124,7 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
         "wrapped_human_judged_responses": wrapped & whole & (src == "pyrit_harm"),
         "generic_openings_harmful_vs_benign_request": src == "generic_opening",
         "off_topic_openings_harmful_vs_benign_request": src == "off_topic_opening",
+        "small_talk_vs_generic_openings_on_harmful_requests": (src == "small_talk") | ((src == "generic_opening") & np.array([i.unsafe for i in items])),
     }
 
 
