@@ -11,7 +11,7 @@ from functools import cached_property
 from typing import Any
 
 from reward_models.context import arguments_as_read, conversation_view
-from safethink_server.schema import ReasoningConfig, Section
+from safethink_server.schema import ReasoningConfig, Section, TokenizeOptions
 
 
 class PromptError(ValueError):
@@ -114,6 +114,15 @@ def chat_text(tokenizer: Any, messages: list[dict[str, Any]], template: dict[str
                                                  add_generation_prompt=add_generation_prompt, **template))
     except Exception as exc:
         raise PromptError(f"the messages cannot be rendered with the model's chat template: {exc}") from exc
+
+
+def prompt_ids(tokenizer: Any, prompt: str | list[dict[str, Any]], options: TokenizeOptions) -> list[int]:
+    """`/tokenize`: a text, or messages rendered with the model's template, to ids (blocking)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=options.add_special_tokens))
+    text = chat_text(tokenizer, prompt, template_kwargs(options.chat_template_kwargs, None),
+                     add_generation_prompt=options.add_generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def render_chat(tokenizer: Any, conversation: Conversation, reasoning: ReasoningConfig) -> RenderedPrompt:

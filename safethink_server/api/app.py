@@ -37,7 +37,6 @@ from safethink_server.api.tokens import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,
-    TokenizeResponse,
     detokenize,
     tokenize,
 )
@@ -46,6 +45,7 @@ from safethink_server.config import ServerSettings
 from safethink_server.engines.base import AnswerFormat, Engine, EngineError
 from safethink_server.metrics import Metrics
 from safethink_server.prompt import PromptError
+from safethink_server.schema import TokenizeResponse
 from safethink_server.steering.session import SteeringSession
 from safethink_server.tenants import Tenant
 
@@ -137,7 +137,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         try:
-            return await detokenize(engine, body, engine.vocab_size)
+            return await detokenize(engine, body)
         except (PromptError, EngineError) as exc:
             raise failure(exc, metrics)[0] from exc
 

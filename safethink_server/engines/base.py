@@ -23,12 +23,22 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from safethink_server.prompt import Conversation, RenderedPrompt, render_chat, render_raw
-from safethink_server.schema import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, ReasoningConfig, RequestStatus, SamplingFields
+from safethink_server.prompt import Conversation, PromptError, RenderedPrompt, prompt_ids, render_chat, render_raw
+from safethink_server.schema import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_TOP_LOGPROBS,
+    ReasoningConfig,
+    RequestStatus,
+    SamplingFields,
+    TokenizeOptions,
+    TokenizeResponse,
+)
 
 
 class SamplingParams(SamplingFields):
@@ -52,15 +62,49 @@ class TokenLogprob(BaseModel):
     top: list[tuple[int | str, float]] = []
 
 
+@dataclass(frozen=True)
+class CallPiece:
+    """A piece of a streamed answer with tool calls: text that goes out as content, or a piece of the
+    arguments of call `index`; `name` is set on a call's first piece (its id and name go out with it)."""
+
+    content: str | None = None
+    index: int = 0
+    name: str | None = None
+    arguments: str = ""
+
+
+class CallStreamer(ABC):
+    """One choice's released answer text, read into call pieces as it comes."""
+
+    @abstractmethod
+    def feed(self, text: str) -> list[CallPiece]: ...
+
+
+class NamedCall(CallStreamer):
+    """A forced function: the answer is its arguments."""
+
+    def __init__(self, name: str) -> None:
+        self.name: str | None = name
+
+    def feed(self, text: str) -> list[CallPiece]:
+        header = [CallPiece(name=self.name)] if self.name is not None else []
+        self.name = None
+        return [*header, CallPiece(arguments=text)]
+
+
 class ToolCallReader(ABC):
     """Turns a choice's answer text into tool calls, for an engine that honours `tools`."""
 
     named: str | None = None  # a forced function: the answer is its arguments, streamed as they are released
-    folded = False  # the answer holds calls folded with marks (`upstream_answer`): streamed as they are released
 
     @abstractmethod
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
         """(content left over, [(function name, arguments JSON)]) from the whole answer."""
+
+    def streamer(self) -> CallStreamer | None:
+        """A new choice's reader of the answer as it is released; None: calls are read from the whole
+        answer (`final`), so the answer is held until the choice ends."""
+        return NamedCall(self.named) if self.named is not None else None
 
     def plain(self, text: str) -> str:
         """Answer text that goes out as content (a refused answer's judged start), as the client reads it."""
@@ -252,9 +296,19 @@ class Engine(ABC):
     def model_ids(self) -> list[str]:
         return [self.model_name]
 
-    async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
-        """An engine whose ids are not tokens (upstream) asks its upstream, e.g. `/tokenize`."""
-        raise NotImplementedError
+    async def tokenize(self, prompt: str | list[dict[str, Any]], options: TokenizeOptions, max_model_len: int,
+                       model: str | None = None) -> TokenizeResponse:
+        """`/tokenize`: a text, or messages (as `ChatMessage.for_template` gives them) rendered with the
+        model's template. Local engines use their tokenizer, off the event loop."""
+        ids = await asyncio.to_thread(prompt_ids, self.tokenizer, prompt, options)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if options.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, ids: list[int], model: str | None = None) -> str:
+        """`/detokenize`: ids to text; PromptError naming `tokens` for an id outside the vocabulary."""
+        if any(not 0 <= token < (self.vocab_size or 2**31) for token in ids):
+            raise PromptError("a token id is outside the vocabulary", param="tokens")
+        return str(await asyncio.to_thread(self.tokenizer.decode, ids))
 
     def answer_format(self, request: dict[str, Any]) -> AnswerFormat | None:
         """Tools and structured outputs of a request (its fields as sent); only engines that honour them

@@ -4,7 +4,8 @@ import pytest
 
 from safethink_server.engines.base import SamplingParams
 from safethink_server.engines.hf import HFEngine
-from safethink_server.prompt import Conversation, RenderedPrompt
+from safethink_server.prompt import Conversation, PromptError, RenderedPrompt
+from safethink_server.schema import TokenizeOptions
 
 CONVERSATION = Conversation([{"role": "user", "content": "x"}])
 
@@ -113,3 +114,20 @@ def test_a_vanishing_temperature_samples_greedily():
     logits = torch.tensor([0.0, 3.0, 1.0])
     generator = torch.Generator().manual_seed(0)
     assert TokenSampler(SamplingParams(temperature=1e-30), 3, {0}).sample(logits, [2], 1, generator)[0] == 1
+
+
+async def test_tokenize_and_detokenize_are_the_engines_tokenizer(engine):
+    text = "Reasoning models leak harm in their chain of thought."
+    plain = await engine.tokenize(text, TokenizeOptions(return_token_strs=True), 2048)
+    assert plain.tokens == engine.tokenizer.encode(text) and plain.count == len(plain.tokens) > 5
+    assert plain.token_strs == engine.tokenizer.convert_ids_to_tokens(plain.tokens) and plain.max_model_len == 2048
+    assert await engine.detokenize(plain.tokens) == text
+    chat = await engine.tokenize([{"role": "user", "content": text}], TokenizeOptions(), 2048)
+    rendered = await engine.detokenize(chat.tokens)
+    assert text in rendered and rendered.rstrip().endswith("assistant") and chat.token_strs is None
+    without = await engine.tokenize([{"role": "user", "content": text}], TokenizeOptions(add_generation_prompt=False), 2048)
+    assert without.count < chat.count and chat.tokens[: without.count] == without.tokens
+    for bad in ([engine.vocab_size], [-1]):
+        with pytest.raises(PromptError) as raised:
+            await engine.detokenize(bad)
+        assert raised.value.param == "tokens"

@@ -15,9 +15,10 @@ what comes back like any answer text.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from safethink_server.engines.base import AnswerFormat, ToolCallReader
+from safethink_server.engines.base import AnswerFormat, CallPiece, CallStreamer, ToolCallReader
 from safethink_server.engines.upstream.errors import UpstreamError
 from safethink_server.prompt import PromptError
 
@@ -107,11 +108,39 @@ def read_folded(answer: str) -> tuple[str, list[tuple[str, str]]]:
     return "".join(texts), calls
 
 
-class FoldedToolCalls(ToolCallReader):
-    """Reads the folded calls back: from the whole answer (`final`), or as released text streams
-    (`api.tool_calls.ToolCallStream`)."""
+class FoldedCalls(CallStreamer):
+    """Released text of an answer with folded calls, as the pieces the upstream sent: content as
+    content, each call's name once it is complete, then its arguments as they come."""
 
-    folded = True
+    _SPLIT = re.compile(f"([{CALL}{ARGUMENTS}{CALL_END}])")
+
+    def __init__(self) -> None:
+        self._state, self._name, self._index = "content", "", -1
+
+    def feed(self, text: str) -> list[CallPiece]:
+        out: list[CallPiece] = []
+        for piece in self._SPLIT.split(text):
+            if piece == CALL:
+                self._state, self._name = "name", ""
+            elif piece == ARGUMENTS:
+                self._state, self._index = "arguments", self._index + 1
+                out.append(CallPiece(index=self._index, name=self._name))
+            elif piece == CALL_END:
+                self._state = "content"
+            elif piece and self._state == "name":
+                self._name += piece
+            elif piece and self._state == "arguments":
+                out.append(CallPiece(index=self._index, arguments=piece))
+            elif piece:
+                out.append(CallPiece(content=piece))
+        return out
+
+
+class FoldedToolCalls(ToolCallReader):
+    """Reads the folded calls back: from the whole answer (`final`), or as released text streams."""
+
+    def streamer(self) -> CallStreamer:
+        return FoldedCalls()
 
     def final(self, answer: str) -> tuple[str | None, list[tuple[str, str]]]:
         content, calls = read_folded(answer)

@@ -8,6 +8,7 @@ import logging
 from typing import Any, Literal
 
 import aiohttp
+from pydantic import ValidationError
 
 from safethink_server.engines.base import SAMPLING_FIELDS, AnswerFormat, Engine, EngineOverloaded, Generation, SamplingParams
 from safethink_server.engines.upstream.answer import ANSWER_FIELDS, answer_format
@@ -16,7 +17,7 @@ from safethink_server.engines.upstream.config import UpstreamConfig
 from safethink_server.engines.upstream.errors import UpstreamError, logged, status_error, transport_error
 from safethink_server.engines.upstream.generation import UpstreamGeneration
 from safethink_server.prompt import Conversation, PromptError, RenderedPrompt, open_turn, raw_prompt_section
-from safethink_server.schema import ReasoningConfig
+from safethink_server.schema import ReasoningConfig, TokenizeOptions, TokenizeResponse
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,22 @@ class UpstreamEngine(Engine):
             raise UpstreamError("the upstream's /detokenize answered without a prompt", 502, "protocol")
         return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning), raw_text=text)
 
-    async def upstream_json(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
+    async def tokenize(self, prompt: str | list[dict[str, Any]], options: TokenizeOptions, max_model_len: int,
+                       model: str | None = None) -> TokenizeResponse:
+        """The upstream's tokens (this engine's ids are bytes); the options the client set, passed on."""
+        body = {**options.model_dump(exclude_unset=True), ("prompt" if isinstance(prompt, str) else "messages"): prompt}
+        try:
+            return TokenizeResponse.model_validate(await self._tokens_route("/tokenize", body, model))
+        except ValidationError as exc:
+            raise UpstreamError("the upstream's /tokenize answered without count, max_model_len and tokens", 502, "protocol") from exc
+
+    async def detokenize(self, ids: list[int], model: str | None = None) -> str:
+        reply = await self._tokens_route("/detokenize", {"tokens": ids}, model)
+        if not isinstance(reply.get("prompt"), str):
+            raise UpstreamError("the upstream's /detokenize answered without a prompt", 502, "protocol")
+        return str(reply["prompt"])
+
+    async def _tokens_route(self, path: str, body: dict[str, Any], model: str | None) -> dict[str, Any]:
         if self.mode != "token_ids":
             raise UpstreamError(f"the upstream has no {path} (it is served in chat mode)", 404, "status_404")
         return await self._post_json(self.root + path, {**body, "model": self.upstream_name(model)})
