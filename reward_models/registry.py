@@ -16,13 +16,14 @@ class ScorerConfig(BaseModel):
     kind: ScorerKind = "probe"
     model_path: Path | None = Field(default=None, description="classifier/guard: local model folder")
     head_path: Path | None = Field(default=None, description="probe: head weights (default: the shipped head)")
-    device: str = Field(default="auto", description="auto (GPU when present), cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="auto (bf16 on GPU; on CPU fp32, but the probe's encoder bf16 where the CPU "
-                       "has it natively), float32, bfloat16, float16")
+    device: str = Field(default="auto", description="scorer device: auto (a GPU when there is one), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="scorer weights dtype (auto: bf16 on a GPU; on CPU float32, but the probe's encoder in bf16 "
+        "where the CPU has it natively; a bf16 score moves by up to about 1e-3 with its batch's padding, float32 is exact)")
     unsafe_labels: list[str] | None = Field(default=None, description="classifier: labels (names or indices) that mean unsafe")
     unsafe_token: str = "unsafe"
     safe_token: str = "safe"
-    url: str | None = Field(default=None, description="remote: base URL of the vLLM server, e.g. http://host:8000")
+    url: str | None = Field(default=None, description="remote scorer: base URL of a vLLM classify server")
     remote_model: str | None = None
     api_key: str | None = None
     unsafe_indices: list[int] = [1]

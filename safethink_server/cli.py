@@ -25,7 +25,7 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     from safethink_server.config import ServerSettings
 
     parser.add_argument("--config", type=Path, help="YAML file with settings (same names as the flags, with underscores)")
-    for name, field in ServerSettings.model_fields.items():
+    for name, field in ServerSettings.fields_in_order().items():
         if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("no_flag"):
             continue  # set in the environment or the YAML file
         flag = "--" + name.replace("_", "-")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, create_model, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from reward_models.registry import ScorerConfig, ScorerKind
@@ -16,7 +18,30 @@ from safethink_server.steering.steps import StepBoundaryDetector
 from safethink_server.tenants import KeyConfig, Keyring, read_keys_file
 
 
-class ServerSettings(BaseSettings, PolicyConfig):
+def mirrored(model: type[BaseModel], names: dict[str, str], note: str = "") -> type[BaseModel]:
+    """Settings named `names` (setting -> field of `model`) with the field's type, default, bounds and
+    description: a setting that configures a component is declared in the component's config only."""
+    fields: dict[str, Any] = {}
+    for setting, name in names.items():
+        info = copy.deepcopy(model.model_fields[name])
+        annotation = info.annotation
+        if info.is_required():  # asked for only where the component is used
+            annotation, info.default = annotation | None, None
+        info.description = f"{note}{info.description}"
+        fields[setting] = (annotation, info)
+    return create_model(f"{model.__name__}Settings", **fields)
+
+
+UPSTREAM_SETTINGS = {f"upstream_{name}": name for name in UpstreamConfig.model_fields if name != "reasoning"}
+REASONING_SETTINGS = {"reasoning_start": "start_marker", "reasoning_end": "end_marker", "prefill_reasoning": "prefill_start",
+                      "reasoning_budget": "budget_tokens"}
+SCORER_SETTINGS = {"scorer_url": "url", "scorer_device": "device", "scorer_dtype": "dtype"}
+UpstreamSettings = mirrored(UpstreamConfig, UPSTREAM_SETTINGS, "upstream: ")
+ReasoningSettings = mirrored(ReasoningConfig, REASONING_SETTINGS)
+ScorerSettings = mirrored(ScorerConfig, SCORER_SETTINGS)
+
+
+class ServerSettings(BaseSettings, PolicyConfig, ReasoningSettings, ScorerSettings, UpstreamSettings):  # type: ignore[misc,valid-type]
     """Every setting is a flag (`safethink serve --help`); the steering policy's own fields
     (threshold, early_steps, mode, prefix, on_budget_exhausted, refusal, ...) come from PolicyConfig."""
 
@@ -51,22 +76,8 @@ class ServerSettings(BaseSettings, PolicyConfig):
                                          "mistral, ...), named as vLLM names them")
     reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = Field(default=None, description="reasoning markers as vLLM's parser of that name reads them")
 
-    upstream_url: str | None = Field(default=None, description="upstream: base URL of an OpenAI-compatible API, ending in /v1")
-    upstream_api_key: str | None = Field(default=None, description="upstream: API key sent to the upstream")
-    upstream_model: str | None = Field(default=None, description="upstream: model name there (default: its first model)")
-    upstream_mode: Literal["auto", "token_ids", "chat"] = Field(default="auto", description="upstream: token ids via /tokenize + /v1/completions, or chat with continue_final_message; auto detects")
-    upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="upstream: connect timeout")
-    upstream_first_byte_timeout_s: float = Field(default=60.0, gt=0, description="upstream: request to first streamed event")
-    upstream_chunk_timeout_s: float = Field(default=30.0, gt=0, description="upstream: longest silence between streamed events")
-    upstream_max_connections: int = Field(default=256, ge=1, description="upstream: connection pool size")
-
     scorer: ScorerKind = Field(default="probe", description="safety scorer: probe, classifier, guard, remote")
     scorer_model: Path | None = Field(default=None, description="classifier/guard model folder, or probe head file")
-    scorer_url: str | None = Field(default=None, description="remote scorer: base URL of a vLLM classify server")
-    scorer_device: str = Field(default="auto", description="scorer device: auto, cpu, cuda, cuda:N")
-    scorer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="scorer weights dtype (auto: bf16 on a GPU; on CPU float32, but the probe's encoder in bf16 "
-        "where the CPU has it natively; a bf16 score moves by up to about 1e-3 with its batch's padding, float32 is exact)")
     scorer_max_batch: int = Field(default=32, ge=1, description="micro-batcher: most steps in one scorer forward")
     scorer_max_wait_ms: float = Field(default=2.0, ge=0, description="micro-batcher: longest wait to fill a batch")
     scorer_warm: bool = Field(default=True, description="let the scorer prepare a step's context while the model writes the step "
@@ -79,10 +90,6 @@ class ServerSettings(BaseSettings, PolicyConfig):
     step_delimiters: list[str] = Field(default=["\n\n"], description="texts that end a reasoning step")
     step_regex: str | None = Field(default=None, description="regex that ends a step (instead of the delimiters)")
     max_step_tokens: int = Field(default=256, ge=1, description="a step ends after this many tokens regardless")
-    reasoning_start: str = Field(default="<think>", min_length=1, description="marker opening the reasoning section")
-    reasoning_end: str = Field(default="</think>", min_length=1, description="marker closing the reasoning section")
-    prefill_reasoning: bool = Field(default=True, description="open the reasoning section in the assistant turn")
-    reasoning_budget: int | None = Field(default=1024, ge=1, description="reasoning tokens before the server closes the section")
 
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on /v1 (its id is 'default')")
     api_keys: list[KeyConfig] = Field(default_factory=list, json_schema_extra={"no_flag": True},
@@ -159,30 +166,35 @@ class ServerSettings(BaseSettings, PolicyConfig):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        yaml_file = os.environ.get("SAFETHINK_CONFIG")
+        yaml_file = settings_cls.model_config.get("yaml_file") or os.environ.get("SAFETHINK_CONFIG")
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
+
+    @classmethod
+    def fields_in_order(cls) -> dict[str, FieldInfo]:
+        """The settings as `--help` and docs/configuration.md list them: the steering policy and the
+        server's own, then those of the reasoning markers, the scorer and the proxy."""
+        mirrored = [*REASONING_SETTINGS, *SCORER_SETTINGS, *UPSTREAM_SETTINGS]
+        return {name: cls.model_fields[name] for name in [*(n for n in cls.model_fields if n not in mirrored), *mirrored]}
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(**{name: getattr(self, name) for name in PolicyConfig.model_fields})
 
     def reasoning(self) -> ReasoningConfig:
-        start, end, prefill = self.reasoning_start, self.reasoning_end, self.prefill_reasoning
+        reasoning = ReasoningConfig(**{name: getattr(self, setting) for setting, name in REASONING_SETTINGS.items()})
         if self.reasoning_parser is not None:
             # deepseek_r1: everything before </think> is reasoning, the template may already open it;
             # qwen3: reasoning only inside <think>...</think> that the model writes itself.
-            start, end, prefill = "<think>", "</think>", self.reasoning_parser == "deepseek_r1"
-        return ReasoningConfig(start_marker=start, end_marker=end, prefill_start=prefill, budget_tokens=self.reasoning_budget)
+            markers = ReasoningConfig()
+            reasoning = reasoning.model_copy(update={"start_marker": markers.start_marker, "end_marker": markers.end_marker,
+                                                     "prefill_start": self.reasoning_parser == "deepseek_r1"})
+        return reasoning
 
     def upstream_config(self) -> UpstreamConfig:
-        if not self.upstream_url:
+        if not self.upstream_url:  # type: ignore[attr-defined]
             raise ValueError("--engine upstream needs --upstream-url")
-        reasoning = self.reasoning()
-        return UpstreamConfig(url=self.upstream_url, api_key=self.upstream_api_key, model=self.upstream_model, mode=self.upstream_mode,
-                              reasoning_start=reasoning.start_marker, reasoning_end=reasoning.end_marker,
-                              connect_timeout_s=self.upstream_connect_timeout_s, first_byte_timeout_s=self.upstream_first_byte_timeout_s,
-                              chunk_timeout_s=self.upstream_chunk_timeout_s, max_connections=self.upstream_max_connections)
+        return UpstreamConfig(**{name: getattr(self, setting) for setting, name in UPSTREAM_SETTINGS.items()}, reasoning=self.reasoning())
 
     def vllm_engine_args(self) -> dict[str, Any]:
         """The vLLM AsyncEngineArgs these settings ask for; `vllm_args` overrides the named ones."""
@@ -201,13 +213,19 @@ class ServerSettings(BaseSettings, PolicyConfig):
 
     def scorer_config(self) -> ScorerConfig:
         return ScorerConfig(
-            kind=self.scorer, device=self.scorer_device, url=self.scorer_url, dtype=self.scorer_dtype,
+            kind=self.scorer, **{name: getattr(self, setting) for setting, name in SCORER_SETTINGS.items()},
             head_path=self.scorer_model if self.scorer == "probe" else None,
             model_path=self.scorer_model if self.scorer in ("classifier", "guard") else None,
         )
 
 
 def load_settings(overrides: dict[str, object] | None = None, config_file: Path | None = None) -> ServerSettings:
-    if config_file is not None:
-        os.environ["SAFETHINK_CONFIG"] = str(config_file)
-    return ServerSettings(**(overrides or {}))
+    """Settings from the flags given (`overrides`), the environment, and a YAML file (`--config`, else
+    SAFETHINK_CONFIG)."""
+    if config_file is None:
+        return ServerSettings(**(overrides or {}))
+
+    class FromFile(ServerSettings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return FromFile(**(overrides or {}))

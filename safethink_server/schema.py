@@ -5,7 +5,7 @@ Pure pydantic models: nothing here runs a model or serves HTTP."""
 from __future__ import annotations
 
 from enum import Enum, StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -97,10 +97,10 @@ class SamplingFields(BaseModel):
 
 
 class ReasoningConfig(BaseModel):
-    start_marker: str = Field(default="<think>", min_length=1)
-    end_marker: str = Field(default="</think>", min_length=1)
-    prefill_start: bool = Field(default=True, description="open the reasoning section in the assistant turn for the model")
-    budget_tokens: int | None = Field(default=1024, ge=1, description="close the reasoning section after this many tokens")
+    start_marker: str = Field(default="<think>", min_length=1, description="marker opening the reasoning section")
+    end_marker: str = Field(default="</think>", min_length=1, description="marker closing the reasoning section")
+    prefill_start: bool = Field(default=True, description="open the reasoning section in the assistant turn")
+    budget_tokens: int | None = Field(default=1024, ge=1, description="reasoning tokens before the server closes the section")
     end_on_eos: bool = Field(default=True, description="a model that stops inside its reasoning is asked for its answer")
 
 
@@ -171,3 +171,19 @@ class SteeringReport(BaseModel):
 
 # How much of the `safethink` report a client gets (the audit log always has it all).
 ReportDetail = Literal["full", "actions", "none"]
+
+
+class TokenizeOptions(BaseModel):
+    """What `/tokenize` asks for besides the text (as vLLM has it)."""
+
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(default=True, description="prompt only: the tokenizer's special tokens (BOS)")
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None

@@ -56,7 +56,7 @@ def flag_table() -> str:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     config = options["config"]
     rows.append(f"| {_flags(config)} | `{ENV_PREFIX}CONFIG` | – | {_cell(config.help or '')} |")
-    for name, field in ServerSettings.model_fields.items():
+    for name, field in ServerSettings.fields_in_order().items():
         rows.append(f"| {_flags(options.get(name))} | `{ENV_PREFIX}{name.upper()}` | {_cell(_default(field))} | "
                     f"{_cell(field.description or '')} |")
     return "\n".join(rows)

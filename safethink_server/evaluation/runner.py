@@ -16,6 +16,7 @@ from tqdm import tqdm
 from safethink_server.engines.upstream.errors import UpstreamError
 from safethink_server.engines.upstream.stream import sse_events
 from safethink_server.evaluation.suites import EvalPrompt, PromptKind
+from safethink_server.schema import ReasoningConfig
 from safethink_server.steering.text import SectionSplitter
 
 
@@ -98,9 +99,10 @@ class Completion(BaseModel):
 
 def split_inline_reasoning(content: str) -> tuple[str, str]:
     """(reasoning, answer) of a server that leaves `<think>...</think>` inside the content."""
-    if "<think>" not in content:
+    markers = ReasoningConfig()
+    if markers.start_marker not in content:
         return "", content
-    segments = SectionSplitter("<think>", "</think>", "pre").feed(content, final=True)
+    segments = SectionSplitter(markers.start_marker, markers.end_marker, "pre").feed(content, final=True)
     reasoning = "".join(s.text for s in segments if s.section == "reasoning")
     answer = "".join(s.text for s in segments if s.section != "reasoning")
     return reasoning.strip(), answer.strip()

@@ -281,12 +281,12 @@ class UpstreamGeneration(Generation):
         text = ""
         if reasoning:
             if not self._in_reasoning and not self._reasoned:
-                text += self._folded_marker(text, self.engine.config.reasoning_start)
+                text += self._folded_marker(text, self.engine.config.reasoning.start_marker)
             self._in_reasoning = self._reasoned = True
             text += reasoning
         if content:
             if self._in_reasoning:
-                text += self._folded_marker(text, self.engine.config.reasoning_end)
+                text += self._folded_marker(text, self.engine.config.reasoning.end_marker)
                 self._in_reasoning = False
             text += content
         return text
@@ -327,7 +327,7 @@ class UpstreamGeneration(Generation):
             self._resync_sections()
 
     def _resync_sections(self) -> None:
-        start, end = self.engine.config.reasoning_start, self.engine.config.reasoning_end
+        start, end = self.engine.config.reasoning.start_marker, self.engine.config.reasoning.end_marker
         text = self.opening + self.kept.decode("utf-8", errors="replace")
         self._reasoned = start in text or end in text
         self._in_reasoning = start in text and text.rfind(start) > text.rfind(end)
