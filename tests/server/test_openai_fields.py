@@ -55,7 +55,7 @@ def check_cell(url: str, engine: str, example: str, upstream: str | None = None)
     response = send(url, EXAMPLES[example])
     if example in HONOURED[engine] and (upstream is None or example in HONOURED[upstream]):
         assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["message"]["role"] == "assistant"
+        assert_honoured(url, example, response.json())
     else:
         assert response.status_code == 400, response.text
         error = response.json()["error"]
@@ -63,9 +63,28 @@ def check_cell(url: str, engine: str, example: str, upstream: str | None = None)
         assert error["type"] == "invalid_request_error" and refused_param(example) in error["message"]
 
 
+def assert_honoured(url: str, example: str, body: dict) -> None:
+    """What an honoured field visibly does to one response (the sampling fields' effect on the text is
+    `test_sampling_fields_change_the_answer`'s)."""
+    choices = body["choices"]
+    assert [c["message"]["role"] for c in choices] == ["assistant"] * (2 if example == "n" else 1)
+    logprobs = choices[0].get("logprobs")
+    if example == "logprobs":
+        assert logprobs["content"] and all(len(e["top_logprobs"]) == 2 for e in logprobs["content"]), logprobs
+    else:
+        assert logprobs is None
+    if example == "min_tokens":
+        assert body["usage"]["completion_tokens"] >= 2
+    if example == "seed":
+        again = send(url, EXAMPLES[example]).json()["choices"][0]["message"]
+        assert again == choices[0]["message"], "the same seed samples the same answer"
+
+
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
-def test_hf_honours_or_refuses(hf_url, example):
-    check_cell(hf_url, "hf", example)
+def test_hf_honours_or_refuses(plain_url, example):
+    """On the server that does not steer: at hf_url's threshold 0 every step is withheld, and with it
+    what logprobs or min_tokens visibly do."""
+    check_cell(plain_url, "hf", example)
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
