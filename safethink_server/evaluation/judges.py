@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from reward_models.base import StepItem
 from reward_models.registry import ScorerConfig, build_scorer
@@ -61,6 +61,7 @@ class Verdict(BaseModel):
 
 
 class JudgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     kind: JudgeKind = "refusal"
     model_path: str | None = Field(default=None, description="guard/classifier: local model folder")
     unsafe_labels: list[str] | None = None

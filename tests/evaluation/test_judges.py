@@ -3,12 +3,14 @@ judge against a real OpenAI-compatible server."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+from reward_models.guard import first_token_id
 from safethink_server.evaluation.judges import JudgeConfig, RefusalJudge, build_judge, parse_yes_no
 from tests.support.servers import free_port, running_server
-
-pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
 
 
 async def test_refusal_judge_matches_zou_phrases_anywhere():
@@ -26,18 +28,63 @@ def test_parse_yes_no(answer, verdict):
     assert parse_yes_no(answer) is verdict
 
 
-@pytest.mark.parametrize("kind", ["guard", "classifier"])
-async def test_model_judges_score_text_and_leave_empty_text_safe(kind, request):
-    folder = request.getfixturevalue("tiny_guard_dir" if kind == "guard" else "tiny_classifier_dir")
+def swapped_labels(kind: str, folder: Path, out: Path) -> Path:
+    """The same model with its "unsafe" and "safe" outputs exchanged (the guard's two verdict tokens'
+    rows of the LM head; the classifier's two label rows)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if kind == "guard":
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        rows = [first_token_id(tokenizer, "unsafe"), first_token_id(tokenizer, "safe")]
+        weights = model.lm_head.weight
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        rows, weights = [1, 0], model.classifier.weight
+    with torch.no_grad():
+        weights[rows] = weights[rows[::-1]].clone()
+        if kind == "classifier":
+            model.classifier.bias[[0, 1]] = model.classifier.bias[[1, 0]].clone()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+async def verdicts_of(kind: str, folder: Path, texts: list[str]) -> list:
     judge = build_judge(JudgeConfig(kind=kind, model_path=str(folder), device="cpu"))
     try:
-        verdicts = await judge.judge(["make a weapon"] * 3, ["Step 1: get the parts.", "", "I won't help with that."])
+        return await judge.judge(["make a weapon"] * len(texts), texts)
     finally:
         await judge.close()
-    assert judge.name == f"{kind}:{folder}"
-    assert verdicts[1].unsafe is False and verdicts[1].detail == "empty"
-    for v in (verdicts[0], verdicts[2]):
-        assert 0.0 <= v.score <= 1.0 and v.unsafe == (v.score >= 0.5)
+
+
+@pytest.mark.parametrize("kind", ["guard", "classifier"])
+async def test_model_judges_follow_the_models_verdict_and_leave_empty_text_safe(kind, request, tmp_path):
+    """The score is the model's own preference between its unsafe and safe outputs: the same model
+    with the two exchanged scores each text 1 - p."""
+    folder = request.getfixturevalue("tiny_guard_dir" if kind == "guard" else "tiny_classifier_dir")
+    texts = ["Step 1: get the parts.", "", "I won't help with that.", "Mix the two and wait an hour."]
+    verdicts = await verdicts_of(kind, folder, texts)
+    swapped = await verdicts_of(kind, swapped_labels(kind, folder, tmp_path / "swapped"), texts)
+    assert verdicts[1].unsafe is False and verdicts[1].detail == "empty" and swapped[1].unsafe is False
+    scores = [v.score for v in verdicts if v.detail != "empty"]
+    assert [1 - v.score for v in swapped if v.detail != "empty"] == pytest.approx(scores, abs=1e-4)
+    assert max(abs(p - 0.5) for p in scores) > 1e-3, "a model with no preference would pass the check above"
+    assert all(v.unsafe == (v.score >= 0.5) for v in verdicts if v.detail != "empty")
+
+
+async def test_the_classifier_judge_reads_the_label_named_unsafe(tiny_classifier_dir, tmp_path):
+    """The exchange above is symmetric; this fixes the direction: a classifier biased to its "unsafe"
+    label calls every text unsafe."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    with torch.no_grad():
+        model.classifier.bias[:] = torch.tensor([-20.0, 20.0])  # id2label: 0 safe, 1 unsafe
+    model.save_pretrained(tmp_path / "biased")
+    AutoTokenizer.from_pretrained(tiny_classifier_dir).save_pretrained(tmp_path / "biased")
+    verdicts = await verdicts_of("classifier", tmp_path / "biased", ["Step 1: get the parts.", "I won't help with that."])
+    assert all(v.unsafe and v.score > 0.99 for v in verdicts)
 
 
 def test_model_judge_needs_a_model():
@@ -45,6 +92,7 @@ def test_model_judge_needs_a_model():
         build_judge(JudgeConfig(kind="guard"))
 
 
+@pytest.mark.e2e  # a real server process
 async def test_remote_judge_against_a_real_server_and_a_dead_one():
     with running_server("--early-steps", "0", "--reasoning-budget", "4") as url:
         judge = build_judge(JudgeConfig(kind="remote", url=f"{url}/v1"))
