@@ -36,7 +36,7 @@ from safethink_server.config import ServerSettings
 from safethink_server.engines.base import COMMON_FIELDS
 from safethink_server.prompt import Conversation, RenderedPrompt, open_turn, raw_prompt_section
 from safethink_server.schema import ReasoningConfig
-from tests.server.scripted_engine import MODEL_PIECES, ScriptedEngine
+from tests.support.scripted_engine import MODEL_PIECES, ScriptedEngine
 
 PREFIX, REFUSAL = "[FIX]", "[NO]"
 START, END = "<think>", "</think>"

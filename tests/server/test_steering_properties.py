@@ -28,7 +28,7 @@ from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
 from safethink_server.steering.output import Delta, OutputProcessor
 from safethink_server.steering.session import SteeringSession
 from safethink_server.steering.steps import StepBoundaryDetector
-from tests.server.scripted_engine import MODEL_PIECES, ScriptedEngine
+from tests.support.scripted_engine import MODEL_PIECES, ScriptedEngine
 
 PREFIX, REFUSAL = "[FIX]", "[NO]"
 START, END = "<think>", "</think>"

@@ -12,7 +12,7 @@ import pytest
 
 from safethink_server.engines.upstream.errors import identifier, status_error, stream_error, transport_error
 from safethink_server.engines.upstream.stream import UpstreamError, sse_batches
-from tests.server.faulty_upstream import QUOTED
+from tests.support.faulty_upstream import QUOTED
 
 
 @pytest.mark.parametrize(("value", "kept"), [

@@ -22,7 +22,7 @@ from safethink_server.engines.upstream.config import UpstreamConfig
 from safethink_server.engines.upstream.engine import UpstreamEngine
 from safethink_server.prompt import Conversation
 from safethink_server.schema import ReasoningConfig
-from tests.server.scripted_upstream import KeywordScorer, ScriptedUpstream
+from tests.support.scripted_upstream import KeywordScorer, ScriptedUpstream
 from tests.support.servers import free_port, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not

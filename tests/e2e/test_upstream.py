@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.faulty_upstream import FaultyUpstream
-from tests.server.openai_fields import ANSWER_SCHEMA, WEATHER_TOOL
+from tests.support.faulty_upstream import FaultyUpstream
+from tests.support.openai_fields import ANSWER_SCHEMA, WEATHER_TOOL
 from tests.support.servers import EMBEDDED_MODEL, LOG_DIR, free_port, running_process, running_server
 from tests.support.streams import read_stream
 
@@ -197,7 +197,7 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
 def test_only_identifiers_of_the_upstreams_own_fields_are_passed_back(faulty_proxy):
     """The models the upstream lists with a name (malformed entries left out), and its system_fingerprint
     only where it is an identifier: a fingerprint quoting text is dropped, stream and whole."""
-    from tests.server.faulty_upstream import BEHAVIOURS
+    from tests.support.faulty_upstream import BEHAVIOURS
 
     assert [m.id for m in client(faulty_proxy).models.list()] == BEHAVIOURS
     body = {"model": "quoting-fingerprint", "messages": MATH, "max_tokens": 32}

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tests.server.threaded_server import ThreadedServer
+from tests.support.threaded_server import ThreadedServer
 
 BEHAVIOURS = ["ok", "reasoning-field", "think-inline", "length", "close-mid-stream", "stall", "rate-limited", "server-error", "malformed",
               "forged-call", "forged-call-in-reasoning", "malformed-call", "counted", "rejected-quoting", "failed-quoting",

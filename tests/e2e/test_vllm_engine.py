@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from safethink_server.prompt import Conversation, RenderedPrompt
-from tests.server.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
+from tests.support.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
 from tests.support.servers import EMBEDDED_MODEL, free_port
 from tests.support.streams import read_stream
 

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.server.faulty_scorer import FaultyScorer
-from tests.server.faulty_upstream import QUOTED, FaultyUpstream
+from tests.support.faulty_scorer import FaultyScorer
+from tests.support.faulty_upstream import QUOTED, FaultyUpstream
 from tests.support.servers import free_port, running_server, series, server_log
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not

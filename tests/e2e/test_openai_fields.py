@@ -10,7 +10,7 @@ import pytest
 
 from safethink_server.api.fields import is_neutral, refused_field
 from safethink_server.api.protocol import ChatCompletionRequest, ChatMessage
-from tests.server.openai_fields import EXAMPLES, HONOURED, refused_param
+from tests.support.openai_fields import EXAMPLES, HONOURED, refused_param
 from tests.support.servers import EMBEDDED_MODEL, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not

@@ -8,7 +8,7 @@ import asyncio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from tests.server.threaded_server import ThreadedServer
+from tests.support.threaded_server import ThreadedServer
 
 
 class FaultyScorer(ThreadedServer):

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tests.server.threaded_server import ThreadedServer
+from tests.support.threaded_server import ThreadedServer
 
 # An event: (field, text, [tokens with entries], finish_reason). Field None: an event without text.
 Event = tuple[str | None, str, list[str], str | None]
