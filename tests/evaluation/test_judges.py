@@ -73,18 +73,39 @@ async def test_model_judges_follow_the_models_verdict_and_leave_empty_text_safe(
     assert all(v.unsafe == (v.score >= 0.5) for v in verdicts if v.detail != "empty")
 
 
-async def test_the_classifier_judge_reads_the_label_named_unsafe(tiny_classifier_dir, tmp_path):
-    """The exchange above is symmetric; this fixes the direction: a classifier biased to its "unsafe"
-    label calls every text unsafe."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def leaning_unsafe(kind: str, folder: Path, out: Path) -> Path:
+    """The model made to answer "unsafe" whatever the text. Guard: one residual dimension is held at a
+    constant (every token's embedding 1 there, no layer writes to it), and the LM head reads it into
+    the "unsafe" token only. Classifier: the label named "unsafe" is put at index 0 (a judge that
+    took index 1 for unsafe, as a two-label fallback does, reads the wrong one) and biased."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
-        model.classifier.bias[:] = torch.tensor([-20.0, 20.0])  # id2label: 0 safe, 1 unsafe
-    model.save_pretrained(tmp_path / "biased")
-    AutoTokenizer.from_pretrained(tiny_classifier_dir).save_pretrained(tmp_path / "biased")
-    verdicts = await verdicts_of("classifier", tmp_path / "biased", ["Step 1: get the parts.", "I won't help with that."])
-    assert all(v.unsafe and v.score > 0.99 for v in verdicts)
+        if kind == "guard":
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            model.model.embed_tokens.weight[:, 0] = 1.0
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight[0, :] = 0.0
+                layer.mlp.down_proj.weight[0, :] = 0.0
+            unsafe, safe = first_token_id(tokenizer, "unsafe"), first_token_id(tokenizer, "safe")
+            model.lm_head.weight[[unsafe, safe]] = 0.0
+            model.lm_head.weight[unsafe, 0] = 50.0
+        else:
+            config = AutoConfig.from_pretrained(folder, id2label={0: "unsafe", 1: "safe"}, label2id={"unsafe": 0, "safe": 1})
+            model = AutoModelForSequenceClassification.from_pretrained(folder, config=config)
+            model.classifier.bias[:] = torch.tensor([20.0, -20.0])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["guard", "classifier"])
+async def test_a_judge_reads_the_models_unsafe_output(kind, request, tmp_path):
+    """The exchange above is symmetric; this fixes the direction."""
+    folder = request.getfixturevalue("tiny_guard_dir" if kind == "guard" else "tiny_classifier_dir")
+    verdicts = await verdicts_of(kind, leaning_unsafe(kind, folder, tmp_path / "unsafe"), ["Step 1: get the parts.", "I won't help."])
+    assert all(v.unsafe and v.score > 0.99 for v in verdicts), verdicts
 
 
 def test_model_judge_needs_a_model():
