@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from reward_models.base import Scorer
 from reward_models.batcher import MicroBatcher
+from safethink_server.api.accounting import RequestAccounting
 from safethink_server.api.audit import AuditLog
 from safethink_server.api.auth import Authentication, tenant_of
 from safethink_server.api.errors import APIError, install_error_handlers
@@ -86,7 +87,8 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
-    app.add_middleware(Authentication, keyring=keyring, audit=state.audit, refused=metrics.unauthorized.inc)
+    app.add_middleware(Authentication, keyring=keyring, refused=metrics.unauthorized.inc)
+    app.add_middleware(RequestAccounting, metrics=metrics, audit=state.audit, engine_name=engine.name)  # outermost: sees every answer
 
     async def authenticate(request: Request) -> Tenant:
         return tenant_of(request.state)
@@ -146,7 +148,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             return await build_sessions(state, tenant, body)
 
-        return await respond(state, RequestTracker(state, tenant.id, "chat.completions", body), body, request, sessions_for,
+        return await respond(state, RequestTracker(state, tenant.id, "chat.completions", body, request), body, request, sessions_for,
                              complete, stream)
 
     @app.post("/v1/completions", response_model=None, responses=GENERATION)
@@ -154,7 +156,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
         async def sessions_for() -> tuple[list[SteeringSession], AnswerFormat | None]:
             return await build_completion_sessions(state, tenant, body), None
 
-        return await respond(state, RequestTracker(state, tenant.id, "completions", body), body, request, sessions_for,
+        return await respond(state, RequestTracker(state, tenant.id, "completions", body, request), body, request, sessions_for,
                              complete_text, stream_text)
 
     @app.post("/v1/responses", response_model=None, responses=GENERATION)
@@ -167,7 +169,7 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
             return await build_sessions(state, tenant, body.as_chat())
 
         abort_event = ResponseEvents(ResponseBuilder(body, engine.model_name)).error
-        return await respond(state, RequestTracker(state, tenant.id, "responses", body), body, request, sessions_for,
+        return await respond(state, RequestTracker(state, tenant.id, "responses", body, request), body, request, sessions_for,
                              complete_response, stream_response, abort_event)
 
     return app

@@ -46,16 +46,13 @@ async def respond(state: ServerState, tracker: RequestTracker, body: GenerationR
             sessions, answer = await sessions_for()
             tracker.sessions = sessions
             if not body.stream:
-                whole = await completer(state, body, sessions, answer, tracker, request)
-                whole.headers["x-request-id"] = tracker.request_id
-                return whole
+                return await completer(state, body, sessions, answer, tracker, request)
             # A full queue answers 503 before the stream begins. The other choices take their slots as
             # they run: with fewer slots than choices, they wait for the first ones to end.
             await sessions[0].start()
             response = SessionStream(sessions, tracker, streamer(state, body, sessions, answer, tracker), state.lifecycle,
                                      abort_event or error_ending)
             streaming = True  # from here the response owns the slots and the count
-            response.headers["x-request-id"] = tracker.request_id
             return response
         tracker.status = RequestStatus.ABORTED  # the drain timed out
         return shutting_down().response()

@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+
 from safethink_server.api.audit import AuditChoice, AuditError, AuditRecord
 from safethink_server.api.errors import APIError
 from safethink_server.api.protocol import Usage
@@ -26,10 +28,11 @@ _PROMPT_FIELDS = {"messages", "prompt", "input", "instructions"}
 
 
 class RequestTracker:
-    def __init__(self, state: ServerState, key: str, route: str, body: Any) -> None:
+    def __init__(self, state: ServerState, key: str, route: str, body: Any, request: Request) -> None:
         self.metrics, self.engine, self.lifecycle, self.audit = state.metrics, state.engine, state.lifecycle, state.audit
         self.key, self.route, self.body = key, route, body
-        self.request_id = uuid.uuid4().hex
+        self.request_id: str = getattr(request.state, "request_id", None) or uuid.uuid4().hex  # RequestAccounting's
+        request.state.tracked = True  # counted and audited here, not by RequestAccounting
         self.arrived_at, self.arrived = time.time(), time.perf_counter()
         self.ttft: float | None = None
         self.status = RequestStatus.ABORTED
