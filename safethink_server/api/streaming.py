@@ -20,6 +20,8 @@ from safethink_server.schema import RequestStatus
 from safethink_server.steering.output import Delta
 from safethink_server.steering.session import SteeringSession
 
+DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
+
 
 async def choice_runs(sessions: list[SteeringSession]) -> AsyncIterator[tuple[int, Delta | None]]:
     """Every choice's deltas tagged with its index as they come, then (index, None) when it ends.
@@ -73,15 +75,20 @@ class SessionStream(StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         """Starlette's, in a scope that a drain past its timeout cancels: the stream then ends with an
-        error event and [DONE]."""
+        error event and [DONE], or, where its outcome was already decided and its last events were
+        going out, with [DONE] (a Responses stream: with the error event)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        ended = False
+        ended = False  # the stream's last event went out
         with self.lifecycle.abortable() as scope:
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+                ended = chunk.endswith(DONE)
             ended = True
-        if scope.cancelled_caught and not ended and self.tracker.status == RequestStatus.ABORTED:  # (no outcome, no error event yet)
-            await send({"type": "http.response.body", "body": self.abort_event(shutting_down()).encode("utf-8"), "more_body": True})
+        if scope.cancelled_caught and not ended:
+            undecided = self.tracker.status == RequestStatus.ABORTED  # no outcome, so no error event yet
+            ends_with_done = self.abort_event is error_ending  # chat and completions, not Responses
+            tail = DONE if ends_with_done and not undecided else self.abort_event(shutting_down())
+            await send({"type": "http.response.body", "body": tail.encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,7 +111,7 @@ def stream_tail(body: GenerationRequest, sessions: list[SteeringSession], tracke
     usage = counted_usage(sessions, tracker)
     if body.stream_options is not None and body.stream_options.include_usage:
         yield usage_event(usage)
-    yield "data: [DONE]\n\n"
+    yield DONE
 
 
 def failed_stream(tracker: RequestTracker, exc: Exception) -> Iterator[str]:
@@ -113,7 +120,7 @@ def failed_stream(tracker: RequestTracker, exc: Exception) -> Iterator[str]:
 
 
 def error_ending(error: APIError) -> str:
-    return sse(error.body()) + "data: [DONE]\n\n"
+    return sse(error.body()) + DONE
 
 
 def sse(payload: ChatCompletionChunk | ErrorResponse) -> str:
