@@ -7,12 +7,28 @@ Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safet
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
 
 from safethink_server.schema import RequestStatus
 from safethink_server.steering.hooks import SteeringObserver
 
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+PROCESS_REFRESH_S = 5.0
+PROCESS_GAUGES = {"process_resident_memory_bytes": "Resident memory size in bytes.",
+                  "process_virtual_memory_bytes": "Virtual memory size in bytes.",
+                  "process_cpu_seconds_total": "Total user and system CPU time spent in seconds.",
+                  "process_open_fds": "Number of open file descriptors."}
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _P_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -40,6 +56,21 @@ class Metrics:
         self.upstream_errors = Counter("safethink_upstream_errors", "Upstream failures by kind (proxy mode).", ["kind"], registry=r)
         self.active = Gauge("safethink_active_requests", "Requests being served or waiting for the engine.", registry=r,
                             multiprocess_mode="livesum")
+        self.memory_limit = Gauge("safethink_memory_limit_bytes", "The memory the server may use: its cgroup's limit (a pod's "
+                                  "limit), else the machine's.", registry=r, multiprocess_mode="max")
+        self.memory_limit.set(memory_limit_bytes())
+        self.process: dict[str, Gauge] = {}
+        if MULTIPROCESS_DIR in os.environ:  # each worker's, labelled by its pid, copied by `refresh_process`
+            self.process = {name: Gauge(name, doc, registry=r, multiprocess_mode="liveall") for name, doc in PROCESS_GAUGES.items()}
+        else:  # read from /proc at each scrape
+            ProcessCollector(registry=r)
+
+    def refresh_process(self) -> None:
+        """Under `--workers N`: this worker's memory, CPU time and open files into its gauges."""
+        for family in ProcessCollector(registry=None).collect():
+            for sample in family.samples:
+                if sample.name in self.process:
+                    self.process[sample.name].set(sample.value)
 
     def exposition(self) -> bytes:
         """The text the API port's /metrics serves (see `exposed`)."""
@@ -67,10 +98,26 @@ class Metrics:
         self.scorer_warm_seconds.inc(seconds)
 
 
+def memory_limit_bytes(cgroup: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path("/proc/meminfo")) -> float:
+    """The cgroup's memory limit (v2 `memory.max`, v1 `memory.limit_in_bytes`), else the machine's memory."""
+    for limit in (cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = limit.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes a huge number for no limit, v2 "max"
+            return float(text)
+    try:
+        total = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:"))
+        return float(total.split()[1]) * 1024
+    except (OSError, StopIteration, IndexError, ValueError):
+        return float("inf")
+
+
 def exposed(registry: CollectorRegistry | None) -> CollectorRegistry:
     """What /metrics serves: this process's metrics (`registry`), or under `serve --workers N` (prometheus_client's
     multiprocess mode) every worker's, read from the multiprocess folder and summed at each scrape."""
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if MULTIPROCESS_DIR not in os.environ:
         if registry is None:
             raise ValueError("no registry, and no PROMETHEUS_MULTIPROC_DIR to read the workers' metrics from")
         return registry

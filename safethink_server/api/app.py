@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -44,7 +45,7 @@ from safethink_server.api.tokens import (
 from safethink_server.api.tracker import RequestTracker, failure
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import AnswerFormat, Engine, EngineError
-from safethink_server.metrics import Metrics
+from safethink_server.metrics import PROCESS_REFRESH_S, Metrics
 from safethink_server.prompt import PromptError
 from safethink_server.schema import TokenizeResponse
 from safethink_server.steering.session import SteeringSession
@@ -71,11 +72,19 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
     state = ServerState(settings, engine, scorer, batcher, metrics, Lifecycle(settings.drain_timeout_s), keyring,
                         AuditLog(settings.audit_log, settings.audit_log_text))
 
+    async def refresh_process_metrics() -> None:
+        while True:
+            metrics.refresh_process()
+            await asyncio.sleep(PROCESS_REFRESH_S)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.open()
         state.lifecycle.handle_sigterm()
+        refresher = asyncio.create_task(refresh_process_metrics()) if metrics.process else None
         yield
+        if refresher is not None:
+            refresher.cancel()
         await batcher.aclose()
         await engine.close()
         scorer.close()

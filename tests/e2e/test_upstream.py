@@ -192,6 +192,9 @@ def test_workers_share_the_port_and_their_metrics_are_summed(tmp_path):
         assert len(counts) == 2, f"one metrics file per worker: {counts}"
         assert all(counts.values()), f"both workers served requests: {counts}"
         assert sum(counts.values()) == sent
+        scraped = httpx.get(metrics_url + "/metrics").text
+        rss = dict(re.findall(r'^process_resident_memory_bytes{pid="(\d+)"} (\S+)$', scraped, re.M))
+        assert len(rss) == 2 and all(float(value) > 50e6 for value in rss.values()), f"each worker's own memory: {rss}"
 
 
 def test_only_identifiers_of_the_upstreams_own_fields_are_passed_back(faulty_proxy):
