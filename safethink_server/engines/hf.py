@@ -152,6 +152,13 @@ class HFGeneration(Generation):
             self.engine.release_slot()
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: a GPU's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which torch raises on CPU."""
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                                     and "can't allocate memory" in str(exc))
+
+
 class HFEngine(Engine):
     name = "hf"
     honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS - {"stop_token_ids"} | {"logprobs", "top_logprobs"}
@@ -201,7 +208,7 @@ class HFEngine(Engine):
         nothing succeeding between them, mean the process is unusable: the engine is dead."""
         if exc is None:
             self._out_of_memory = 0
-        elif isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        elif out_of_memory(exc):
             self._out_of_memory += 1
             if self._out_of_memory >= OUT_OF_MEMORY_IN_A_ROW:
                 self.failure = f"{self._out_of_memory} forwards in a row ran out of memory"

@@ -1,8 +1,11 @@
 """KV-cache steering is exact: rollback + inject continues as a fresh run over the same ids."""
 
+import asyncio
+import resource
+
 import pytest
 
-from safethink_server.engines.base import SamplingParams
+from safethink_server.engines.base import EngineError, SamplingParams
 from safethink_server.engines.hf import HFEngine
 from safethink_server.prompt import Conversation, PromptError, RenderedPrompt
 from safethink_server.schema import TokenizeOptions
@@ -131,3 +134,39 @@ async def test_tokenize_and_detokenize_are_the_engines_tokenizer(engine):
         with pytest.raises(PromptError) as raised:
             await engine.detokenize(bad)
         assert raised.value.param == "tokens"
+
+
+def test_forwards_that_run_out_of_memory_kill_the_engine_and_others_do_not(embedded_model_dir):
+    """A real allocation failure: the address space is capped a little above what the loaded engine
+    uses, so a long prompt's attention cannot be allocated. One request failing so is not fatal; three
+    in a row with nothing succeeding between them kill the engine (its /health answers dead)."""
+    engine = HFEngine(embedded_model_dir, "smol", dtype="float32")
+    long_prompt = list(range(100, 1900))
+
+    async def fail_once() -> None:
+        with pytest.raises(EngineError):
+            gen = await engine.start(RenderedPrompt(long_prompt, "reasoning"), SamplingParams(max_tokens=1), CONVERSATION)
+            try:
+                await gen.next_tokens()
+            finally:
+                await gen.abort()
+
+    async def scenario() -> None:
+        warm, _ = await greedy(engine, [1, 2, 3], 1)  # the worker thread and its allocator arenas exist before the cap
+        await warm.abort()
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + (40 << 20), hard))
+        try:
+            await fail_once()
+            assert engine.dead_reason() is None, "one request's failure is that request's"
+            await fail_once()
+            await fail_once()
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert engine.dead_reason() == "3 forwards in a row ran out of memory"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.close())
