@@ -70,7 +70,10 @@ def assert_honoured(url: str, example: str, body: dict) -> None:
     assert [c["message"]["role"] for c in choices] == ["assistant"] * (2 if example == "n" else 1)
     logprobs = choices[0].get("logprobs")
     if example == "logprobs":
-        assert logprobs["content"] and all(len(e["top_logprobs"]) == 2 for e in logprobs["content"]), logprobs
+        entries = logprobs["content"]
+        assert all(len(e["top_logprobs"]) == 2 for e in entries), logprobs
+        # every step at the proxy's threshold 0 is replaced: its 8 tokens may hold no released model text
+        assert entries or body.get("safethink", {}).get("interventions"), body
     else:
         assert logprobs is None
     if example == "seed":
