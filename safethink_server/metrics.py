@@ -1,6 +1,6 @@
 """Prometheus metrics. Names are fixed: dashboards and alert rules rely on them.
 
-Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safethink_requests_total[5m]))
+Intervention rate: sum(rate(safethink_interventions_total[5m])) / sum(rate(safethink_requests_total{status!="unauthorized"}[5m]))
 (`sum by (key)` for each API key's: `key` is the key's id, `anonymous` on a server without keys).
 """
 
@@ -67,7 +67,7 @@ class Metrics:
 
     def refresh_process(self) -> None:
         """Under `--workers N`: this worker's memory, CPU time and open files into its gauges."""
-        for family in ProcessCollector(registry=None).collect():
+        for family in ProcessCollector(registry=None).collect():  # (reads /proc/self)
             for sample in family.samples:
                 if sample.name in self.process:
                     self.process[sample.name].set(sample.value)
@@ -121,9 +121,23 @@ def exposed(registry: CollectorRegistry | None) -> CollectorRegistry:
         if registry is None:
             raise ValueError("no registry, and no PROMETHEUS_MULTIPROC_DIR to read the workers' metrics from")
         return registry
+    forget_dead_workers(os.environ[MULTIPROCESS_DIR])
     combined = CollectorRegistry()
     multiprocess.MultiProcessCollector(combined)
     return combined
+
+
+def forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges (memory, active requests) of workers that are gone: a worker the kernel
+    killed and uvicorn restarted would otherwise stay in the sums with its last values."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, folder)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def start_listener(host: str, port: int, registry: CollectorRegistry | None) -> None:

@@ -42,7 +42,7 @@ def run(*args: str) -> str:
 
 
 ALERTS = {"SafeThinkHighInterventionRate", "SafeThinkHighRefusalRate", "SafeThinkKeyHighRefusalRate", "SafeThinkScorerErrors",
-          "SafeThinkScorerSlow", "SafeThinkNoTraffic"}
+          "SafeThinkScorerSlow", "SafeThinkNoTraffic", "SafeThinkMemoryNearLimit"}
 
 
 def rules() -> dict[str, dict]:
@@ -57,7 +57,7 @@ def flat(expr: str) -> str:
 
 def test_promtool_checks_and_unit_tests_the_alert_rules():
     out = run(tool("promtool"), "check", "rules", str(DEPLOY / "prometheus/rules.yml"))
-    assert "SUCCESS: 10 rules found" in out
+    assert "SUCCESS: 11 rules found" in out
     assert "SUCCESS" in run(tool("promtool"), "test", "rules", str(DEPLOY / "prometheus/rules_test.yml"))
     run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus/prometheus.yml"))
     # Every alert has a unit test in which it fires (the rate alerts one in which they stay quiet too), and every
