@@ -21,6 +21,7 @@ from safethink_server.schema import RequestStatus
 logger = logging.getLogger(__name__)
 
 GENERATION_ROUTES = {"/v1/chat/completions": "chat.completions", "/v1/completions": "completions", "/v1/responses": "responses"}
+ROUTES = {**GENERATION_ROUTES, "/tokenize": "tokenize", "/detokenize": "detokenize", "/v1/models": "models"}  # else "unknown"
 UNAUTHENTICATED = "unauthenticated"  # the key label of a request refused before its key was known
 UNAUTHORIZED = "unauthorized"
 
@@ -37,11 +38,18 @@ class RequestAccounting:
         state["request_id"] = request_id
         arrived_at, arrived = time.time(), time.perf_counter()
         status = 500  # what an exception that escapes the app becomes
+        started = disconnected = False
+
+        async def receive_noting_disconnect() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers") or [])
                 if not any(name.lower() == b"x-request-id" for name, _ in headers):
                     headers.append((b"x-request-id", request_id.encode()))
@@ -49,27 +57,37 @@ class RequestAccounting:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_noting_disconnect, send_with_id)
+        except Exception:
+            if started:
+                raise
+            # (answered here rather than by the app's outer error handler, so that it carries the id)
+            logger.exception("unhandled error")
+            await APIError(500, "internal server error", type_="server_error").response()(scope, receive, send_with_id)
         finally:
             if not state.get("tracked") and scope["path"] not in PUBLIC_PATHS:
-                self._account(state, scope["path"], status, arrived_at, time.perf_counter() - arrived)
+                counted = self._status(status, disconnected)
+                self._account(state, scope["path"], status, counted, arrived_at, time.perf_counter() - arrived)
 
-    def _account(self, state: dict, path: str, status: int, arrived_at: float, duration_s: float) -> None:
+    @staticmethod
+    def _status(status: int, disconnected: bool) -> RequestStatus | str:
+        if disconnected and status == 400:  # the client left while its body was read
+            return RequestStatus.ABORTED
+        return (RequestStatus.SUCCESS if status < 400 else UNAUTHORIZED if status == 401 else RequestStatus.INVALID if status < 500
+                else RequestStatus.UNAVAILABLE if status == 503 else RequestStatus.ERROR)
+
+    def _account(self, state: dict, path: str, status: int, counted: RequestStatus | str, arrived_at: float, duration_s: float) -> None:
         """A request no tracker counted: to a generation route it is counted; to any route but the public
         ones, audited."""
         tenant = state.get("tenant")
         key = tenant.id if tenant is not None else UNAUTHENTICATED
-        counted: RequestStatus | str = (RequestStatus.SUCCESS if status < 400 else UNAUTHORIZED if status == 401
-                                        else RequestStatus.INVALID if status < 500 else RequestStatus.UNAVAILABLE if status == 503
-                                        else RequestStatus.ERROR)
-        route = GENERATION_ROUTES.get(path)
-        if route is not None:
+        if path in GENERATION_ROUTES:
             self.metrics.requests.labels(engine=self.engine_name, status=counted, key=key).inc()
         if not self.audit.enabled:
             return
         error = AuditError(status=status, type=APIError(status, "").type, code=state.get("error_code")) if status >= 400 else None
         try:
-            self.audit.write(AuditRecord(time=arrived_at, request_id=state["request_id"], key=key, route=route or path[:200], model=None,
+            self.audit.write(AuditRecord(time=arrived_at, request_id=state["request_id"], key=key, route=ROUTES.get(path, "unknown"), model=None,
                                          stream=False, status=counted, duration_s=duration_s, error=error))  # type: ignore[arg-type]
         except Exception:
             logger.exception("could not write the audit log line of request %s", state["request_id"])

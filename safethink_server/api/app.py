@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +52,8 @@ from safethink_server.schema import TokenizeResponse
 from safethink_server.steering.session import SteeringSession
 from safethink_server.tenants import Tenant
 
+logger = logging.getLogger(__name__)
+
 # What the OpenAPI schema documents: every error is an ErrorResponse; a stream is text/event-stream.
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in (
@@ -74,7 +77,10 @@ def create_app(settings: ServerSettings, engine: Engine, scorer: Scorer) -> Fast
 
     async def refresh_process_metrics() -> None:
         while True:
-            metrics.refresh_process()
+            try:
+                metrics.refresh_process()
+            except Exception:
+                logger.exception("could not read this worker's process metrics")
             await asyncio.sleep(PROCESS_REFRESH_S)
 
     @asynccontextmanager

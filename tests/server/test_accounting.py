@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reward_models.base import Scorer, StepScore
+from safethink_server.api.accounting import ROUTES
 from safethink_server.api.app import create_app
 from safethink_server.config import ServerSettings
 from tests.server.test_api_properties import MODEL, AppEngine
@@ -80,7 +81,7 @@ def test_every_request_has_an_id_an_audit_line_and_a_count(tmp_path_factory, nam
     for name, line in zip(names, lines, strict=True):
         _, path, _, keyed, status, as_counted = REQUESTS[name]
         assert line["status"] == as_counted and line["key"] == ("default" if keyed else "unauthenticated"), (name, line)
-        assert line["route"] == GENERATION.get(path, path) and (line.get("error") is None) == (status < 400), (name, line)
+        assert line["route"] == ROUTES.get(path, "unknown") and (line.get("error") is None) == (status < 400), (name, line)
     expected: dict[tuple[str, str], int] = {}
     for name in names:
         _, path, _, keyed, _, as_counted = REQUESTS[name]
@@ -88,3 +89,47 @@ def test_every_request_has_an_id_an_audit_line_and_a_count(tmp_path_factory, nam
             label = (as_counted, "default" if keyed else "unauthenticated")
             expected[label] = expected.get(label, 0) + 1
     assert {label: value for label, value in counted.items() if value} == expected
+
+
+class BrokenModels(AppEngine):
+    def model_ids(self) -> list[str]:
+        raise RuntimeError("a bug")
+
+
+def test_an_unhandled_error_is_a_500_with_an_id_and_an_audit_line(tmp_path):
+    async def scenario() -> httpx.Response:
+        app = create_app(ServerSettings(audit_log=str(tmp_path / "audit.jsonl")), BrokenModels([], [1]), Quiet())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                return await client.get("/v1/models")
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 500 and response.json()["error"]["message"] == "internal server error", response.text
+    [line] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert (line["request_id"], line["status"], line["route"]) == (response.headers["x-request-id"], "error", "models")
+
+
+def test_a_client_gone_while_its_body_is_read_is_counted_aborted(tmp_path):
+    """It sent part of its body and left: not an invalid request of its own."""
+    async def scenario() -> dict[tuple[str, str], float]:
+        app = create_app(ServerSettings(audit_log=str(tmp_path / "audit.jsonl")), AppEngine([], [1]), Quiet())
+        messages = iter([{"type": "http.request", "body": b'{"model": "scr', "more_body": True}, {"type": "http.disconnect"}])
+
+        async def receive() -> dict[str, Any]:
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message: dict[str, Any]) -> None:
+            return None
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json")], "client": ("test", 1), "server": ("test", 80)}
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+        registry = app.state.safethink.metrics.registry
+        return {(sample.labels["status"], sample.labels["key"]): sample.value for metric in registry.collect()
+                if metric.name == "safethink_requests" for sample in metric.samples if sample.name.endswith("_total") and sample.value}
+
+    assert asyncio.run(scenario()) == {("aborted", "anonymous"): 1.0}
+    [line] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert line["status"] == "aborted"
