@@ -74,9 +74,10 @@ class SessionStream(StreamingResponse):
         self.abort_event = abort_event
 
     async def stream_response(self, send: Send) -> None:
-        """Starlette's, in a scope that a drain past its timeout cancels: the stream then ends with an
-        error event and [DONE], or, where its outcome was already decided and its last events were
-        going out, with [DONE] (a Responses stream: with the error event)."""
+        """Starlette's, in a scope that a drain past its timeout cancels: the stream then ends with its
+        error event (the request's own failure, else "shutting down") and [DONE], or, where it had
+        succeeded and its last events were going out, with [DONE] (a Responses stream: with the error
+        event)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         ended = False  # the stream's last event went out
         with self.lifecycle.abortable() as scope:
@@ -85,9 +86,9 @@ class SessionStream(StreamingResponse):
                 ended = chunk.endswith(DONE)
             ended = True
         if scope.cancelled_caught and not ended:
-            undecided = self.tracker.status == RequestStatus.ABORTED  # no outcome, so no error event yet
+            succeeded = self.tracker.status == RequestStatus.SUCCESS  # (a failure's error event may be what was cut)
             ends_with_done = self.abort_event is error_ending  # chat and completions, not Responses
-            tail = DONE if ends_with_done and not undecided else self.abort_event(shutting_down())
+            tail = DONE if ends_with_done and succeeded else self.abort_event(self.tracker.error or shutting_down())
             await send({"type": "http.response.body", "body": tail.encode("utf-8"), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
