@@ -154,9 +154,10 @@ class HFGeneration(Generation):
 
 def out_of_memory(exc: BaseException) -> bool:
     """An allocation that failed: a GPU's OutOfMemoryError, Python's MemoryError, or the CPU allocator's
-    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which torch raises on CPU."""
-    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
-                                                                     and "can't allocate memory" in str(exc))
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory", or a C++ std::bad_alloc), which torch
+    raises on CPU."""
+    return isinstance(exc, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in ("can't allocate memory", "std::bad_alloc")))
 
 
 class HFEngine(Engine):

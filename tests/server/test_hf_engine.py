@@ -4,6 +4,7 @@ import asyncio
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,7 +145,7 @@ def test_forwards_that_run_out_of_memory_kill_the_engine_and_others_do_not(embed
     in a row with nothing succeeding between them kill the engine (its /health answers dead). In a
     process of its own: in this one, memory freed by earlier tests would serve the forward."""
     script = f"import sys; from tests.server.test_hf_engine import out_of_memory_scenario; out_of_memory_scenario({str(embedded_model_dir)!r})"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "alive after one; dead after three: 3 forwards in a row ran out of memory"
 
