@@ -7,8 +7,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from safethink_server.metrics import PROCESS_GAUGES, Metrics, memory_limit_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_one_process_reports_its_memory():
@@ -17,18 +20,33 @@ def test_one_process_reports_its_memory():
     assert len(rss) == 1 and float(rss[0]) > 10e6, text
 
 
-def test_each_worker_reports_its_own_memory(tmp_path):
+def scrape(env: dict[str, str]) -> str:
+    code = "from prometheus_client import generate_latest; from safethink_server.metrics import exposed; print(generate_latest(exposed(None)).decode())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+
+def test_each_worker_reports_its_own_memory_until_it_is_gone(tmp_path):
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    worker = "from safethink_server.metrics import Metrics; Metrics().refresh_process(); print(__import__('os').getpid())"
-    pids = {subprocess.run([sys.executable, "-c", worker], env=env, capture_output=True, text=True, check=True).stdout.strip()
-            for _ in range(2)}
-    scrape = "from prometheus_client import generate_latest; from safethink_server.metrics import exposed; print(generate_latest(exposed(None)).decode())"
-    text = subprocess.run([sys.executable, "-c", scrape], env=env, capture_output=True, text=True, check=True).stdout
-    for name in PROCESS_GAUGES:
-        series = dict(re.findall(rf'^{name}{{pid="(\d+)"}} (\S+)$', text, re.M))
-        assert set(series) == pids, (name, text)
-    rss = dict(re.findall(r'^process_resident_memory_bytes{pid="(\d+)"} (\S+)$', text, re.M))
-    assert all(float(value) > 10e6 for value in rss.values()), rss
+    worker = ("import os, sys; from safethink_server.metrics import Metrics; m = Metrics(); m.active.inc(); m.refresh_process(); "
+              "print(os.getpid(), flush=True); sys.stdin.read()")
+    workers = [subprocess.Popen([sys.executable, "-c", worker], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                cwd=ROOT) for _ in range(2)]
+    try:
+        pids = [w.stdout.readline().strip() for w in workers]
+        text = scrape(env)
+        for name in PROCESS_GAUGES:
+            assert set(re.findall(rf'^{name}{{pid="(\d+)"}} \S+$', text, re.M)) == set(pids), (name, text)
+        rss = re.findall(r'^process_resident_memory_bytes{pid="\d+"} (\S+)$', text, re.M)
+        assert all(float(value) > 10e6 for value in rss) and "safethink_active_requests 2.0" in text, text
+        workers[0].kill()  # as the kernel kills a worker over its memory limit
+        workers[0].wait()
+        text = scrape(env)
+        assert set(re.findall(r'^process_resident_memory_bytes{pid="(\d+)"}', text, re.M)) == {pids[1]}, text
+        assert "safethink_active_requests 1.0" in text, "a dead worker's requests are not active"
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
 
 
 def test_the_memory_limit_is_the_cgroups_else_the_machines(tmp_path):
