@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from safethink_server.api.audit import AuditError, AuditLog, AuditRecord
 from safethink_server.api.auth import PUBLIC_PATHS
-from safethink_server.api.errors import APIError
+from safethink_server.api.errors import APIError, counted_as
 from safethink_server.metrics import Metrics
 from safethink_server.schema import RequestStatus
 
@@ -73,8 +73,7 @@ class RequestAccounting:
     def _status(status: int, disconnected: bool) -> RequestStatus | str:
         if disconnected and status == 400:  # the client left while its body was read
             return RequestStatus.ABORTED
-        return (RequestStatus.SUCCESS if status < 400 else UNAUTHORIZED if status == 401 else RequestStatus.INVALID if status < 500
-                else RequestStatus.UNAVAILABLE if status == 503 else RequestStatus.ERROR)
+        return RequestStatus.SUCCESS if status < 400 else UNAUTHORIZED if status == 401 else counted_as(status)
 
     def _account(self, state: dict, path: str, status: int, counted: RequestStatus | str, arrived_at: float, duration_s: float) -> None:
         """A request no tracker counted: to a generation route it is counted; to any route but the public

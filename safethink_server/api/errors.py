@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safethink_server.api.protocol import ErrorResponse
+from safethink_server.schema import RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +27,21 @@ class APIError(Exception):
         self.code = code
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
+    @property
+    def counted_as(self) -> RequestStatus:
+        """The status safethink_requests_total counts a request answered with this error under."""
+        return counted_as(self.status)
+
     def body(self) -> ErrorResponse:
         return ErrorResponse.of(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body().model_dump(), status_code=self.status)
+
+
+def counted_as(http_status: int) -> RequestStatus:
+    """The status safethink_requests_total counts an error answer under (a 401 aside: `accounting.py`)."""
+    return RequestStatus.INVALID if http_status < 500 else RequestStatus.UNAVAILABLE if http_status == 503 else RequestStatus.ERROR
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

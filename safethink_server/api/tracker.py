@@ -105,8 +105,7 @@ def failure(exc: Exception, metrics: Metrics) -> tuple[APIError, str]:
     """The API error a failure answers with, and the status it is counted under. Anything unexpected
     is logged with its traceback, on the server only."""
     if isinstance(exc, APIError):
-        return exc, (RequestStatus.INVALID if exc.status < 500 else RequestStatus.UNAVAILABLE if exc.status == 503
-                     else RequestStatus.ERROR)
+        return exc, exc.counted_as
     if isinstance(exc, PromptError):
         return APIError(400, str(exc), param=exc.param, code=exc.code), RequestStatus.INVALID
     if isinstance(exc, EngineError):

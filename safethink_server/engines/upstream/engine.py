@@ -150,16 +150,13 @@ class UpstreamEngine(Engine):
         if self.mode == "chat":
             raise PromptError("this gateway's upstream is served in chat mode: /v1/completions needs an upstream that takes "
                               "token ids (vLLM, SGLang)", param="prompt")
-        model = self.upstream_name(model)
         if isinstance(prompt, str):
-            body = {"model": model, "prompt": prompt, "add_special_tokens": add_special_tokens}
+            body = {"model": self.upstream_name(model), "prompt": prompt, "add_special_tokens": add_special_tokens}
             ids = _tokens(await self._post_json(self.root + "/tokenize", body))
             return RenderedPrompt(ids, raw_prompt_section(prompt, reasoning), raw_text=prompt)
         if any(token < 0 for token in prompt):
             raise PromptError("a prompt token id is negative", param="prompt")
-        text = (await self._post_json(self.root + "/detokenize", {"model": model, "tokens": prompt})).get("prompt")
-        if not isinstance(text, str):
-            raise UpstreamError("the upstream's /detokenize answered without a prompt", 502, "protocol")
+        text = await self.detokenize(list(prompt), model)
         return RenderedPrompt(list(prompt), raw_prompt_section(text, reasoning), raw_text=text)
 
     async def tokenize(self, prompt: str | list[dict[str, Any]], options: TokenizeOptions, max_model_len: int,
