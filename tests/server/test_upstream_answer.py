@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safethink_server.api.tool_calls import ToolCallStream
 from safethink_server.engines.upstream.answer import CALL, CALL_END, FoldedToolCalls, ToolCallFolder, read_folded, without_marks
 from safethink_server.engines.upstream.stream import UpstreamError
+from safethink_server.engines.vllm_answer import JSONToolCalls
 
 MARKS = [CALL, "\x03", CALL_END]
 TEXT = st.text(alphabet=st.sampled_from(["a", " ", "{", '"', "\n", "é", *MARKS]), max_size=20)
@@ -70,6 +71,28 @@ def test_folded_calls_read_back_as_streamed(answer, cuts, first_index, release_c
                 arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
     assert stream.end() == [] and stream.called == bool(expected_calls)
     assert [(names[i], arguments[i]) for i in sorted(names)] == expected_calls and streamed_text == expected_text
+
+
+@settings(max_examples=200, deadline=None)
+@given(arguments=TEXT, release_cuts=st.lists(st.integers(0, 25), max_size=8), refusal=st.booleans())
+def test_a_forced_functions_arguments_stream_as_released(arguments, release_cuts, refusal):
+    """vLLM's named tool_choice: one delta with the call's id and name, then the arguments as each
+    released piece comes, which join to the whole answer's call; the server's refusal goes out as content."""
+    reader = JSONToolCalls("get_weather")
+    stream, headers, streamed, content = ToolCallStream(reader), [], "", ""
+    for piece in pieces(arguments, release_cuts):
+        for message in stream.answer(piece):
+            assert message.content is None and len(message.tool_calls) == 1 and message.tool_calls[0].index == 0
+            call = message.tool_calls[0]
+            if call.id is not None:
+                headers.append(call.function.name)
+            streamed += call.function.arguments or ""
+    if refusal:
+        content = "".join(m.content or "" for m in stream.server_text("I can't help with that request."))
+    assert stream.end() == [] and stream.called == bool(pieces(arguments, release_cuts))
+    assert headers == (["get_weather"] if stream.called else []) and streamed == arguments
+    assert reader.final(streamed)[1] == [("get_weather", arguments.strip())]
+    assert content == ("I can't help with that request." if refusal else "")
 
 
 SECRET = "unjudged model text"
