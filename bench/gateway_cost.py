@@ -99,10 +99,11 @@ def serve_upstream(port: int, tokens: int, reasoning_tokens: int, token_ms: floa
     uvicorn.run(upstream_app(tokens, reasoning_tokens, token_ms), host="127.0.0.1", port=port, log_level="warning")
 
 
-def start(command: list[str], health: str, log: Path) -> subprocess.Popen[bytes]:
-    """A server process, once `health` answers; stopped again if it never does."""
+def start(command: list[str], health: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A server process (with `env` added to this one's environment), once `health` answers; stopped
+    again if it never does."""
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
     try:
         while True:

@@ -4,15 +4,19 @@ books are checked.
     python bench/load.py --duration-s 60 --concurrency 8
     python bench/load.py --duration-s 600 --concurrency 32 --server-args "--max-concurrent-sequences 4"
     python bench/load.py --url http://host:8000 --api-key KEY --duration-s 300 --json load.json
+    python bench/load.py --duration-s 1800 --json soak.json            # the soak: memory must level off
+    python bench/load.py --proxy --duration-s 1800 --json soak-proxy.json
 
 By default the bench starts `safethink serve --engine hf --allow-client-overrides` (plus
 `--server-args`) as a subprocess on a free port and stops it afterwards; `--url` runs against a
 server already running instead (which must allow client overrides, and should have no other
-clients: every request it counts is compared with the requests this bench sent).
+clients: every request it counts is compared with the requests this bench sent). `--proxy` starts
+two: an hf server with steering off as the upstream, and in front of it the gateway
+(`--engine upstream`, the probe scorer) that the clients talk to.
 
 Each client loops until the time is up, building random requests from its own seeded generator:
-a prompt of a few words up to some hundreds, a random max_tokens, streamed mostly (usage asked
-for sometimes), and a mix of steering outcomes through the per-request `safethink` override: no
+a prompt of a few words up to some hundreds, a random max_tokens, two choices sometimes, streamed
+mostly (usage asked for sometimes), and a mix of steering outcomes through the per-request `safethink` override: no
 override (the server's default), `{"threshold": 1.0}` (never breaches), `{"threshold": 0.0}` (every
 judged step breaches: interventions, then the refusal with finish_reason "content_filter") and
 `{"early_steps": 0}` (steering off). Some streaming clients leave on purpose: before the first
@@ -29,6 +33,13 @@ finish reason, left on purpose, errors by kind (HTTP status and error type, tran
 error events in a stream, broken streams), time to first text p50 / p99 (the first content or
 reasoning byte of a stream, queueing for a slot included), output tokens/s (from usage where the
 request asked for it, else one a text chunk), and the server's RSS at the start and the end.
+
+Memory: each server process's RSS is read from its own /metrics (`process_resident_memory_bytes`,
+one series per worker under `--workers N`) every `--sample-s`. The report gives it at every minute
+and its slope over the last third of the load, per process, in % per 5 minutes (a least-squares
+line through the samples, over their mean). Where the last third spans 5 minutes or more
+(`--duration-s` 900 and up), a slope above `--max-growth` (1% per 5 minutes) fails the run too:
+memory that has not levelled off.
 """
 
 from __future__ import annotations
@@ -80,6 +91,7 @@ class LoadConfig:
     words: tuple[int, int] = (3, 300)  # prompt length in words, drawn log-uniformly
     max_tokens: tuple[int, int] = (8, 128)
     stream_share: float = 0.85
+    two_choices_share: float = 0.15  # of requests: n = 2
     usage_share: float = 0.5  # of streamed requests: stream_options.include_usage
     leave_before_first: float = 0.12  # of streamed requests: close once the headers arrived
     leave_after_chunks: float = 0.12  # of streamed requests: close after k chunks, k in 1..8
@@ -90,6 +102,7 @@ class LoadConfig:
     settle_s: float = 30.0
     probe_timeout_s: float = 120.0
     sample_s: float = 5.0  # the server's RSS, active gauge and slots are sampled this often during the load
+    max_growth_pct_per_5min: float = 1.0  # RSS slope over the last third that fails a run of 900 s or more
 
 
 @dataclass
@@ -134,7 +147,11 @@ class Snapshot:
     active: float | None = None  # safethink_active_requests
     requests_total: float | None = None  # safethink_requests_total, every label set summed
     requests_by_status: dict[str, float] = field(default_factory=dict)  # the same by its status label
-    rss_bytes: int | None = None
+    rss: dict[str, int] = field(default_factory=dict)  # resident memory by server process, from each one's /metrics
+
+    @property
+    def rss_bytes(self) -> int | None:
+        return sum(self.rss.values()) if self.rss else None
 
     @property
     def held(self) -> float:
@@ -166,7 +183,7 @@ class LoadReport:
     end: Snapshot = field(default_factory=Snapshot)
     settle_wait_s: float = 0.0
     probe: dict[str, object] = field(default_factory=dict)
-    samples: list[dict[str, object]] = field(default_factory=list)  # t, rss_bytes, active, running, waiting
+    samples: list[dict[str, object]] = field(default_factory=list)  # t, rss (by process), active, running, waiting
     requests: list[Outcome] = field(default_factory=list)  # every request's outcome, in the order they ended
 
     def __repr__(self) -> str:  # the requests' outcomes stay out of assertion messages
@@ -207,15 +224,64 @@ class LoadReport:
             out.append("no safethink_requests_total on /metrics")
         elif self.counted != self.sent:
             out.append(f"safethink_requests_total grew by {self.counted:g}, but {self.sent} requests were sent")
+        if self.config.get("duration_s", 0) >= MEMORY_CHECKED_FROM_S:  # type: ignore[operator]
+            limit = float(self.config["max_growth_pct_per_5min"])  # type: ignore[arg-type]
+            for process, trend in self.memory.items():
+                growth = trend["last_third_pct_per_5min"]
+                if growth is None:
+                    out.append(f"no RSS samples of {process} in the last third of the load")
+                elif growth > limit:
+                    out.append(f"RSS of {process} still grows by {growth:.2f}% per 5 minutes in the last third (limit {limit:g}%)")
         if self.probe and not self.probe.get("ok"):
             out.append(f"after the load, {self.probe.get('answered')} of {self.probe.get('sent')} short requests were "
                        f"answered in {self.probe.get('timeout_s')} s: {self.probe.get('errors')}")
         return out
 
+    @property
+    def memory(self) -> dict[str, dict[str, object]]:
+        """Per server process: RSS (MiB) at each whole minute of the load, and its slope over the last third."""
+        duration = float(self.config.get("duration_s", 0))  # type: ignore[arg-type]
+        series: dict[str, list[tuple[float, int]]] = {}
+        for sample in self.samples:
+            for process, rss in (sample.get("rss") or {}).items():  # type: ignore[attr-defined]
+                series.setdefault(process, []).append((float(sample["t"]), int(rss)))  # type: ignore[arg-type]
+        return {process: {"by_minute_mib": by_minute(points, duration),
+                          "last_third_pct_per_5min": growth_pct_per_5min([p for p in points if duration * 2 / 3 <= p[0] <= duration])}
+                for process, points in sorted(series.items())}
+
     def as_json(self) -> dict[str, object]:
         data = asdict(self)
-        data.update(counted=self.counted, counted_by_status=self.counted_by_status, server_errors=self.server_errors, problems=self.problems())
+        data.update(counted=self.counted, counted_by_status=self.counted_by_status, server_errors=self.server_errors,
+                    memory=self.memory, problems=self.problems())
         return data
+
+
+MEMORY_CHECKED_FROM_S = 900.0  # the last third spans 5 minutes: shorter runs report the slope without judging it
+
+
+def by_minute(points: list[tuple[float, int]], duration_s: float) -> dict[int, float]:
+    """The sample nearest each whole minute of the load (and its start), in MiB."""
+    if not points:
+        return {}
+    out = {}
+    for minute in range(int(duration_s // 60) + 1):
+        t, rss = min(points, key=lambda p: abs(p[0] - minute * 60))
+        if abs(t - minute * 60) <= 30:
+            out[minute] = round(rss / 2**20, 1)
+    return out
+
+
+def growth_pct_per_5min(points: list[tuple[float, int]]) -> float | None:
+    """The least-squares slope of RSS over time, as a share of its mean per 5 minutes."""
+    if len(points) < 3:
+        return None
+    ts, ys = [p[0] for p in points], [float(p[1]) for p in points]
+    t_mean, y_mean = statistics.fmean(ts), statistics.fmean(ys)
+    spread = sum((t - t_mean) ** 2 for t in ts)
+    if spread == 0 or y_mean == 0:
+        return None
+    slope = sum((t - t_mean) * (y - y_mean) for t, y in zip(ts, ys, strict=True)) / spread
+    return 100.0 * slope * 300.0 / y_mean
 
 
 METRIC = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>(?:[^"}]|"(?:[^"\\]|\\.)*")*)\})? (?P<value>\S+)')
@@ -238,20 +304,20 @@ def metric_by(text: str, name: str, label: str) -> dict[str, float]:
     return out
 
 
-def tree_rss_bytes(pid: int) -> int | None:
-    """VmRSS of a process and every process under it (the workers of `serve --workers N`)."""
+async def process_rss(client: httpx.AsyncClient, name: str, base: str) -> dict[str, int]:
+    """One server's resident memory from its /metrics: by worker pid where it runs several."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                rss += tree_rss_bytes(int(child)) or 0
-        return rss
-    except (OSError, ValueError):
-        return None
+        response = await client.get(base + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200:
+        return {}
+    by_pid = metric_by(response.text, "process_resident_memory_bytes", "pid")
+    return {(f"{name} pid {pid}" if pid else name): int(value) for pid, value in by_pid.items()}
 
 
-async def snapshot(client: httpx.AsyncClient, base: str, rss: Callable[[], int | None] | None = None) -> Snapshot:
+async def snapshot(client: httpx.AsyncClient, base: str, watched: dict[str, str] | None = None) -> Snapshot:
+    """The server's books at `base`, and the RSS of every process in `watched` (name: base URL)."""
     snap = Snapshot()
     try:
         response = await client.get(base + "/health", timeout=10)
@@ -267,12 +333,10 @@ async def snapshot(client: httpx.AsyncClient, base: str, rss: Callable[[], int |
             snap.active = metric_sum(text, "safethink_active_requests")
             snap.requests_total = metric_sum(text, "safethink_requests_total")
             snap.requests_by_status = metric_by(text, "safethink_requests_total", "status")
-            resident = metric_sum(text, "process_resident_memory_bytes")
-            snap.rss_bytes = int(resident) if resident is not None else None
     except httpx.HTTPError:
         pass
-    if rss is not None:
-        snap.rss_bytes = rss()
+    for name, url in (watched or {"server": base}).items():
+        snap.rss.update(await process_rss(client, name, url))
     return snap
 
 
@@ -283,6 +347,7 @@ def plan(rng: Random, config: LoadConfig, model: str, number: str) -> Planned:
     prompt = f"Request {number}: " + " ".join(rng.choice(WORDS) for _ in range(max(1, words))) + ". Think step by step."
     mode = rng.choices(list(config.modes), weights=list(config.modes.values()))[0]
     stream = rng.random() < config.stream_share
+    choices = 2 if rng.random() < config.two_choices_share else 1
     usage = stream and rng.random() < config.usage_share
     leave_after = None
     if stream:
@@ -293,6 +358,8 @@ def plan(rng: Random, config: LoadConfig, model: str, number: str) -> Planned:
             leave_after = rng.randint(1, 8)
     body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": prompt}],
                                "max_tokens": rng.randint(*config.max_tokens), "stream": stream}
+    if choices > 1:
+        body["n"] = choices
     if usage:
         body["stream_options"] = {"include_usage": True}
     if MODES[mode] is not None:
@@ -390,11 +457,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def settle(client: httpx.AsyncClient, base: str, timeout_s: float, rss: Callable[[], int | None] | None) -> tuple[Snapshot, float]:
+async def settle(client: httpx.AsyncClient, base: str, timeout_s: float, watched: dict[str, str] | None) -> tuple[Snapshot, float]:
     """The server's state once nothing is held (it notices clients that left on its own time), or at the timeout."""
     started = time.perf_counter()
     while True:
-        snap = await snapshot(client, base, rss)
+        snap = await snapshot(client, base, watched)
         if (snap.health_status == 200 and snap.held == 0) or time.perf_counter() - started > timeout_s:
             return snap, time.perf_counter() - started
         await asyncio.sleep(0.25)
@@ -426,9 +493,10 @@ async def served_model(client: httpx.AsyncClient, base: str, headers: dict[str, 
 
 
 async def run_load(base: str, config: LoadConfig, api_key: str | None = None,
-                   rss: Callable[[], int | None] | None = None, progress: Callable[[str], None] | None = None) -> LoadReport:
+                   watched: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> LoadReport:
     """The whole run against a server at `base` (no /v1): load for `config.duration_s`, drain, settle,
-    the final state and the probe. `rss`: the server's resident memory, where the caller can read it."""
+    the final state and the probe. `watched`: the server processes whose memory is sampled, by name
+    (default: the one at `base`)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = LoadReport(config=asdict(config))
     outcomes: list[Outcome] = []
@@ -437,7 +505,7 @@ async def run_load(base: str, config: LoadConfig, api_key: str | None = None,
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client, \
             httpx.AsyncClient(timeout=30) as monitor:
         model = await served_model(monitor, base, headers)
-        report.start = await snapshot(monitor, base, rss)
+        report.start = await snapshot(monitor, base, watched)
         began = time.perf_counter()
         stop_at = began + config.duration_s
         in_flight = 0
@@ -462,8 +530,8 @@ async def run_load(base: str, config: LoadConfig, api_key: str | None = None,
 
         async def sampler() -> None:
             while True:
-                snap = await snapshot(monitor, base, rss)
-                report.samples.append({"t": round(time.perf_counter() - began, 1), "rss_bytes": snap.rss_bytes,
+                snap = await snapshot(monitor, base, watched)
+                report.samples.append({"t": round(time.perf_counter() - began, 1), "rss": snap.rss,
                                        "active": snap.active, "running": snap.health.get("running"),
                                        "waiting": snap.health.get("waiting"), "in_flight": in_flight})
                 await asyncio.sleep(config.sample_s)
@@ -480,7 +548,7 @@ async def run_load(base: str, config: LoadConfig, api_key: str | None = None,
         sampling.cancel()
         await asyncio.gather(sampling, return_exceptions=True)
         report.load_s = max([o.ended_s for o in outcomes] or [time.perf_counter() - began])
-        report.end, report.settle_wait_s = await settle(monitor, base, config.settle_s, rss)
+        report.end, report.settle_wait_s = await settle(monitor, base, config.settle_s, watched)
         if report.end.health_status == 200:
             report.probe = await probe(client, base, headers, model, config.concurrency, config.probe_timeout_s)
     report.requests = outcomes
@@ -529,7 +597,7 @@ def render(report: LoadReport) -> None:
     """The report as tables (rich when installed, else plain lines)."""
     c = report.config
     counted = report.counted
-    rss_seen = [int(s["rss_bytes"]) for s in report.samples if s.get("rss_bytes") is not None]  # type: ignore[call-overload]
+    memory = report.memory
     rows = [
         ("load", f"{c['duration_s']:g} s, {c['concurrency']} clients, seed {c['seed']}; last request ended at {report.load_s:.1f} s"),
         ("requests sent", str(report.sent)),
@@ -544,8 +612,11 @@ def render(report: LoadReport) -> None:
          f"{report.first_text_p50_ms:.0f} / {report.first_text_p99_ms:.0f} ms"),
         ("output tokens/s", f"{report.output_tokens_per_s:.1f} ({report.output_tokens} tokens, {report.tokens_from_usage} from usage)"),
         ("max in flight", str(report.max_in_flight)),
-        ("server RSS start / end", f"{_mib(report.start.rss_bytes)} / {_mib(report.end.rss_bytes)}"
-                                   f" (peak {_mib(max(rss_seen)) if rss_seen else 'n/a'})"),
+        ("server RSS start / end", f"{_mib(report.start.rss_bytes)} / {_mib(report.end.rss_bytes)}"),
+        *((f"RSS of {process} (MiB) by minute", " ".join(f"{m}:{v:g}" for m, v in trend["by_minute_mib"].items()))  # type: ignore[attr-defined]
+          for process, trend in memory.items()),
+        *((f"RSS of {process}, last third", "n/a" if trend["last_third_pct_per_5min"] is None else
+           f"{trend['last_third_pct_per_5min']:+.2f}% per 5 min") for process, trend in memory.items()),
         ("/health at the end", f"{report.end.health_status} {json.dumps(report.end.health)} (after {report.settle_wait_s:.1f} s)"),
         ("active gauge at the end", "n/a" if report.end.active is None else f"{report.end.active:g}"),
         ("requests_total delta / sent", f"{'n/a' if counted is None else f'{counted:g}'} / {report.sent}"),
@@ -582,15 +653,14 @@ def render(report: LoadReport) -> None:
 
 
 @contextlib.contextmanager
-def own_server(server_args: list[str]) -> Iterator[tuple[str, int]]:
-    """`safethink serve --engine hf --allow-client-overrides` and `server_args` on a free port: (base URL, pid)."""
+def own_process(flags: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """`safethink serve` with these flags (and `env`) on a free port, stopped afterwards: its base URL."""
     port = free_port()
     log = Path("/tmp") / f"load-serve-{port}.log"
-    command = [sys.executable, "-m", "safethink_server.cli", "serve", "--engine", "hf", "--allow-client-overrides",
-               "--port", str(port), "--log-level", "warning", *server_args]
-    proc = start(command, f"http://127.0.0.1:{port}/health", log)
+    command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
+    proc = start(command, f"http://127.0.0.1:{port}/health", log, env)
     try:
-        yield f"http://127.0.0.1:{port}", proc.pid
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -601,12 +671,30 @@ def own_server(server_args: list[str]) -> Iterator[tuple[str, int]]:
         print(f"server log: {log}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def own_servers(server_args: list[str], proxy: bool) -> Iterator[tuple[str, dict[str, str]]]:
+    """The server the clients talk to (its base URL) and every server process to watch, by name.
+    Plain: `safethink serve --engine hf --allow-client-overrides` and `server_args`. Proxy: that
+    server with steering off as the upstream, and the gateway in front of it with `server_args`."""
+    with contextlib.ExitStack() as stack:
+        if not proxy:
+            base = stack.enter_context(own_process(["--engine", "hf", "--allow-client-overrides", *server_args]))
+            yield base, {"server": base}
+            return
+        upstream = stack.enter_context(own_process(["--engine", "hf", "--early-steps", "0", "--allow-assistant-prefill",
+                                                    "--max-concurrent-sequences", "2"]))
+        base = stack.enter_context(own_process(["--engine", "upstream", "--upstream-url", upstream + "/v1",
+                                                "--allow-client-overrides", *server_args]))
+        yield base, {"proxy": base, "upstream": upstream}
+
+
 def config_from(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(duration_s=args.duration_s, concurrency=args.concurrency, seed=args.seed,
                       words=(args.min_words, args.max_words), max_tokens=(args.min_tokens, args.max_tokens),
-                      stream_share=args.stream_share, usage_share=args.usage_share, leave_before_first=args.leave_before_first,
+                      stream_share=args.stream_share, two_choices_share=args.two_choices_share, usage_share=args.usage_share, leave_before_first=args.leave_before_first,
                       leave_after_chunks=args.leave_after_chunks, request_timeout_s=args.request_timeout_s,
-                      drain_s=args.drain_s, settle_s=args.settle_s, probe_timeout_s=args.probe_timeout_s, sample_s=args.sample_s)
+                      drain_s=args.drain_s, settle_s=args.settle_s, probe_timeout_s=args.probe_timeout_s, sample_s=args.sample_s,
+                      max_growth_pct_per_5min=args.max_growth)
 
 
 def main() -> int:
@@ -616,7 +704,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="an existing server's base URL (no /v1); default: start one")
     parser.add_argument("--api-key", help="with --url: the server's API key")
-    parser.add_argument("--server-pid", type=int, help="with --url, a server on this machine: its RSS is read from /proc")
+    parser.add_argument("--proxy", action="store_true", help="start an hf upstream and load the gateway in front of it")
     parser.add_argument("--server-args", default=DEFAULT_SERVER_ARGS,
                         help=f"more flags for the server the bench starts (default: {DEFAULT_SERVER_ARGS!r})")
     parser.add_argument("--min-words", type=int, default=3)
@@ -624,6 +712,7 @@ def main() -> int:
     parser.add_argument("--min-tokens", type=int, default=8, help="max_tokens of a request, at least")
     parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens of a request, at most")
     parser.add_argument("--stream-share", type=float, default=0.85)
+    parser.add_argument("--two-choices-share", type=float, default=0.15, help="of requests, those asking for n = 2")
     parser.add_argument("--usage-share", type=float, default=0.5, help="of streamed requests, those asking for usage")
     parser.add_argument("--leave-before-first", type=float, default=0.12, help="of streamed requests, closed before the first chunk")
     parser.add_argument("--leave-after-chunks", type=float, default=0.12, help="of streamed requests, closed after 1-8 chunks")
@@ -632,6 +721,8 @@ def main() -> int:
     parser.add_argument("--settle-s", type=float, default=30.0, help="how long to wait for the server to hold no slot")
     parser.add_argument("--probe-timeout-s", type=float, default=120.0)
     parser.add_argument("--sample-s", type=float, default=5.0, help="the server's RSS and slots are sampled this often (in the JSON)")
+    parser.add_argument("--max-growth", type=float, default=1.0,
+                        help=f"RSS growth in %% per 5 minutes over the last third that fails a run of {MEMORY_CHECKED_FROM_S:g} s or more")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
     config = config_from(args)
@@ -641,12 +732,12 @@ def main() -> int:
 
     with contextlib.ExitStack() as stack:
         if args.url:
-            base, pid = args.url.rstrip("/").removesuffix("/v1"), args.server_pid
+            base = args.url.rstrip("/").removesuffix("/v1")
+            watched = {"server": base}
         else:
-            base, pid = stack.enter_context(own_server(shlex.split(args.server_args)))
-        rss = (lambda: tree_rss_bytes(pid)) if pid else None
+            base, watched = stack.enter_context(own_servers(shlex.split(args.server_args), args.proxy))
         progress(f"load against {base}: {config.concurrency} clients for {config.duration_s:g} s")
-        report = asyncio.run(run_load(base, config, args.api_key, rss, progress))
+        report = asyncio.run(run_load(base, config, args.api_key, watched, progress))
     render(report)
     if args.json:
         args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")

@@ -12,6 +12,7 @@ from reward_models.registry import build_scorer
 from safethink_server.api.app import create_app
 from safethink_server.config import ServerSettings
 from safethink_server.engines.base import Engine
+from safethink_server.memory import bound_native_memory
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def build_engine(settings: ServerSettings) -> Engine:
 
 
 def build_app(settings: ServerSettings) -> FastAPI:
+    bound_native_memory()
     engine = build_engine(settings)
     scorer = build_scorer(settings.scorer_config())
     logger.info("serving %s with engine %s and scorer %s", engine.model_name, engine.name, scorer.name)

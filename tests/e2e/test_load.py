@@ -3,9 +3,13 @@ once, no slot is held afterwards, and the server is still healthy and serving.""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
-from bench.load import LoadConfig, run_load
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.load import LoadConfig, LoadReport, run_load
 from tests.support.servers import running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
@@ -37,3 +41,35 @@ async def test_a_load_run_leaves_the_books_balanced_and_no_slot_held():
     normal = [o for o in report.requests if o.finish in ("stop", "length") and not o.interventions and not o.error and not o.left]
     assert normal, f"no normal completion: {report.completed}"
     assert report.problems() == []
+
+
+def soak_report(duration_s: float, rss_at: Callable[[float], float]) -> LoadReport:
+    """A report of a run that met its counts, with the server's RSS sampled every 5 s."""
+    report = LoadReport(config={"duration_s": duration_s, "max_growth_pct_per_5min": 1.0})
+    report.start.health_status = report.end.health_status = 200
+    report.start.health = report.end.health = {"status": "ok", "running": 0, "waiting": 0}
+    report.start.active = report.end.active = 0.0
+    report.start.requests_total, report.end.requests_total, report.sent = 0.0, 10.0, 10
+    report.samples = [{"t": float(t), "rss": {"server": int(rss_at(t))}} for t in range(0, int(duration_s) + 1, 5)]
+    return report
+
+
+@settings(max_examples=60, deadline=None)
+@given(growth=st.floats(min_value=-5.0, max_value=5.0), base_mib=st.floats(min_value=200, max_value=4000),
+       duration_s=st.sampled_from([600.0, 900.0, 1800.0]))
+def test_the_soak_fails_on_memory_still_growing_in_its_last_third(growth, base_mib, duration_s):
+    """RSS that rose early and then grows linearly by `growth`% per 5 minutes over its last third:
+    the slope is read back, and a run of 900 s or more fails on it when it is over 1%."""
+    base = base_mib * 2**20
+    third = duration_s * 2 / 3
+
+    def rss_at(t: float) -> float:
+        return base * (0.5 + t / third * 0.5) if t < third else base * (1 + growth / 100 * (t - third) / 300)
+
+    report = soak_report(duration_s, rss_at)
+    measured = report.memory["server"]["last_third_pct_per_5min"]
+    mean_share = 1 + growth / 100 * (duration_s - third) / 600  # the slope is read over the last third's mean
+    assert measured == pytest.approx(growth / mean_share, rel=1e-3, abs=1e-6)
+    flagged = any("still grows" in problem for problem in report.problems())
+    assert flagged == (duration_s >= 900 and measured > 1.0)
+    assert report.memory["server"]["by_minute_mib"][int(duration_s // 60)] == pytest.approx(rss_at(duration_s - duration_s % 5) / 2**20, abs=0.1)
