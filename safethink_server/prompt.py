@@ -6,7 +6,7 @@ own /tokenize."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -154,6 +154,19 @@ def render_raw(tokenizer: Any, prompt: str | list[int], reasoning: ReasoningConf
 def raw_conversation(prompt_text: str) -> Conversation:
     """The scorer's view of a raw prompt: the user's turn."""
     return Conversation([{"role": "user", "content": prompt_text}])
+
+
+def truncated(prompt: RenderedPrompt, keep: int | None, limit: int) -> RenderedPrompt:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` token ids (-1: the context limit). The
+    scorer still reads the whole conversation. A prompt rendered by an upstream (no ids) is the
+    upstream's to cut."""
+    if keep is None or not prompt.ids:
+        return prompt
+    if keep > limit:
+        raise PromptError(f"truncate_prompt_tokens ({keep}) is more than this model's maximum context length ({limit} tokens)",
+                          param="truncate_prompt_tokens")
+    keep = limit if keep == -1 else keep
+    return replace(prompt, ids=prompt.ids[-keep:]) if len(prompt.ids) > keep else prompt
 
 
 def check_context_length(prompt_tokens: int, max_tokens: int, limit: int) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from enum import Enum, StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 Section = Literal["pre", "reasoning", "answer"]  # where a piece of the output falls: before, inside or after the reasoning
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what a seed or token count may be: never an error inside an engine
@@ -69,6 +69,9 @@ SteeringOverrides: type[BaseModel] = create_model(
 
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 100
+MAX_ALLOWED_TOKEN_IDS = 1 << 17
 MAX_TOP_LOGPROBS = 20
 
 
@@ -85,6 +88,26 @@ class SamplingFields(BaseModel):
         default=None, max_length=MAX_LOGIT_BIAS, description="token id (a string) -> bias added to its logit")
     min_tokens: int = Field(default=0, ge=0, le=INT64_MAX, description="the end of sequence is not sampled before this many tokens")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    # vLLM's own sampling fields, as its OpenAI server takes them on chat and completions
+    ignore_eos: bool = Field(default=False, description="the model's end of sequence does not end the answer: it runs to max_tokens")
+    skip_special_tokens: bool = Field(default=True, description="false: special tokens' text is part of the output (and of what is judged)")
+    spaces_between_special_tokens: bool = Field(
+        default=True, description="read by slow tokenizers' decoding only; fast ones (every model this server loads) decode as if true, as in vLLM")
+    include_stop_str_in_output: bool = Field(default=False, description="the stop string that ends the answer is kept at its end")
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]] | None = Field(
+        default=None, max_length=MAX_BAD_WORDS, description="words never sampled (each as the tokenizer encodes it, with and without a leading space)")
+    allowed_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS, description="sample only these token ids (the server's own text is not sampled)")
+    truncate_prompt_tokens: int | None = Field(
+        default=None, ge=-1, description="keep only the prompt's last k tokens (-1: as many as the context holds with max_tokens)")
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1, description="vLLM's scheduling priority, lower first (vllm engine with --scheduling-policy priority)")
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_at_least_one(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens is -1 or at least 1")
+        return v
 
     def logit_bias_ids(self) -> dict[int, float]:
         """The logit bias by token id; ValueError naming the key that is not one."""

@@ -18,6 +18,7 @@ from safethink_server.prompt import (
     scoring_context,
     split_conversation,
     template_kwargs,
+    truncated,
 )
 from safethink_server.schema import PolicyConfig, ReasoningConfig, SamplingFields, seed_plus
 from safethink_server.steering.session import SteeringSession
@@ -69,7 +70,7 @@ async def build_sessions(state: ServerState, tenant: Tenant, body: ChatCompletio
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
     check_scorer_reach(state, policy, conversation, "messages")
     reasoning = engine.reasoning_for(s.reasoning(), conversation)
-    prompt = await engine.render(conversation, reasoning, body.model)
+    prompt = truncated(await engine.render(conversation, reasoning, body.model), body.truncate_prompt_tokens, state.max_model_len)
     sessions = choice_sessions(state, tenant, body, prompt, conversation, sampling, policy, reasoning,
                                keep_special_tokens=answer is not None and answer.keep_special_tokens)
     return sessions, answer
@@ -97,7 +98,8 @@ async def build_completion_sessions(state: ServerState, tenant: Tenant, body: Co
     sampling = sampling_params(body, max_tokens, engine.vocab_size)
     if isinstance(raw, str):
         check_scorer_reach(state, policy, raw_conversation(raw), "prompt")
-    prompt = await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens)
+    prompt = truncated(await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens), body.truncate_prompt_tokens,
+                       state.max_model_len)
     if not isinstance(raw, str):  # token ids: their text is known once decoded
         check_scorer_reach(state, policy, raw_conversation(prompt.raw_text), "prompt")
     return choice_sessions(state, tenant, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,
@@ -133,7 +135,7 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
             update={"seed": seed_plus(sampling.seed, choice)})  # each choice its own seed
         return SteeringSession(engine, prompt, conversation, seeded, policy, reasoning, detector, score,
                                stop=body.stop_list(), observer=observer, model=body.model,
-                               skip_special_tokens=not keep_special_tokens,
+                               skip_special_tokens=body.skip_special_tokens and not keep_special_tokens,
                                stream_interval=s.stream_interval, warm=state.batcher.prefetch if s.scorer_warm and state.scorer.warms else None,
                                raw_text=raw_text, report_detail=tenant.report)
 
@@ -147,7 +149,7 @@ def sampling_params(body: GenerationRequest, max_tokens: int, vocab_size: int | 
         bias = body.logit_bias_ids()
     except ValueError as exc:
         raise PromptError(str(exc), param="logit_bias") from exc
-    for param, ids in (("logit_bias", bias), ("stop_token_ids", body.stop_token_ids or [])):
+    for param, ids in (("logit_bias", bias), ("stop_token_ids", body.stop_token_ids or []), ("allowed_token_ids", body.allowed_token_ids or [])):
         if vocab_size is not None and any(token >= vocab_size for token in ids):
             raise PromptError(f"{param} names a token id beyond the vocabulary ({vocab_size} tokens)", param=param)
     return SamplingParams(

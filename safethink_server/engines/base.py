@@ -263,6 +263,9 @@ COMMON_FIELDS = frozenset({"model", "messages", "max_tokens", "max_completion_to
                            "n", "stream", "stream_options", "safethink", "continue_final_message", "add_generation_prompt",
                            "chat_template_kwargs", "reasoning_effort"})
 SAMPLING_FIELDS = frozenset(SamplingFields.model_fields)
+# What `next_tokens` returns where the sequence ends without an end-of-sequence token of the model's
+# (a limit, a stop token id, a request that ignores EOS); never a token of the sequence.
+SEQUENCE_END = -1
 
 
 class Engine(ABC):
@@ -327,6 +330,11 @@ class Engine(ABC):
     def eos_token_ids(self) -> set[int]:
         ids = self.tokenizer.eos_token_id
         return set(ids) if isinstance(ids, list) else {ids}
+
+    def end_ids(self, sampling: SamplingParams) -> set[int]:
+        """The ids that end a generation's sequence: SEQUENCE_END, and the model's end-of-sequence ids
+        unless the request ignores them (`ignore_eos`: they are tokens like any other)."""
+        return {SEQUENCE_END} | (set() if sampling.ignore_eos else self.eos_token_ids)
 
     async def open(self) -> None:
         """Start what needs the server's event loop (called once before serving)."""

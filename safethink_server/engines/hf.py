@@ -24,7 +24,7 @@ from safethink_server.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
-from safethink_server.engines.sampler import TokenSampler
+from safethink_server.engines.sampler import TokenSampler, bad_words_token_ids
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class HFGeneration(Generation):
         self.pending: int | None = None
         self.lookahead: int | None = None
         self.prompt_ids = prompt_ids
-        self.sampler = TokenSampler(sampling, engine.vocab_size, engine.eos_token_ids)
+        bad_words = bad_words_token_ids(engine.tokenizer, sampling.bad_words) if sampling.bad_words else None
+        self.sampler = TokenSampler(sampling, engine.vocab_size, engine.eos_token_ids, bad_words)
         self.entries: list[TokenLogprob | None] = []
         self._lookahead_entry: TokenLogprob | None = None
         self.generator = torch.Generator()
@@ -162,7 +163,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 class HFEngine(Engine):
     name = "hf"
-    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS - {"stop_token_ids"} | {"logprobs", "top_logprobs"}
+    honoured_fields = Engine.honoured_fields | SAMPLING_FIELDS - {"stop_token_ids", "priority"} | {"logprobs", "top_logprobs"}
 
     def __init__(self, model_path: Path, model_name: str, dtype: str = "bfloat16",
                  max_concurrent_sequences: int = 1, max_queued_requests: int = 64, device: str = "cpu") -> None:

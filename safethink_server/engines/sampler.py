@@ -1,8 +1,10 @@
 """Sampling for the `hf` engine: a request's sampling fields applied to one position's logits in
-vLLM's order (min_tokens and logit_bias, penalties, temperature, min_p, top_k, top_p), and logprobs
-taken from the raw logits, as vLLM reports them by default."""
+vLLM's order (allowed_token_ids and bad_words, min_tokens and logit_bias, penalties, temperature,
+min_p, top_k, top_p), and logprobs taken from the raw logits, as vLLM reports them by default."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -11,10 +13,28 @@ from safethink_server.engines.base import SamplingParams, TokenLogprob
 GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it would overflow the logits)
 
 
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Each bad word as token ids, as vLLM encodes it: the word alone, and after a space where that
+    is another token sequence of the same length (the word in the middle of text)."""
+    out: list[list[int]] = []
+    for word in words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not alone:
+            continue
+        out.append(alone)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    return out
+
+
 class TokenSampler:
-    def __init__(self, sampling: SamplingParams, vocab_size: int, eos_ids: set[int]) -> None:
+    def __init__(self, sampling: SamplingParams, vocab_size: int, eos_ids: set[int], bad_words: list[list[int]] | None = None) -> None:
         self.sampling = sampling
         self.vocab_size = vocab_size
+        self.bad_words = bad_words or []
+        self.allowed_ids = torch.tensor(sorted(set(sampling.allowed_token_ids or [])), dtype=torch.long)
+        self._allowed_mask: torch.Tensor | None = None  # 0 at the allowed ids, -inf elsewhere; sized to the logits
         bias = sampling.logit_bias_ids()
         self.bias_ids = torch.tensor(list(bias), dtype=torch.long)
         self.bias_values = torch.tensor(list(bias.values()), dtype=torch.float32)
@@ -28,6 +48,13 @@ class TokenSampler:
         logits = logits.float()
         raw = logits
         s = self.sampling
+        if len(self.allowed_ids):
+            if self._allowed_mask is None:
+                self._allowed_mask = torch.full_like(logits, float("-inf")).index_fill(0, self.allowed_ids, 0.0)
+            logits = logits + self._allowed_mask
+        banned = self._banned(ids[prompt_len:])
+        if banned:
+            logits = logits.index_fill(0, torch.tensor(banned, dtype=torch.long), float("-inf"))
         if len(ids) - prompt_len < s.min_tokens and len(self.eos_ids):
             logits = logits.index_fill(0, self.eos_ids, float("-inf"))
         if len(self.bias_ids):
@@ -36,6 +63,11 @@ class TokenSampler:
             logits = self._penalise(logits, ids[:prompt_len], ids[prompt_len:])
         token = self._choose(logits, generator)
         return token, (self._logprob(raw, token) if s.logprobs is not None else None)
+
+    def _banned(self, output_ids: list[int]) -> list[int]:
+        """The last token of each bad word whose other tokens the output ends with."""
+        return [word[-1] for word in self.bad_words
+                if word[-1] < self.vocab_size and (len(word) == 1 or output_ids[len(output_ids) - len(word) + 1 :] == word[:-1])]
 
     def _penalise(self, logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
         s = self.sampling

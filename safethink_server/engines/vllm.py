@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from safethink_server.engines.base import (
     SAMPLING_FIELDS,
+    SEQUENCE_END,
     AnswerFormat,
     Engine,
     EngineError,
@@ -103,6 +104,9 @@ class VLLMGeneration(Generation):
             repetition_penalty=s.repetition_penalty or 1.0,
             logit_bias=s.logit_bias_ids() or None,
             stop_token_ids=s.stop_token_ids,
+            ignore_eos=s.ignore_eos,
+            bad_words=s.bad_words,
+            allowed_token_ids=s.allowed_token_ids,
             logprobs=s.logprobs,
             structured_outputs=StructuredOutputsParams(**s.answer_constraint) if self._constrain and s.answer_constraint else None,
             seed=seed,
@@ -113,7 +117,7 @@ class VLLMGeneration(Generation):
         self.submissions += 1
         self._submitted_len = len(ids)
         self._awaiting_first_output = True
-        self._stream = self.engine.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
+        self._stream = self.engine.llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id, priority=s.priority)
 
     async def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -133,7 +137,7 @@ class VLLMGeneration(Generation):
             out = await anext(self._stream)
         except StopAsyncIteration:
             self._stream = None
-            return [self.engine.stop_token_id]
+            return [SEQUENCE_END]
         except EngineDeadError as exc:
             raise EngineError("the vLLM engine died") from exc
         except Exception as exc:
@@ -148,14 +152,16 @@ class VLLMGeneration(Generation):
         tokens = list(completion.token_ids)
         if out.finished:
             self._stream = None
+            ended_on_eos = tokens and tokens[-1] in self.engine.eos_token_ids and not self.sampling.ignore_eos
             if completion.finish_reason == "length":
                 # vLLM's own limit (the context): end the sequence here rather than resubmit past it.
                 self.finished_by_length = True
-                tokens.append(self.engine.stop_token_id)
+                tokens.append(SEQUENCE_END)
             elif isinstance(completion.stop_reason, int) and tokens and tokens[-1] == completion.stop_reason:
-                tokens[-1] = self.engine.stop_token_id  # one of stop_token_ids: as in vLLM, its text is not output
-            elif completion.finish_reason == "stop" and (not tokens or tokens[-1] not in self.engine.eos_token_ids):
-                tokens.append(self.engine.stop_token_id)  # stopped on a token vLLM did not return
+                # one of stop_token_ids: as in vLLM, its text is output only with include_stop_str_in_output
+                tokens[-1:] = [tokens[-1], SEQUENCE_END] if self.sampling.include_stop_str_in_output else [SEQUENCE_END]
+            elif completion.finish_reason == "stop" and not ended_on_eos:
+                tokens.append(SEQUENCE_END)  # stopped on a token vLLM did not return
         self.output_ids.extend(tokens)
         self._keep_logprobs(completion.logprobs, tokens)
         if not tokens:
@@ -226,7 +232,8 @@ class VLLMEngine(Engine):
         self.engine_args = dict(engine_args)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._eos = self._stop_ids(model_path)
-        self.stop_token_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self._eos)
+        if self.engine_args.get("scheduling_policy") != "priority":  # vLLM refuses a priority under first-come-first-served
+            self.honoured_fields = self.honoured_fields - {"priority"}
         self.max_queued = max_queued_requests
         self.llm: Any = None
         self.max_model_len = 0

@@ -54,10 +54,11 @@ class OutputCheckpoint:
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, reasoning: ReasoningConfig, initial_section: Section, stop: list[str],
-                 skip_special_tokens: bool = True, raw_text: bool = False) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+                 skip_special_tokens: bool = True, raw_text: bool = False, include_stop: bool = False,
+                 spaces_between_special_tokens: bool = True) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens, spaces_between_special_tokens)
         self.splitter = SectionSplitter(reasoning.start_marker, reasoning.end_marker, initial_section, raw_text)
-        self.stop = StopMatcher(stop)
+        self.stop = StopMatcher(stop, include_stop)
         self.output_tokens = 0  # tokens of the final sequence: kept samples and injected ids
         self.reasoning_tokens = 0
         self.pre_tokens = 0  # before any section is known (a reasoning marker the model writes itself)

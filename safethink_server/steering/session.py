@@ -72,14 +72,15 @@ class SteeringSession:
         self.observer = observer or SteeringObserver()
         self.model = model
         self.raw_text = raw_text  # the output as written (/v1/completions): markers kept, the answer's whitespace too
-        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens, raw_text)
+        self.output = OutputProcessor(engine.tokenizer, reasoning, prompt.initial_section, stop or [], skip_special_tokens, raw_text,
+                                      sampling.include_stop_str_in_output, sampling.spaces_between_special_tokens)
         self.report = SteeringReport()
         self.report_detail = report_detail
         self.finish_reason: str | None = None
         self.generation: Generation | None = None
         self._cursor: SequenceCursor | None = None
         self._latest_turn, self._history = scoring_context(conversation)
-        self._eos = engine.eos_token_ids
+        self._eos = engine.end_ids(sampling)
         self._step_index = 1
         self._held: HeldStep | None = None
         self._reasoning_closed_by_server = False

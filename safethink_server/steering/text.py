@@ -14,9 +14,9 @@ class IncrementalDetokenizer:
     """Decodes a growing id list without re-decoding it all (vLLM's prefix/read offsets), holding
     back bytes that do not form a whole character yet."""
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.decode = _decoder(tokenizer, skip_special_tokens)
+        self.decode = _decoder(tokenizer, skip_special_tokens, spaces_between_special_tokens)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -56,9 +56,12 @@ class IncrementalDetokenizer:
         del self.ids[n:]
 
 
-def _decoder(tokenizer: Any, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+def _decoder(tokenizer: Any, skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> Callable[[list[int]], str]:
     """Decoding (without special tokens unless asked); straight through a fast tokenizer's Rust
-    backend (a quarter of the wrapper's cost per call) where the wrapper adds nothing to it."""
+    backend (a quarter of the wrapper's cost per call) where the wrapper adds nothing to it.
+    `spaces_between_special_tokens` is read by slow tokenizers only, as in vLLM."""
+    if not spaces_between_special_tokens:
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, spaces_between_special_tokens=False)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -147,10 +150,12 @@ def _partial_suffix(text: str, marker: str) -> int:
 class StopMatcher:
     """Finds stop strings in streamed answer text, holding back a tail that may begin one. Each piece
     of text keeps its origin (None: the model's; else the kind of server text it is), so that a tail
-    held back and flushed later is never passed off as another origin's."""
+    held back and flushed later is never passed off as another origin's. `include`: the stop string
+    that is hit goes out too (vLLM's include_stop_str_in_output)."""
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.include = include
         self.pieces: list[Piece] = []  # the held-back tail, in order
 
     @property
@@ -171,9 +176,10 @@ class StopMatcher:
         if text:
             self.pieces.append((text, origin))
         buffer = self.buffer
-        hits = [buffer.find(s) for s in self.stops if s in buffer]
+        hits = [(buffer.find(s), len(s)) for s in self.stops if s in buffer]
         if hits:
-            out, _ = _cut(self.pieces, min(hits))
+            at, length = min(hits)  # the first to begin; of two beginning there, the shorter ends first
+            out, _ = _cut(self.pieces, at + length if self.include else at)
             self.pieces = []
             return out, True
         keep = 0 if final else max(_partial_suffix(buffer, s) for s in self.stops)

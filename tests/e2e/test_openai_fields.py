@@ -10,7 +10,7 @@ import pytest
 
 from safethink_server.api.fields import is_neutral, refused_field
 from safethink_server.api.protocol import ChatCompletionRequest, ChatMessage
-from tests.support.openai_fields import EXAMPLES, HONOURED, refused_param
+from tests.support.openai_fields import EXAMPLES, HONOURED, check_vllm_sampling_fields, refused_param
 from tests.support.servers import EMBEDDED_MODEL, running_server
 
 pytestmark = pytest.mark.e2e  # a real server process, vLLM or Prometheus: `make test` runs it, `make test-fast` does not
@@ -105,7 +105,7 @@ def test_neutral_values_ask_for_nothing():
     assert refused_field(body, frozenset({"model", "messages"})) is None
     assert not is_neutral("n", 2) and not is_neutral("top_k", 1) and not is_neutral("frequency_penalty", 0.1)
     assert not is_neutral("tool_choice", "required") and not is_neutral("response_format", {"type": "json_object"})
-    for unknown in ({"thinking_token_budget": 0}, {"prompt_logprobs": 0}, {"bad_words": []}):
+    for unknown in ({"thinking_token_budget": 0}, {"prompt_logprobs": 0}, {"guided_choice": []}):
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": MATH, **unknown})
         assert refused_field(body, frozenset({"model", "messages"})) == next(iter(unknown)), "an unknown field may mean something at 0"
 
@@ -188,6 +188,10 @@ def test_sampling_fields_change_the_answer(hf_url):
     forced = client(hf_url).chat.completions.create(model=EMBEDDED_MODEL, messages=MATH, max_tokens=6, temperature=0,
                                                      logprobs=True, extra_body={**UNSTEERED, "logit_bias": {"1248": 100}})
     assert {e.token for e in forced.choices[0].logprobs.content} == {forced.choices[0].logprobs.content[0].token}
+
+
+async def test_hf_honours_vllms_sampling_fields(plain_url):
+    await check_vllm_sampling_fields(plain_url, {})
 
 
 def test_upstream_errors_keep_the_field_they_name(proxy_url):

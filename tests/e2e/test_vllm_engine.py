@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from safethink_server.prompt import Conversation, RenderedPrompt
-from tests.support.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, refused_param
+from tests.support.openai_fields import ANSWER_SCHEMA, EXAMPLES, HONOURED, WEATHER_TOOL, check_vllm_sampling_fields, refused_param
 from tests.support.servers import EMBEDDED_MODEL, free_port
 from tests.support.streams import read_stream
 
@@ -103,6 +103,12 @@ async def test_seeded_sampling_carries_over_resubmission(vllm_server):
         runs.append(first + await take(g, 10))
         await g.abort()
     assert runs[0] == runs[1], "a seeded request replays exactly, across the resubmission too"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_vllm_honours_vllms_sampling_fields(vllm_server):
+    url, _ = vllm_server
+    await check_vllm_sampling_fields(url, {"safethink": {"early_steps": 0}})
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
@@ -207,10 +213,6 @@ async def test_vllm_honours_or_refuses(vllm_server, example):
     else:
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == refused_param(example)
-
-
-def _client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.mark.asyncio(loop_scope="session")

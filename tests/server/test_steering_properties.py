@@ -57,6 +57,8 @@ class Case:
     raw_answer: bool = False  # the answer as written, its leading whitespace kept (/v1/completions)
     constrains_itself: bool = False  # the engine's backend applies the constraint where the answer begins (an upstream)
     logprobs: int | None = None  # logprob entries asked for, with this many alternatives
+    ignore_eos: bool = False  # the model's EOS is a token like any other (the engine ends at its limits)
+    include_stop: bool = False  # the stop string that ends the answer is released with it
 
 
 @dataclass
@@ -143,6 +145,8 @@ def cases(draw: st.DrawFn, long: bool = False) -> Case:
         constrains_itself=draw(st.booleans()),
         constrained=draw(st.booleans()),
         logprobs=draw(st.sampled_from([None, 0, 2])),
+        ignore_eos=draw(st.booleans()),
+        include_stop=draw(st.booleans()),
         history=draw(st.sampled_from([[], [{"role": "system", "content": "Be brief."}],
                                       [{"role": "user", "content": "I write thrillers."}, {"role": "assistant", "content": "Nice."}]])),
     )
@@ -177,8 +181,8 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
     conversation = Conversation(case.history + [{"role": "user", "content": "q"}], case.prefill or None)
     session = SteeringSession(
         engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
-        SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=case.logprobs,
-                       answer_constraint={"json_object": True} if case.constrained else None),
+        SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=case.logprobs, ignore_eos=case.ignore_eos,
+                       include_stop_str_in_output=case.include_stop, answer_constraint={"json_object": True} if case.constrained else None),
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
         StepBoundaryDetector(regex=case.step_regex, max_step_tokens=case.max_step_tokens), judge, stop=case.stop,
@@ -231,18 +235,22 @@ def reference_sections(text: str, initial: str, raw_answer: bool = False) -> tup
     return reasoning, lead(answer)
 
 
-def reference_raw(text: str, initial: str, stops: list[str]) -> str:
+def reference_raw(text: str, initial: str, stops: list[str], include: bool = False) -> str:
     """A whole output as written (a completion's), its answer cut at the first stop string."""
     at = 0  # where the answer begins
     if initial == "pre" and text.lstrip().startswith(START) or initial == "reasoning":
         end = text.find(END, text.find(START) + len(START) if initial == "pre" else 0)
         at = len(text) if end < 0 else end + len(END)
-    return text[:at] + truncate_at_stop(text[at:], stops)
+    return text[:at] + truncate_at_stop(text[at:], stops, include)
 
 
-def truncate_at_stop(answer: str, stops: list[str]) -> str:
-    hits = [answer.find(s) for s in stops if s in answer]
-    return answer[: min(hits)] if hits else answer
+def truncate_at_stop(answer: str, stops: list[str], include: bool = False) -> str:
+    """The answer up to the first stop string in it, or through it with `include`."""
+    hits = [(answer.find(s), len(s)) for s in stops if s in answer]
+    if not hits:
+        return answer
+    at, length = min(hits)
+    return answer[: at + length if include else at]
 
 
 @dataclass
@@ -256,7 +264,8 @@ def token_by_token(outcome: Outcome, case: Case, sequence: list[int]) -> Replay:
     """A final sequence replayed one token at a time: what the loop counts and decides when it takes
     a batch as one piece must agree."""
     session = outcome.session
-    replay = OutputProcessor(outcome.engine.tokenizer, session.reasoning_cfg, case.initial_section, case.stop)  # type: ignore[arg-type]
+    replay = OutputProcessor(outcome.engine.tokenizer, session.reasoning_cfg, case.initial_section, case.stop,  # type: ignore[arg-type]
+                             include_stop=case.include_stop)
     at_budget = None
     for n, token in enumerate(sequence, 1):
         replay.release(replay.push(token))
@@ -526,10 +535,11 @@ def check_final_sequence(case: Case) -> None:
     # Each group of deltas handed out at once has one delta per run of section and origin.
     markers = 2 if case.raw_answer else 0  # a raw text's markers go out as deltas of their own
     assert outcome.deltas <= generation._calls + 2 + markers + 3 * len(session.report.inserted) + len(session.report.interventions)
-    assert tok.eos_token_id not in generation.sequence
+    if not case.ignore_eos:
+        assert tok.eos_token_id not in generation.sequence
     assert session.finish_reason in ("stop", "length", "content_filter")
     if case.raw_answer:  # the text as written, markers and all
-        written = reference_raw(tok.decode(generation.sequence), case.initial_section, case.stop)
+        written = reference_raw(tok.decode(generation.sequence), case.initial_section, case.stop, case.include_stop)
         client = outcome.reasoning + outcome.answer
         if session.finish_reason == "content_filter":
             client = client.removesuffix(REFUSAL).removesuffix("\n\n").removesuffix(END)
@@ -538,7 +548,7 @@ def check_final_sequence(case: Case) -> None:
             assert client == written
         return
     reasoning, answer = reference_sections(tok.decode(generation.sequence), case.initial_section, case.raw_answer)
-    answer = truncate_at_stop(answer, case.stop)
+    answer = truncate_at_stop(answer, case.stop, case.include_stop)
     if session.finish_reason == "content_filter":
         client_answer = outcome.answer.removesuffix(REFUSAL).rstrip("\n")
         # A refusal drops at most a half-seen marker of the kept text.
@@ -673,3 +683,22 @@ def test_choices_run_side_by_side_as_each_would_alone(case: Case, n: int) -> Non
     if not cancelled:
         assert ends == dict.fromkeys(range(n), 1)
         assert texts == {choice: asyncio.run(alone(choice)) for choice in range(n)}
+
+
+@given(ignore_eos=st.booleans())
+def test_ignore_eos_writes_on_past_the_models_end_of_sequence(ignore_eos):
+    """The model ends its answer with EOS and would write on: with ignore_eos the EOS is a token like
+    any other and the answer runs on to the engine's limit (max_tokens), the steering unchanged."""
+    pieces = [END, "a", " ok", ".", "<EOS>", "b", " step", "."]
+    case = Case(pieces=pieces, batch_sizes=[2], initial_section="reasoning", budget=None, max_tokens=6, max_step_tokens=20,
+                policy=PolicyConfig(threshold=0.5, early_steps=3, max_interventions=2, prefix=PREFIX, refusal=REFUSAL),
+                stop=[], scores=[0.0], failing_calls=set(), cancel_after=None, engine_limits_tokens=True,
+                engine_own_limit=None, end_on_eos=True, prefill="", history=[], ignore_eos=ignore_eos)
+    outcome = asyncio.run(run_case(case))
+    (generation,) = outcome.engine.generations
+    if ignore_eos:
+        assert (outcome.answer, outcome.session.finish_reason) == ("a ok.b", "length")  # six tokens, the EOS one of them
+        assert outcome.session.output_tokens == 6 and outcome.engine.tokenizer.eos_token_id in generation.sequence
+    else:
+        assert (outcome.answer, outcome.session.finish_reason) == ("a ok.", "stop")
+    assert [s.action for s in outcome.session.report.steps] == [Action.RELEASED] * len(outcome.session.report.steps)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from safethink_server.engines.base import Engine, Generation, SamplingParams, TokenLogprob
+from safethink_server.engines.base import SEQUENCE_END, Engine, Generation, SamplingParams, TokenLogprob
 from safethink_server.prompt import Conversation, RenderedPrompt
 
 SERVER_PIECES = ["[", "]", "F", "I", "X", "N", "O", " "]  # server texts are spelled with these alone
@@ -66,8 +66,11 @@ class ScriptedGeneration(Generation):
         assert not self._closed, "read after abort"
         await asyncio.sleep(0)  # a real engine yields to the event loop here
         eos = self.engine.tokenizer.eos_token_id
-        if self.sequence and self.sequence[-1] == eos:
-            raise AssertionError("read past an EOS that was not rolled back")
+        ends = self.engine.end_ids(self.sampling)
+        if self.sequence and self.sequence[-1] in ends:
+            raise AssertionError("read past the end of the sequence without a rollback")
+        # The engine's own end: the model's EOS, or, where the request ignores it, the contract's SEQUENCE_END
+        end = SEQUENCE_END if self.sampling.ignore_eos else eos
         size = self.engine.batch_sizes[self._calls % len(self.engine.batch_sizes)]
         self._calls += 1
         batch: list[int] = []
@@ -75,16 +78,16 @@ class ScriptedGeneration(Generation):
             limit = self.engine.limit(self.sampling)
             if limit is not None and len(self.sequence) + len(batch) >= limit:
                 self.finished_by_length = True
-                batch.append(eos)
+                batch.append(end)
                 break
             at = len(self.sequence) + len(batch) if self.engine.by_position else self._script_at
             if at >= len(self.engine.script):
-                batch.append(eos)
+                batch.append(end)
                 break
             token = self.engine.script[at]
             self._script_at += 1
             batch.append(token)
-            if token == eos:
+            if token in ends:
                 break
         self.sequence += batch
         for token in batch:

@@ -52,6 +52,9 @@ class UpstreamEngine(Engine):
     def eos_token_ids(self) -> set[int]:
         return {END}
 
+    def end_ids(self, sampling: SamplingParams) -> set[int]:
+        return {END}  # the stream's end (the upstream applies ignore_eos itself)
+
     @property
     def http(self) -> aiohttp.ClientSession:
         """aiohttp for its C HTTP parser, and because a read returns every event that has arrived."""

@@ -106,6 +106,7 @@ class UpstreamGeneration(Generation):
             if self.marks is not None:
                 self.marks.rebase(len(self.kept), len(kept_ids))
             body["prompt"] = self.prompt_ids + kept_ids
+            body.pop("truncate_prompt_tokens", None)  # the prompt ids are cut already: the upstream would cut the kept text too
             path = "/completions"
         else:
             if self.marks is not None and self.marks.complete:
