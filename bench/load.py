@@ -35,7 +35,8 @@ reasoning byte of a stream, queueing for a slot included), output tokens/s (from
 request asked for it, else one a text chunk), and the server's RSS at the start and the end.
 
 Memory: each server process's RSS is read from its own /metrics (`process_resident_memory_bytes`,
-one series per worker under `--workers N`) every `--sample-s`. The report gives it at every minute
+one series per worker under `--workers N`) every `--sample-s` (a process the server spawns, as
+vLLM's engine core under `--engine vllm`, is not on it). The report gives it at every minute
 and its slope over the last third of the load, per process, in % per 5 minutes (a least-squares
 line through the samples, over their mean). Where the last third spans 5 minutes or more
 (`--duration-s` 900 and up), a slope above `--max-growth` (1% per 5 minutes) fails the run too:
@@ -226,6 +227,8 @@ class LoadReport:
             out.append(f"safethink_requests_total grew by {self.counted:g}, but {self.sent} requests were sent")
         if self.config.get("duration_s", 0) >= MEMORY_CHECKED_FROM_S:  # type: ignore[operator]
             limit = float(self.config["max_growth_pct_per_5min"])  # type: ignore[arg-type]
+            if not self.memory:
+                out.append("no process_resident_memory_bytes on /metrics: the memory was not checked")
             for process, trend in self.memory.items():
                 growth = trend["last_third_pct_per_5min"]
                 if growth is None:

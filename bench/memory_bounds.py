@@ -5,7 +5,7 @@ load (bench/load.py) against a fresh hf server under each setting, one after ano
 
 Settings (safethink_server/memory.py, read from the environment): no bound (oneDNN's and glibc's
 defaults, no trimming), each bound alone, and all of them (the server's defaults). Reported per
-setting: output tokens/s and its ratio to no bound, TTFT p50, the server's RSS when the load
+setting: output tokens/s and its ratio to no bound, TTFT p50 and p99, the server's RSS when the load
 starts and when it ends, and the growth between them. `--rounds N` repeats the settings in turn.
 """
 
@@ -39,7 +39,8 @@ def measure(env: dict[str, str], config: LoadConfig) -> dict[str, float | None]:
     if report.problems():
         raise SystemExit(f"the load failed under {env}: {report.problems()}")
     start, end = report.start.rss_bytes, report.end.rss_bytes
-    return {"tokens_per_s": report.output_tokens_per_s, "ttft_p50_ms": report.ttft_p50_ms, "sent": report.sent,
+    return {"tokens_per_s": report.output_tokens_per_s, "ttft_p50_ms": report.ttft_p50_ms, "ttft_p99_ms": report.ttft_p99_ms,
+            "sent": report.sent,
             "rss_start_mib": start / 2**20 if start else None, "rss_end_mib": end / 2**20 if end else None,
             "growth_mib": (end - start) / 2**20 if start and end else None}
 
@@ -63,11 +64,11 @@ def main() -> int:
         return sum(values) / len(values) if values else float("nan")  # type: ignore[arg-type]
 
     base_rate = mean("no bound", "tokens_per_s")
-    print(f"{'setting':16} {'tok/s':>7} {'ratio':>6} {'ttft p50':>9} {'rss start':>10} {'rss end':>8} {'growth':>7}  (MiB)")
+    print(f"{'setting':16} {'tok/s':>7} {'ratio':>6} {'ttft p50':>9} {'ttft p99':>9} {'rss start':>10} {'rss end':>8} {'growth':>7}  (ms, MiB)")
     for name in SETTINGS:
         rate = mean(name, "tokens_per_s")
-        print(f"{name:16} {rate:7.2f} {rate / base_rate:6.3f} {mean(name, 'ttft_p50_ms'):9.0f} {mean(name, 'rss_start_mib'):10.0f} "
-              f"{mean(name, 'rss_end_mib'):8.0f} {mean(name, 'growth_mib'):7.0f}")
+        print(f"{name:16} {rate:7.2f} {rate / base_rate:6.3f} {mean(name, 'ttft_p50_ms'):9.0f} {mean(name, 'ttft_p99_ms'):9.0f} "
+              f"{mean(name, 'rss_start_mib'):10.0f} {mean(name, 'rss_end_mib'):8.0f} {mean(name, 'growth_mib'):7.0f}")
     if args.json:
         args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "settings": SETTINGS, "runs": runs}, indent=2) + "\n")
     return 0

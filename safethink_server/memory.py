@@ -20,7 +20,7 @@ import os
 import threading
 import time
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ class NativeMemorySettings(BaseSettings):
     SAFETHINK_MALLOC_TRIM_S: float = Field(
         default=10.0, ge=0, description="seconds between returns of freed heap memory to the system (malloc_trim; 0: never)")
 
+    @field_validator("SAFETHINK_MALLOC_TRIM_S")
+    @classmethod
+    def _not_continuous(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError("trim at most once a second (each trim holds the allocator's locks), or 0: never")
+        return v
+
 
 _bounded = False
 
@@ -50,15 +57,18 @@ def bound_native_memory() -> NativeMemorySettings:
     if _bounded:
         return settings
     _bounded = True
-    # oneDNN reads its variable when it builds its first kernel, after this
+    # oneDNN reads its variable when it builds its first kernel, after this; glibc reads its own when a
+    # process starts, so a process spawned from here (vLLM's engine core) gets both bounds from them
     os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(settings.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    if settings.MALLOC_ARENA_MAX > 0:
+        os.environ["MALLOC_ARENA_MAX"] = str(settings.MALLOC_ARENA_MAX)
     libc = _glibc()
     if libc is None:
         logger.info("not glibc: the malloc bounds do not apply")
         return settings
     if settings.MALLOC_ARENA_MAX > 0:  # for arenas made from now on: this runs before the engine's threads start
         libc.mallopt(M_ARENA_MAX, settings.MALLOC_ARENA_MAX)
-    if settings.SAFETHINK_MALLOC_TRIM_S > 0:
+    if settings.SAFETHINK_MALLOC_TRIM_S > 0:  # this process's heap only (not a spawned engine core's)
         threading.Thread(target=_trim_every, args=(libc, settings.SAFETHINK_MALLOC_TRIM_S), name="malloc-trim", daemon=True).start()
     return settings
 

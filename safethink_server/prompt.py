@@ -156,16 +156,16 @@ def raw_conversation(prompt_text: str) -> Conversation:
     return Conversation([{"role": "user", "content": prompt_text}])
 
 
-def truncated(prompt: RenderedPrompt, keep: int | None, limit: int) -> RenderedPrompt:
-    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` token ids (-1: the context limit). The
-    scorer still reads the whole conversation. A prompt rendered by an upstream (no ids) is the
-    upstream's to cut."""
+def truncated(prompt: RenderedPrompt, keep: int | None, max_tokens: int, limit: int) -> RenderedPrompt:
+    """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` token ids (-1: as many as the context
+    holds beside max_tokens). The scorer still reads the whole conversation. A prompt rendered by an
+    upstream (no ids) is the upstream's to cut."""
     if keep is None or not prompt.ids:
         return prompt
     if keep > limit:
         raise PromptError(f"truncate_prompt_tokens ({keep}) is more than this model's maximum context length ({limit} tokens)",
                           param="truncate_prompt_tokens")
-    keep = limit if keep == -1 else keep
+    keep = max(1, limit - max_tokens) if keep == -1 else keep
     return replace(prompt, ids=prompt.ids[-keep:]) if len(prompt.ids) > keep else prompt
 
 

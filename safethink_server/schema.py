@@ -69,9 +69,11 @@ SteeringOverrides: type[BaseModel] = create_model(
 
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 MAX_STOP_TOKEN_IDS = 64
-MAX_BAD_WORDS = 64
-MAX_BAD_WORD_CHARS = 100
-MAX_ALLOWED_TOKEN_IDS = 1 << 17
+# vLLM's GPU sampler takes at most 1,024 allowed ids and 1,024 bad-word tokens a request (more fails inside the
+# engine): 16 words of at most 32 characters are at most 32 token sequences (each word alone and after a space)
+MAX_BAD_WORDS = 16
+MAX_BAD_WORD_CHARS = 32
+MAX_ALLOWED_TOKEN_IDS = 1024
 MAX_TOP_LOGPROBS = 20
 
 
@@ -101,6 +103,13 @@ class SamplingFields(BaseModel):
     truncate_prompt_tokens: int | None = Field(
         default=None, ge=-1, description="keep only the prompt's last k tokens (-1: as many as the context holds with max_tokens)")
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1, description="vLLM's scheduling priority, lower first (vllm engine with --scheduling-policy priority)")
+
+    @field_validator("bad_words")
+    @classmethod
+    def _words_not_blank(cls, v: list[str] | None) -> list[str] | None:
+        if v and any(not word.strip() for word in v):
+            raise ValueError("a bad word has a character that is not a space")
+        return v
 
     @field_validator("truncate_prompt_tokens")
     @classmethod

@@ -70,7 +70,8 @@ async def build_sessions(state: ServerState, tenant: Tenant, body: ChatCompletio
     conversation = split_conversation(messages, body.continue_final_message, template, body.tools)
     check_scorer_reach(state, policy, conversation, "messages")
     reasoning = engine.reasoning_for(s.reasoning(), conversation)
-    prompt = truncated(await engine.render(conversation, reasoning, body.model), body.truncate_prompt_tokens, state.max_model_len)
+    prompt = truncated(await engine.render(conversation, reasoning, body.model), body.truncate_prompt_tokens, max_tokens,
+                       state.max_model_len)
     sessions = choice_sessions(state, tenant, body, prompt, conversation, sampling, policy, reasoning,
                                keep_special_tokens=answer is not None and answer.keep_special_tokens)
     return sessions, answer
@@ -99,7 +100,7 @@ async def build_completion_sessions(state: ServerState, tenant: Tenant, body: Co
     if isinstance(raw, str):
         check_scorer_reach(state, policy, raw_conversation(raw), "prompt")
     prompt = truncated(await engine.render_raw(raw, reasoning, body.model, body.add_special_tokens), body.truncate_prompt_tokens,
-                       state.max_model_len)
+                       max_tokens, state.max_model_len)
     if not isinstance(raw, str):  # token ids: their text is known once decoded
         check_scorer_reach(state, policy, raw_conversation(prompt.raw_text), "prompt")
     return choice_sessions(state, tenant, body, prompt, raw_conversation(prompt.raw_text), sampling, policy, reasoning, keep_special_tokens=False,

@@ -52,7 +52,7 @@ class TokenSampler:
             if self._allowed_mask is None:
                 self._allowed_mask = torch.full_like(logits, float("-inf")).index_fill(0, self.allowed_ids, 0.0)
             logits = logits + self._allowed_mask
-        banned = self._banned(ids[prompt_len:])
+        banned = self._banned(ids[prompt_len:]) if self.bad_words else []
         if banned:
             logits = logits.index_fill(0, torch.tensor(banned, dtype=torch.long), float("-inf"))
         if len(ids) - prompt_len < s.min_tokens and len(self.eos_ids):
@@ -61,6 +61,8 @@ class TokenSampler:
             logits = logits.index_add(0, self.bias_ids, self.bias_values)
         if self.penalised:
             logits = self._penalise(logits, ids[:prompt_len], ids[prompt_len:])
+        if not torch.isfinite(logits).any():  # the bans and min_tokens left nothing: the allowed ids alone decide
+            logits = raw if self._allowed_mask is None else raw + self._allowed_mask
         token = self._choose(logits, generator)
         return token, (self._logprob(raw, token) if s.logprobs is not None else None)
 

@@ -137,6 +137,8 @@ class VLLMGeneration(Generation):
             out = await anext(self._stream)
         except StopAsyncIteration:
             self._stream = None
+            self.output_ids.append(SEQUENCE_END)  # part of the sequence until the session rolls it back, as at any end
+            self.entries.append(None)
             return [SEQUENCE_END]
         except EngineDeadError as exc:
             raise EngineError("the vLLM engine died") from exc

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from safethink_server.engines.base import SamplingParams
 from safethink_server.engines.sampler import TokenSampler, bad_words_token_ids
-from safethink_server.prompt import PromptError, RenderedPrompt, truncated
+from safethink_server.prompt import PromptError, RenderedPrompt, check_context_length, truncated
 
 VOCAB = 50
 
@@ -57,11 +57,22 @@ def test_bad_words_are_encoded_alone_and_after_a_space(embedded_model_dir):
 
 
 @settings(max_examples=100, deadline=None)
-@given(ids=st.lists(st.integers(0, 100), min_size=1, max_size=40), keep=st.one_of(st.integers(1, 60), st.just(-1)), limit=st.integers(60, 80))
-def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(ids, keep, limit):
-    prompt = truncated(RenderedPrompt(ids, "reasoning"), keep, limit)
-    assert prompt.ids == ids[-(limit if keep == -1 else keep):]
-    assert truncated(RenderedPrompt(ids, "reasoning"), None, limit).ids == ids
+@given(ids=st.lists(st.integers(0, 100), min_size=1, max_size=120), keep=st.one_of(st.integers(1, 60), st.just(-1)),
+       max_tokens=st.integers(1, 40), limit=st.integers(60, 80))
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(ids, keep, max_tokens, limit):
+    prompt = truncated(RenderedPrompt(ids, "reasoning"), keep, max_tokens, limit)
+    assert prompt.ids == ids[-(limit - max_tokens if keep == -1 else keep):]
+    if keep == -1:
+        check_context_length(len(prompt.ids), max_tokens, limit)  # -1: whatever the prompt, it fits beside max_tokens
+    assert truncated(RenderedPrompt(ids, "reasoning"), None, max_tokens, limit).ids == ids
     with pytest.raises(PromptError) as caught:
-        truncated(RenderedPrompt(ids, "reasoning"), limit + 1, limit)
+        truncated(RenderedPrompt(ids, "reasoning"), limit + 1, max_tokens, limit)
     assert caught.value.param == "truncate_prompt_tokens"
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logits_lists, temperature=st.sampled_from([0.0, 1.0]), seed=st.integers(0, 1000))
+def test_bans_that_leave_nothing_fall_back_to_the_allowed_ids(logits, temperature, seed):
+    """EOS allowed alone but min_tokens not reached, or every allowed id a bad word: an allowed id is sampled."""
+    assert sample(SamplingParams(allowed_token_ids=[0], min_tokens=5, temperature=temperature), logits, [], seed=seed) == 0
+    assert sample(SamplingParams(allowed_token_ids=[3, 4], temperature=temperature), logits, [], [[3], [4]], seed) in (3, 4)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from reward_models.base import StepItem, StepScore
 from safethink_server.api.streaming import choice_runs
-from safethink_server.engines.base import SamplingParams
+from safethink_server.engines.base import SEQUENCE_END, SamplingParams
 from safethink_server.prompt import Conversation, RenderedPrompt
 from safethink_server.schema import Action, PolicyConfig, ReasoningConfig
 from safethink_server.steering.output import Delta, OutputProcessor
@@ -182,6 +182,7 @@ def case_session(case: Case, engine: ScriptedEngine, stream_interval: int = 1) -
     session = SteeringSession(
         engine, RenderedPrompt([1, 2, 3], case.initial_section, case.prefill), conversation,  # type: ignore[arg-type]
         SamplingParams(max_tokens=case.max_tokens, temperature=0.0, logprobs=case.logprobs, ignore_eos=case.ignore_eos,
+                       spaces_between_special_tokens=not case.include_stop,
                        include_stop_str_in_output=case.include_stop, answer_constraint={"json_object": True} if case.constrained else None),
         case.policy,
         ReasoningConfig(budget_tokens=case.budget, prefill_start=case.initial_section == "reasoning", end_on_eos=case.end_on_eos),
@@ -535,6 +536,7 @@ def check_final_sequence(case: Case) -> None:
     # Each group of deltas handed out at once has one delta per run of section and origin.
     markers = 2 if case.raw_answer else 0  # a raw text's markers go out as deltas of their own
     assert outcome.deltas <= generation._calls + 2 + markers + 3 * len(session.report.inserted) + len(session.report.interventions)
+    assert SEQUENCE_END not in generation.sequence, "the engine's end is never part of the sequence"
     if not case.ignore_eos:
         assert tok.eos_token_id not in generation.sequence
     assert session.finish_reason in ("stop", "length", "content_filter")
@@ -701,4 +703,3 @@ def test_ignore_eos_writes_on_past_the_models_end_of_sequence(ignore_eos):
         assert outcome.session.output_tokens == 6 and outcome.engine.tokenizer.eos_token_id in generation.sequence
     else:
         assert (outcome.answer, outcome.session.finish_reason) == ("a ok.", "stop")
-    assert [s.action for s in outcome.session.report.steps] == [Action.RELEASED] * len(outcome.session.report.steps)

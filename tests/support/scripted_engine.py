@@ -31,7 +31,8 @@ class ScriptedTokenizer:
         self.eos_token_id = len(self.pieces)
         self.model_max_length = 1 << 20
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
+        assert all(i >= 0 for i in ids), f"the end of the sequence was decoded: {ids}"
         return b"".join(self.bytes[i] for i in ids if i != self.eos_token_id).decode("utf-8", errors="replace")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -69,7 +70,8 @@ class ScriptedGeneration(Generation):
         ends = self.engine.end_ids(self.sampling)
         if self.sequence and self.sequence[-1] in ends:
             raise AssertionError("read past the end of the sequence without a rollback")
-        # The engine's own end: the model's EOS, or, where the request ignores it, the contract's SEQUENCE_END
+        # The model's own end: its EOS, or, where the request ignores it, the engine's end; a limit of the engine's
+        # is always the contract's SEQUENCE_END (as vllm's)
         end = SEQUENCE_END if self.sampling.ignore_eos else eos
         size = self.engine.batch_sizes[self._calls % len(self.engine.batch_sizes)]
         self._calls += 1
@@ -78,7 +80,7 @@ class ScriptedGeneration(Generation):
             limit = self.engine.limit(self.sampling)
             if limit is not None and len(self.sequence) + len(batch) >= limit:
                 self.finished_by_length = True
-                batch.append(end)
+                batch.append(SEQUENCE_END)
                 break
             at = len(self.sequence) + len(batch) if self.engine.by_position else self._script_at
             if at >= len(self.engine.script):

@@ -17,7 +17,8 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True) -> str:
+        # (both options are the upstream's: it gets them with the request, and the bytes are its text)
         try:
             data = bytes(ids)
         except ValueError:  # the end id

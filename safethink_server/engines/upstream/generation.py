@@ -106,7 +106,8 @@ class UpstreamGeneration(Generation):
             if self.marks is not None:
                 self.marks.rebase(len(self.kept), len(kept_ids))
             body["prompt"] = self.prompt_ids + kept_ids
-            body.pop("truncate_prompt_tokens", None)  # the prompt ids are cut already: the upstream would cut the kept text too
+            if body.get("truncate_prompt_tokens", -1) != -1:  # cut here already: the upstream would cut the kept text too
+                del body["truncate_prompt_tokens"]
             path = "/completions"
         else:
             if self.marks is not None and self.marks.complete:
