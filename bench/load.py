@@ -35,8 +35,8 @@ reasoning byte of a stream, queueing for a slot included), output tokens/s (from
 request asked for it, else one a text chunk), and the server's RSS at the start and the end.
 
 Memory: each server process's RSS is read from its own /metrics (`process_resident_memory_bytes`,
-one series per worker under `--workers N`) every `--sample-s` (a process the server spawns, as
-vLLM's engine core under `--engine vllm`, is not on it). The report gives it at every minute
+one series per worker under `--workers N`) every `--sample-s`; a process a server this bench started
+spawns (vLLM's engine core under `--engine vllm`) is read from /proc. The report gives it at every minute
 and its slope over the last third of the load, per process, in % per 5 minutes (a least-squares
 line through the samples, over their mean). Where the last third spans 5 minutes or more
 (`--duration-s` 900 and up), a slope above `--max-growth` (1% per 5 minutes) fails the run too:
@@ -307,8 +307,26 @@ def metric_by(text: str, name: str, label: str) -> dict[str, float]:
     return out
 
 
+OWN_PIDS: dict[str, int] = {}  # base URL -> pid of each server this bench started
+
+
+def children_rss(pid: int) -> dict[int, int]:
+    """VmRSS of every process below `pid` (vLLM's engine core under `--engine vllm`), from /proc."""
+    out: dict[int, int] = {}
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in map(int, (task / "children").read_text().split()):
+                status = Path(f"/proc/{child}/status").read_text()
+                out[child] = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+                out.update(children_rss(child))
+    except (OSError, ValueError, StopIteration):
+        pass
+    return out
+
+
 async def process_rss(client: httpx.AsyncClient, name: str, base: str) -> dict[str, int]:
-    """One server's resident memory from its /metrics: by worker pid where it runs several."""
+    """One server's resident memory from its /metrics: by worker pid where it runs several; and,
+    for a server this bench started, each process it spawned, from /proc."""
     try:
         response = await client.get(base + "/metrics", timeout=10)
     except httpx.HTTPError:
@@ -316,7 +334,10 @@ async def process_rss(client: httpx.AsyncClient, name: str, base: str) -> dict[s
     if response.status_code != 200:
         return {}
     by_pid = metric_by(response.text, "process_resident_memory_bytes", "pid")
-    return {(f"{name} pid {pid}" if pid else name): int(value) for pid, value in by_pid.items()}
+    out = {(f"{name} pid {pid}" if pid else name): int(value) for pid, value in by_pid.items()}
+    if base in OWN_PIDS and not any(by_pid):  # (a multi-worker server's workers are on its /metrics already)
+        out.update({f"{name} child {child}": rss for child, rss in children_rss(OWN_PIDS[base]).items()})
+    return out
 
 
 async def snapshot(client: httpx.AsyncClient, base: str, watched: dict[str, str] | None = None) -> Snapshot:
@@ -662,6 +683,7 @@ def own_process(flags: list[str], env: dict[str, str] | None = None) -> Iterator
     log = Path("/tmp") / f"load-serve-{port}.log"
     command = [sys.executable, "-m", "safethink_server.cli", "serve", "--port", str(port), "--log-level", "warning", *flags]
     proc = start(command, f"http://127.0.0.1:{port}/health", log, env)
+    OWN_PIDS[f"http://127.0.0.1:{port}"] = proc.pid
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
