@@ -73,14 +73,15 @@ async def stream(state: ServerState, body: ChatCompletionRequest, sessions: list
     event = DeltaEvents(chunk, len(sessions))
     logprobs = LogprobEntries(state.engine.tokenizer) if body.logprobs else None
     tools = [ToolCallStream(answer.tools) for _ in sessions] if answer is not None and answer.tools is not None else None
-    opened = [False] * len(sessions)
+    opened = False
     try:
         async with contextlib.aclosing(choice_runs(sessions)) as runs:
             async for index, delta in runs:
                 session = sessions[index]
-                if not opened[index]:  # as vLLM: a choice's role goes out with its first output, so a client's TTFT is real
-                    opened[index] = True
-                    yield sse(chunk(DeltaMessage(role="assistant", content=""), index=index))
+                if not opened:  # as vLLM: every choice's role, in order, with the first output, so a client's TTFT is real
+                    opened = True
+                    for choice in range(len(sessions)):
+                        yield sse(chunk(DeltaMessage(role="assistant", content=""), index=choice))
                 if delta is None:
                     for message in tools[index].end() if tools else []:
                         yield sse(chunk(message, index=index))

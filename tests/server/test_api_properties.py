@@ -229,7 +229,12 @@ def parse(case: Case, response: httpx.Response) -> ClientView:
             add_logprobs(choice, raw.get("logprobs"), case.route)
             choice.report, choice.finish_reason = raw.get("safethink"), raw["finish_reason"]
         return ClientView(choices, usage)
-    for payload in sse_payloads(response.text):
+    payloads = sse_payloads(response.text)
+    if case.route == "chat":  # every choice's role, in index order, before any choice's output (as vLLM sends them)
+        indices = [raw["index"] for payload in payloads for raw in payload["choices"]]
+        roles = [raw["index"] for payload in payloads for raw in payload["choices"] if raw["delta"].get("role")]
+        assert roles == indices[: case.n] == list(range(case.n)), indices
+    for payload in payloads:
         if payload.get("usage") is not None:
             assert usage is None, "usage given twice"
             usage = payload["usage"]
