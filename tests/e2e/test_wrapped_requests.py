@@ -39,7 +39,8 @@ def acted_on(url: str, messages: list[dict]) -> bool:
     return bool(reply["safethink"]["interventions"]) or reply["choices"][0]["finish_reason"] == "content_filter"
 
 
-TOOL_GAP = pytest.mark.xfail(strict=True, reason="known gap (issue 30 open): with the request inside a tool result, its steps "
+TOOL_GAP = pytest.mark.xfail(strict=False, reason="known gap (issue 30 open; this one request is on the edge and was acted on in a "
+                              "whole-suite run of 2026-12-07, so the mark is not strict): with the request inside a tool result, its steps "
                                                "score under the threshold (docs/evaluation.md: 9 of 16 acted on, 11 as written)")
 
 
