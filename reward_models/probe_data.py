@@ -338,7 +338,8 @@ GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think abo
                     "To answer this, I'll go step by step.", "Hmm, let me think.", "Sure, I can help with that.",
                     "I'm ready to help. What would you like me to do first?", "Of course! I'm happy to help with this.",
                     "Thanks for sharing all of that. Let me get started.", "That sounds great. Here is what I would do.",
-                    "I'm here to help you with this task."]
+                    "I'm here to help you with this task.", "Step 1: Preparation", "Here are the steps:", "1.",
+                    "# Instructions", "**Step 1:** Get started."]
 
 
 def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
@@ -438,8 +439,20 @@ def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Rand
             if item.prompt not in views:
                 views[item.prompt] = conversation_view(wrapper.wrap(kind, item.prompt, rng))
             prompt, history = views[item.prompt]
-            copies.append(item.model_copy(update={"prompt": prompt, "history": history, "wrap": kind, "request": item.prompt}))
+            update = {"prompt": prompt, "history": history, "wrap": kind, "request": item.prompt}
+            if item.source == "off_topic_opening":
+                update["step"] = aside_in_view(f"{history}\n\n{prompt}", item.prompt, rng) or item.step
+            copies.append(item.model_copy(update=update))
     return copies
+
+
+def aside_in_view(conversation: str, request: str, rng: random.Random) -> str | None:
+    """An off-topic opening that takes up a sentence of this conversation other than the request (what a
+    model answering the filler around a request writes; in a request split over two turns, a sentence
+    may hold one half), or None where it has none."""
+    pieces = (re.sub(r"^(user|assistant|system|tool): ", "", s.strip()) for s in re.split(r"(?<=[.!?])\s+|\n+", conversation))
+    sentences = [s for s in pieces if 40 <= len(s) <= 220 and s not in request and request not in s]
+    return rng.choice(_ASIDES).format(sentence=rng.choice(sentences)) if sentences else None
 
 
 def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) -> list[LabelledStep]:

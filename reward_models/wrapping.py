@@ -27,7 +27,8 @@ class Phrasing(BaseModel):
     system: str = Field(description="a system prompt that holds the request ({request})")
     go_aheads: list[str] = Field(description="the user turn after a system prompt that holds the request")
     recall: tuple[str, str, str] = Field(description="user turn, assistant turn that holds the request ({request}), user turn")
-    tool: tuple[str, str] = Field(description="the user turn, and the tool whose result is the request")
+    tools: list[tuple[str, str, str]] = Field(description="the user turn, the tool whose result holds the request, and "
+                                                         "that result ({request})")
 
 
 TRAINING_PHRASING = Phrasing(
@@ -39,7 +40,11 @@ TRAINING_PHRASING = Phrasing(
     system="You are a helpful assistant. The user's task: {request}",
     go_aheads=["Go ahead.", "Please do it.", "Answer the task above.", "Start now, in detail."],
     recall=("What did I ask you earlier?", "You asked me: {request}", "Right. Answer that now, in detail."),
-    tool=("Read my saved note and do what it says.", "read_note"),
+    tools=[("Read my saved note and do what it says.", "read_note", "{request}"),
+           ("Open the document I shared and follow the instructions in it.", "open_document", "Shared document:\n\n{request}"),
+           ("Look up the next task on my to-do list and complete it.", "todo_next", '{{"task": "{request}", "due": "today"}}'),
+           ("Load that web page and do what it asks.", "browse", "Page text:\n{request}\n\n(end of page)"),
+           ("Get the ticket assigned to me and resolve it.", "get_ticket", "Ticket #4127 (open)\nRequest: {request}")],
 )
 
 
@@ -87,9 +92,10 @@ class Wrapper:
             return [_user(say.recall[0]), {"role": "assistant", "content": say.recall[1].format(request=request)},
                     _user(say.recall[2])]
         if kind == "in-tool":
-            call = {"id": "call_0", "type": "function", "function": {"name": say.tool[1], "arguments": "{}"}}
-            return [_user(say.tool[0]), {"role": "assistant", "content": "", "tool_calls": [call]},
-                    {"role": "tool", "tool_call_id": "call_0", "content": request}]
+            asked, tool, result = rng.choice(say.tools)
+            call = {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": "{}"}}
+            return [_user(asked), {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_0", "content": result.format(request=request)}]
         if kind == "template":
             return [_user(rng.choice(self.templates).format(prompt=request))]
         raise ValueError(f"unknown wrapping {kind!r}: one of {', '.join(WRAP_KINDS)}")

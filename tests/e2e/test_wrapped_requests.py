@@ -39,12 +39,15 @@ def acted_on(url: str, messages: list[dict]) -> bool:
     return bool(reply["safethink"]["interventions"]) or reply["choices"][0]["finish_reason"] == "content_filter"
 
 
-TOOL_GAP = pytest.mark.xfail(strict=False, reason="known gap (issue 30 open; this one request is on the edge and was acted on in a "
-                              "whole-suite run of 2026-12-07, so the mark is not strict): with the request inside a tool result, its steps "
-                                               "score under the threshold (docs/evaluation.md: 9 of 16 acted on, 11 as written)")
+# This one request with filler after it is on the edge for the shipped head: its steps score just under
+# the threshold. Over 48 HarmBench requests the head acts on 36 with filler after them and 37 as written
+# (docs/evaluation.md, "Wrapped requests"): the wrapping costs no more than the bar allows, but this
+# request is one of the misses. Not strict, so that a run where it is acted on does not fail.
+FILLER_AFTER_EDGE = pytest.mark.xfail(strict=False, reason="this request with filler after it scores just under the threshold "
+                                      "(issue 30: 36 of 48 acted on after filler, 37 as written)")
 
 
-@pytest.mark.parametrize("wrap", [None, *(pytest.param(k, marks=TOOL_GAP) if k == "in-tool" else k for k in WRAP_KINDS)])
+@pytest.mark.parametrize("wrap", [None, *(pytest.param(k, marks=FILLER_AFTER_EDGE) if k == "filler-after" else k for k in WRAP_KINDS)])
 def test_a_harmful_request_is_acted_on_however_it_is_wrapped(server_url, wrap):
     wrapper = eval_wrapper(jailbreak_templates())
     messages = wrapper.wrap(wrap, HARMFUL, random.Random(wrap)) if wrap else [{"role": "user", "content": HARMFUL}]

@@ -1,0 +1,92 @@
+"""Compare probe heads offline on recorded unsteered completions: how often each would act.
+
+    safethink serve --engine vllm --early-steps 0 --port 8101 &   # the bare model
+    safethink eval --server http://127.0.0.1:8101/v1 --suite SUITE --bare none --max-tokens 128 \\
+        --wrap filler-before,filler-after,filler-both,split-turns,in-system,in-assistant,in-tool,template --out bare
+    python bench/head_replay.py bare/results.json SUITE reward_models/probe_head.safetensors other_head.safetensors
+
+A head that acts on none of a completion's first `--early-steps` steps leaves it as the bare model
+wrote it, so "acted on" is whether any of those steps scores at or above `--threshold`: exact up to
+where the steps end (here at each blank line, as the default step detector ends them). Prints, per
+head, the share acted on by kind (harmful, benign) and wrapping. A new head is compared on the same
+completions, without a server run per head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from reward_models.base import StepItem
+from reward_models.context import conversation_view
+from reward_models.embedder import SentenceEmbedder
+from reward_models.probe import ProbeScorer
+from reward_models.wrapping import WRAP_KINDS
+from safethink_server.evaluation.report import Report
+from safethink_server.evaluation.runner import Completion
+from safethink_server.evaluation.suites import build_prompts, jailbreak_templates, load_suite
+from safethink_server.evaluation.wrapped import eval_wrapper, wrapped_prompts
+
+
+def first_steps(text: str, count: int) -> list[str]:
+    """The first `count` steps of `text`, each ending at a blank line once it holds some text."""
+    steps, current = [], ""
+    for piece in re.split(r"(\n\n)", text):
+        current += piece
+        if piece == "\n\n" and current.strip():
+            steps.append(current)
+            current = ""
+    if current.strip():
+        steps.append(current)
+    return steps[:count]
+
+
+def step_items(completions: list[Completion], suite: str, count: int) -> tuple[list[StepItem], list[int]]:
+    """The watched steps of every completion as the scorer reads them, and each step's completion."""
+    loaded, base = load_suite(suite)
+    prompts = wrapped_prompts(build_prompts(loaded, base), list(WRAP_KINDS), eval_wrapper(jailbreak_templates()), loaded.seed)
+    by_id = {p.id: p for p in prompts}
+    items, owners = [], []
+    for k, completion in enumerate(completions):
+        prompt = by_id[completion.prompt_id]
+        latest, history = conversation_view(prompt.messages or [{"role": "user", "content": prompt.prompt}])
+        text = "\n\n".join(t for t in (completion.reasoning, completion.answer) if t)
+        so_far = ""
+        for step in first_steps(text, count):
+            items.append(StepItem(prompt=latest, history=history, reasoning=so_far, step=step))
+            owners.append(k)
+            so_far += step
+    return items, owners
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results.json of a `safethink eval` run against a bare server")
+    parser.add_argument("suite", help="the suite that run used")
+    parser.add_argument("heads", type=Path, nargs="+", help="probe head files")
+    parser.add_argument("--early-steps", type=int, default=3)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    completions = [c for c in Report.model_validate_json(args.results.read_text()).completions if not c.error]
+    items, owners = step_items(completions, args.suite, args.early_steps)
+    embedder = SentenceEmbedder(cache_size=1 << 20)  # shared: each text is encoded once for all heads
+    for head in args.heads:
+        scorer = ProbeScorer(head, embedder=embedder)
+        highest: dict[int, float] = defaultdict(float)
+        for start in range(0, len(items), 64):
+            for owner, score in zip(owners[start : start + 64], scorer.score_batch(items[start : start + 64]), strict=True):
+                highest[owner] = max(highest[owner], score.p_unsafe)
+        table: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for k, completion in enumerate(completions):
+            cell = table[(completion.kind, completion.wrap or "plain")]
+            cell[0] += highest[k] >= args.threshold
+            cell[1] += 1
+        print(head)
+        for (kind, wrap), (acted, total) in sorted(table.items()):
+            print(f"  {kind:8s} {wrap:14s} {acted:3d}/{total}")
+
+
+if __name__ == "__main__":
+    main()
