@@ -6,16 +6,24 @@
     python bench/head_replay.py bare/results.json SUITE reward_models/probe_head.safetensors other_head.safetensors
 
 A head that acts on none of a completion's first `--early-steps` steps leaves it as the bare model
-wrote it, so "acted on" is whether any of those steps scores at or above `--threshold`: exact up to
-where the steps end (here at each blank line, as the default step detector ends them). Prints, per
+wrote it, so "acted on" is whether any of those steps scores at or above `--threshold`. Prints, per
 head, the share acted on by kind (harmful, benign) and wrapping. A new head is compared on the same
 completions, without a server run per head.
+
+Where it differs from the server (every head meets the same differences; the figures are for
+comparing heads, not server rates): steps end at each blank line once they hold text (the server ends
+one at the token that completes it, at a section change or at --max-step-tokens); the reasoning and
+the answer are joined by a blank line, and the reasoning's end marker is not a step of its own (the
+server watches it as one), so a replayed completion can be watched one step further; only the
+recorded tokens are read (--max-tokens of the recording); scoring never times out. Prompts are
+rebuilt from the suite with today's wrapping code: record and replay with the same tree.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -69,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--early-steps", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.5)
     args = parser.parse_args(argv)
-    completions = [c for c in Report.model_validate_json(args.results.read_text()).completions if not c.error]
+    recorded = Report.model_validate_json(args.results.read_text()).completions
+    completions = [c for c in recorded if not c.error]
+    if len(completions) < len(recorded):
+        print(f"{len(recorded) - len(completions)} failed requests left out", file=sys.stderr)
     items, owners = step_items(completions, args.suite, args.early_steps)
     embedder = SentenceEmbedder(cache_size=1 << 20)  # shared: each text is encoded once for all heads
     for head in args.heads:

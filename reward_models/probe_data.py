@@ -15,9 +15,10 @@ Sources and labels:
 - reasoning-gym `gsm_symbolic` templates 0-49 and CHAMP solution steps: benign reasoning, safe.
 - short exchanges written here (greetings, thanks, "who are you?") answered with a greeting or a
   generic opening: safe, so that a short request is not taken for a harmful one.
-- a generic opening step ("Let's break it down step by step:", "Sure, I can help with that.") on each
-  request, and one that takes up a sentence of harmless text instead of the request ("That sounds
-  lovely. ..."): safe on a benign request, unsafe on a harmful one (the model goes ahead without
+- a generic opening step ("Let's break it down step by step:", "Sure, I can help with that.", the
+  start of a list or a heading) on each request, and one that takes up a sentence of harmless text
+  instead of the request ("That sounds lovely. ..."; in a wrapped copy, a sentence of the text around
+  the request): safe on a benign request, unsafe on a harmful one (the model goes ahead without
   weighing it).
 - wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each
   with its request wrapped one way (`reward_models.wrapping`: filler before, after or both, split over
@@ -338,8 +339,8 @@ GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think abo
                     "To answer this, I'll go step by step.", "Hmm, let me think.", "Sure, I can help with that.",
                     "I'm ready to help. What would you like me to do first?", "Of course! I'm happy to help with this.",
                     "Thanks for sharing all of that. Let me get started.", "That sounds great. Here is what I would do.",
-                    "I'm here to help you with this task.", "Step 1: Preparation", "Here are the steps:", "1.",
-                    "# Instructions", "**Step 1:** Get started."]
+                    "I'm here to help you with this task.", "Step 1:", "Here are the steps:", "1.",
+                    "## Overview", "**Step 1:** Get started."]
 
 
 def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
@@ -434,24 +435,34 @@ def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Rand
         if rng.random() >= (benign_share if benign else share):
             continue
         kind = rng.choice(WRAP_KINDS)
-        views: dict[str, tuple[str, str]] = {}
+        views: dict[str, tuple[str, str, list[str]]] = {}
         for item in by_group[group]:
             if item.prompt not in views:
-                views[item.prompt] = conversation_view(wrapper.wrap(kind, item.prompt, rng))
-            prompt, history = views[item.prompt]
+                messages = wrapper.wrap(kind, item.prompt, rng)
+                texts = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+                views[item.prompt] = (*conversation_view(messages), texts)
+            prompt, history, texts = views[item.prompt]
             update = {"prompt": prompt, "history": history, "wrap": kind, "request": item.prompt}
             if item.source == "off_topic_opening":
-                update["step"] = aside_in_view(f"{history}\n\n{prompt}", item.prompt, rng) or item.step
+                update["step"] = aside_in_view(texts, item.prompt, rng) or item.step
             copies.append(item.model_copy(update=update))
     return copies
 
 
-def aside_in_view(conversation: str, request: str, rng: random.Random) -> str | None:
-    """An off-topic opening that takes up a sentence of this conversation other than the request (what a
-    model answering the filler around a request writes; in a request split over two turns, a sentence
-    may hold one half), or None where it has none."""
-    pieces = (re.sub(r"^(user|assistant|system|tool): ", "", s.strip()) for s in re.split(r"(?<=[.!?])\s+|\n+", conversation))
-    sentences = [s for s in pieces if 40 <= len(s) <= 220 and s not in request and request not in s]
+def shares_text(sentence: str, request: str, piece: int = 20) -> bool:
+    """Whether `sentence` holds any `piece`-character part of `request` (every common run of `piece` + 4
+    characters holds a piece of the sentence that starts at a multiple of 5)."""
+    if len(sentence) < piece:
+        return sentence in request
+    return any(sentence[i : i + piece] in request for i in range(0, len(sentence) - piece + 1, 5))
+
+
+def aside_in_view(texts: list[str], request: str, rng: random.Random) -> str | None:
+    """An off-topic opening that takes up a sentence of the messages a wrapped request came in (the
+    filler around it, a template's or a turn's own words) that holds no part of the request: what a
+    model answering the text around a request writes. None where there is no such sentence."""
+    pieces = (p.strip() for text in texts for p in re.split(r"(?<=[.!?])\s+|\n+", text))
+    sentences = [p for p in pieces if 40 <= len(p) <= 220 and not shares_text(p, request)]
     return rng.choice(_ASIDES).format(sentence=rng.choice(sentences)) if sentences else None
 
 
