@@ -51,8 +51,8 @@ async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: Po
     reasoning = ReasoningConfig()
     rendered = await engine.render(conversation, reasoning)
 
-    async def score(item: StepItem) -> StepScore:
-        return await batcher.score_one(item)
+    async def score(item: StepItem, first: bool) -> StepScore:
+        return await batcher.score_one(item, first)
 
     session = SteeringSession(engine, rendered, conversation, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy,
                               reasoning, StepBoundaryDetector(), score, warm=batcher.prefetch)  # the server's default

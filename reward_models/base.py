@@ -30,6 +30,8 @@ class StepItem(BaseModel):
 class StepScore(BaseModel):
     p_unsafe: float = Field(ge=0.0, le=1.0)
     category: str | None = None
+    queue_ms: float | None = Field(default=None, description="set by the micro-batcher: time the step waited for its forward")
+    forward_ms: float | None = Field(default=None, description="set by the micro-batcher: time of the forward it was scored in")
 
 
 class ScorerError(RuntimeError):

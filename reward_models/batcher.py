@@ -1,13 +1,16 @@
-"""Micro-batching: merge steps from concurrent callers into one scorer forward pass."""
+"""Micro-batching: merge steps from concurrent callers into one scorer forward pass, the steps that
+hold up a response's first byte first."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from reward_models.base import Scorer, StepItem, StepScore
 
@@ -17,10 +20,13 @@ BatchObserver = Callable[[int, float, BaseException | None], None]
 """Called after each forward with (batch size, seconds, error or None); metrics hook in here."""
 
 
-@dataclass
+@dataclass(order=True)
 class _Pending:
-    items: list[StepItem]
-    future: asyncio.Future[list[StepScore]]
+    rank: float  # when it is served: its arrival, later for a step whose response already sent text
+    order: int  # arrival order among equal ranks
+    items: list[StepItem] = field(compare=False)
+    future: asyncio.Future[list[StepScore]] = field(compare=False)
+    arrived: float = field(compare=False)
 
 
 class MicroBatcher:
@@ -30,9 +36,18 @@ class MicroBatcher:
     While a forward runs, new requests queue up and form the next batch, so under load batches fill
     without waiting. A caller's request is never split across two forwards.
 
+    Order: a first step (its response has sent nothing yet: the client waits for its first byte) goes
+    before later steps, whose clients already read text; among equals the oldest goes first. A later
+    step is ranked as if it had arrived `later_step_delay_ms` after it did, so it waits for first
+    steps for at most that long plus the scoring of those ranked before it: none waits forever.
+    Batches are formed in that order (the embedder then groups texts of like length into forwards).
+
     `prefetch` hands over an item whose step is still being written, for the scorer to prepare what
     does not depend on the step (`Scorer.warm_batch`): that runs only while no scoring is waiting,
     a few items at a time, so that a step that comes meanwhile waits for little.
+
+    Each score comes back with the time its step waited before its forward (`queue_ms`) and the
+    forward's time (`forward_ms`).
     """
 
     WARM_BATCH = 1  # items per warming call (each does a bounded amount): what a step arriving meanwhile may wait for
@@ -46,6 +61,7 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         observer: BatchObserver | None = None,
         warm_observer: Callable[[float], None] | None = None,
+        later_step_delay_ms: float = 200.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -54,66 +70,68 @@ class MicroBatcher:
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self.observer = observer
         self.warm_observer = warm_observer  # seconds of each warming forward
-        self._queue: asyncio.Queue[_Pending | None] | None = None  # None: a wake-up for items to warm
+        self.later_step_delay_s = max(0.0, later_step_delay_ms) / 1000.0
+        self._waiting: list[_Pending] = []  # a heap, by rank
+        self._arrivals = itertools.count()
+        self._wakeup: asyncio.Event | None = None  # set when a step or an item to warm comes
         self._worker: asyncio.Task[None] | None = None
         self._to_warm: list[tuple[StepItem, int]] = []  # newest last, with the warming calls it has had
 
-    async def score(self, items: Sequence[StepItem]) -> list[StepScore]:
+    async def score(self, items: Sequence[StepItem], first: bool = False) -> list[StepScore]:
+        """Scores of `items`; `first`: a first step, whose response has sent nothing yet."""
         if not items:
             return []
         self._ensure_worker()
-        assert self._queue is not None
+        assert self._wakeup is not None
         future: asyncio.Future[list[StepScore]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(list(items), future))
+        now = time.monotonic()
+        rank = now if first else now + self.later_step_delay_s
+        heapq.heappush(self._waiting, _Pending(rank, next(self._arrivals), list(items), future, now))
+        self._wakeup.set()
         return await future
 
-    async def score_one(self, item: StepItem) -> StepScore:
-        return (await self.score([item]))[0]
+    async def score_one(self, item: StepItem, first: bool = False) -> StepScore:
+        return (await self.score([item], first))[0]
 
     def prefetch(self, item: StepItem) -> None:
         """Warm the scorer for `item` when it has time (nothing if the scorer does not warm)."""
         if not self.scorer.warms:
             return
         self._ensure_worker()
-        assert self._queue is not None
-        if not self._to_warm:  # the worker may be waiting for a step: wake it (it skips the marker)
-            self._queue.put_nowait(None)
+        assert self._wakeup is not None
         self._to_warm = [*self._to_warm[-(self.WARM_BACKLOG - 1) :], (item, 0)]
+        self._wakeup.set()  # the worker may be waiting for a step
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
+            self._wakeup = asyncio.Event()
             self._worker = asyncio.create_task(self._run(), name="scorer-micro-batcher")
 
+    def _waiting_items(self) -> int:
+        return sum(len(p.items) for p in self._waiting)
+
     async def _run(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        carry: _Pending | None = None
+        assert self._wakeup is not None
+        wakeup = self._wakeup
         while True:
-            if carry is None and queue.empty() and self._to_warm:
-                entries, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
-                await self._warm(entries)
-                continue
-            first = carry or await queue.get()
-            if first is None:
-                continue
-            carry = None
-            batch = [first]
-            size = len(first.items)
-            deadline = time.monotonic() + self.max_wait_s
-            while size < self.max_batch_size:
-                timeout = deadline - time.monotonic()
-                try:
-                    nxt = queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout)
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
-                if nxt is None:
+            if not self._waiting:
+                if self._to_warm:
+                    entries, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
+                    await self._warm(entries)
                     continue
-                if size + len(nxt.items) > self.max_batch_size:
-                    carry = nxt
-                    break
-                batch.append(nxt)
-                size += len(nxt.items)
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            deadline = time.monotonic() + self.max_wait_s  # a short wait for more steps to join the batch
+            while self._waiting_items() < self.max_batch_size and (timeout := deadline - time.monotonic()) > 0:
+                wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), timeout)
+            batch = [heapq.heappop(self._waiting)]  # one caller's items are never split, however many
+            size = len(batch[0].items)
+            while self._waiting and size + len(self._waiting[0].items) <= self.max_batch_size:
+                batch.append(heapq.heappop(self._waiting))
+                size += len(batch[-1].items)
             await self._forward(batch)
 
     async def _warm(self, entries: list[tuple[StepItem, int]]) -> None:
@@ -133,6 +151,7 @@ class MicroBatcher:
         if not live:
             return
         flat = [item for p in live for item in p.items]
+        began = time.monotonic()
         started = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -141,7 +160,8 @@ class MicroBatcher:
                 raise RuntimeError(f"scorer returned {len(scores)} scores for {len(flat)} items")
         except Exception as exc:  # every caller of this batch gets the failure
             error = exc
-        self._observe(self.observer, len(flat), time.perf_counter() - started, error)
+        forward_s = time.perf_counter() - started
+        self._observe(self.observer, len(flat), forward_s, error)
         offset = 0
         for p in live:
             if p.future.done():
@@ -150,7 +170,8 @@ class MicroBatcher:
             if error is not None:
                 p.future.set_exception(error)
             else:
-                p.future.set_result(scores[offset : offset + len(p.items)])
+                timing = {"queue_ms": round((began - p.arrived) * 1000, 3), "forward_ms": round(forward_s * 1000, 3)}
+                p.future.set_result([score.model_copy(update=timing) for score in scores[offset : offset + len(p.items)]])
             offset += len(p.items)
 
     @staticmethod
@@ -165,6 +186,10 @@ class MicroBatcher:
 
     async def aclose(self) -> None:
         self._to_warm = []
+        for pending in self._waiting:  # nobody will score them now
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("the scorer's micro-batcher is closed"))
+        self._waiting = []
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -43,6 +43,9 @@ class Metrics:
         self.interventions = Counter("safethink_interventions", "Corrective prefixes injected, by step index (1..m) and API key id.", ["step", "key"], registry=r)
         self.p_unsafe = Histogram("safethink_step_p_unsafe", "p_unsafe of scored steps.", buckets=_P_BUCKETS, registry=r)
         self.scorer_latency = Histogram("safethink_scorer_latency_seconds", "Time of one scorer forward (a micro-batch).", buckets=_LATENCY_BUCKETS, registry=r)
+        self.score_wait = Histogram("safethink_step_score_wait_seconds", "Time a judged step waited for its score (queue and "
+                                    "forward), by whether it was its response's first (nothing sent yet) or a later one.",
+                                    ["step"], buckets=_LATENCY_BUCKETS, registry=r)
         self.scorer_batch = Histogram("safethink_scorer_batch_size", "Steps per scorer forward.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.scorer_warm_seconds = Counter("safethink_scorer_warm_seconds", "Scorer time spent preparing contexts ahead of their steps (--scorer-warm).", registry=r)
         self.scorer_errors = Counter("safethink_scorer_errors", "Steps the scorer failed on or timed out on (handled by on_scorer_error).", registry=r)
@@ -155,7 +158,8 @@ class KeyObserver(SteeringObserver):
     def __init__(self, metrics: Metrics, key: str) -> None:
         self.metrics, self.key = metrics, key
 
-    def step_scored(self, p_unsafe: float, error: bool) -> None:
+    def step_scored(self, p_unsafe: float, error: bool, first: bool = False, wait_s: float = 0.0) -> None:
+        self.metrics.score_wait.labels(step="first" if first else "later").observe(wait_s)
         self.metrics.steps_scored.inc()
         self.metrics.p_unsafe.observe(p_unsafe)
         if error:

@@ -152,6 +152,10 @@ class StepRecord(BaseModel):
     scorer_error: bool = False
     tokens: int | None = Field(description="the step's tokens; absent for a step not released where the report hides them")
     score_ms: float | None = Field(default=0.0, description="time the step waited for its score (micro-batch wait and forward)")
+    generation_ms: float | None = Field(default=None, description="time the model took to write the step, from its first token's "
+                                        "request to its last")
+    queue_ms: float | None = Field(default=None, description="of score_ms, the time the step waited for a scorer forward")
+    forward_ms: float | None = Field(default=None, description="of score_ms, the time of the forward that scored it")
 
 
 class InterventionRecord(BaseModel):
@@ -195,8 +199,9 @@ class SteeringReport(BaseModel):
             return self
         if detail == "none":
             return None
-        steps = [s.model_copy(update={"p_unsafe": None, "score_ms": None} if s.action is Action.RELEASED else
-                              {"p_unsafe": None, "score_ms": None, "tokens": None, "section": None}) for s in self.steps]
+        hidden = {"p_unsafe": None, "score_ms": None, "generation_ms": None, "queue_ms": None, "forward_ms": None}
+        steps = [s.model_copy(update=hidden if s.action is Action.RELEASED else {**hidden, "tokens": None, "section": None})
+                 for s in self.steps]
         interventions = [i.model_copy(update={"p_unsafe": None, "discarded_tokens": None}) for i in self.interventions]
         return self.model_copy(update={"steps": steps, "interventions": interventions, "discarded_tokens": None, "withheld_tokens": None})
 

@@ -126,8 +126,8 @@ def choice_sessions(state: ServerState, tenant: Tenant, body: GenerationRequest,
     if engine.counts_tokens:
         check_context_length(len(prompt.ids), sampling.max_tokens, state.max_model_len)
 
-    async def score(item: StepItem) -> StepScore:
-        return await state.batcher.score_one(item)
+    async def score(item: StepItem, first: bool) -> StepScore:
+        return await state.batcher.score_one(item, first)
 
     def session(choice: int) -> SteeringSession:
         detector = s.detector()

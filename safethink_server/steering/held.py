@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from safethink_server.schema import Section
@@ -15,6 +16,7 @@ class HeldStep:
     text: str = ""
     deltas: list[Delta] = field(default_factory=list)
     sections: set[Section] = field(default_factory=set)
+    began: float = field(default_factory=time.perf_counter)  # when the model began writing it
 
     def add(self, deltas: list[Delta]) -> None:
         for delta in deltas:

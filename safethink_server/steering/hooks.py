@@ -6,13 +6,14 @@ from collections.abc import Awaitable, Callable
 
 from reward_models.base import StepItem, StepScore
 
-ScoreFn = Callable[[StepItem], Awaitable[StepScore]]
+ScoreFn = Callable[[StepItem, bool], Awaitable[StepScore]]
+"""Scores a step; the flag: a first step, whose response has sent nothing yet (scored before later ones)."""
 
 
 class SteeringObserver:
     """Metrics hooks; the default does nothing."""
 
-    def step_scored(self, p_unsafe: float, error: bool) -> None: ...
+    def step_scored(self, p_unsafe: float, error: bool, first: bool = False, wait_s: float = 0.0) -> None: ...
     def intervention(self, step_index: int) -> None: ...
     def injected(self, n_tokens: int) -> None: ...
     def refused(self) -> None: ...

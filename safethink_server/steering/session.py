@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 
-from reward_models.base import StepItem
+from reward_models.base import StepItem, StepScore
 from safethink_server.engines.base import Engine, Generation, SamplingParams, SequenceCursor
 from safethink_server.prompt import Conversation, RenderedPrompt, scoring_context
 from safethink_server.schema import (
@@ -325,9 +325,11 @@ class SteeringSession:
             self._release(step.deltas)
             return Action.RELEASED
         started = time.perf_counter()
+        generation_ms = round((started - step.began) * 1000, 3)
         # The end marker the model wrote with no text after it yet (at the end, a stop string or
         # max_step_tokens) is judged as what it is: that the model closed its reasoning here.
-        p_unsafe, error = await self._score(step.text if step.text.strip() else self.reasoning_cfg.end_marker)
+        score, error = await self._score(step.text if step.text.strip() else self.reasoning_cfg.end_marker)
+        p_unsafe = score.p_unsafe
         score_ms = round((time.perf_counter() - started) * 1000, 3)
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
@@ -335,7 +337,8 @@ class SteeringSession:
         if self._constrained and (step.section == "answer" or opened) and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED  # a constrained answer cannot take a prefix: it would break the structure
         record = StepRecord(index=self._step_index, section="answer" if opened else step.section, p_unsafe=p_unsafe, action=action,
-                            scorer_error=error, tokens=step.tokens, score_ms=score_ms)
+                            scorer_error=error, tokens=step.tokens, score_ms=score_ms, generation_ms=generation_ms,
+                            queue_ms=score.queue_ms, forward_ms=score.forward_ms)
         self.report.steps.append(record)
         if action in (Action.RELEASED, Action.APPENDED):
             self._release(step.deltas, judged=True)
@@ -376,16 +379,20 @@ class SteeringSession:
         return StepItem(prompt=self._latest_turn, history=self._history,
                         reasoning=self.prompt.assistant_text + self.output.released, step=step_text)
 
-    async def _score(self, step_text: str) -> tuple[float, bool]:
+    async def _score(self, step_text: str) -> tuple[StepScore, bool]:
+        """The step's score (with its wait and forward times where the scorer gave them), and whether
+        the scorer failed. A first step (nothing of the response released yet) is scored first."""
         item = self._item(step_text)
+        first = self._step_index == 1 and not self.report.inserted  # no step released, no server text sent
+        started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(self.score(item), timeout=self.policy.scorer_timeout_s)
+            result = await asyncio.wait_for(self.score(item, first), timeout=self.policy.scorer_timeout_s)
         except Exception:
-            p_unsafe = 1.0 if self.policy.on_scorer_error == "fail_closed" else 0.0
-            self.observer.step_scored(p_unsafe, error=True)
-            return p_unsafe, True
-        self.observer.step_scored(result.p_unsafe, error=False)
-        return result.p_unsafe, False
+            result = StepScore(p_unsafe=1.0 if self.policy.on_scorer_error == "fail_closed" else 0.0)
+            self.observer.step_scored(result.p_unsafe, error=True, first=first, wait_s=time.perf_counter() - started)
+            return result, True
+        self.observer.step_scored(result.p_unsafe, error=False, first=first, wait_s=time.perf_counter() - started)
+        return result, False
 
     # --- the server's own texts ---------------------------------------------------------------
     async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> bool:

@@ -158,3 +158,76 @@ async def test_an_item_that_never_finishes_warming_is_given_up_after_warm_calls(
     await batcher.score_one(StepItem(prompt="s", step="x"))
     assert scorer.calls[-1] == "score s"
     await batcher.aclose()
+
+
+class Slow(Recording):
+    """Takes `seconds` over a step that says "slow", so that others queue behind it."""
+
+    def __init__(self, seconds: float = 0.3) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def score_batch(self, items):
+        if any(i.step == "slow" for i in items):
+            import time
+
+            time.sleep(self.seconds)
+        return super().score_batch(items)
+
+
+async def test_first_steps_are_scored_before_later_ones_that_came_first():
+    scorer = Slow()
+    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0)
+    busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
+    await asyncio.sleep(0.05)  # the worker is in the slow forward: what comes now waits, and is ordered
+    later = [asyncio.ensure_future(batcher.score_one(StepItem(prompt=f"later{i}", step="x"))) for i in range(3)]
+    await asyncio.sleep(0.01)
+    first = [asyncio.ensure_future(batcher.score_one(StepItem(prompt=f"first{i}", step="x"), first=True)) for i in range(2)]
+    scores = await asyncio.gather(busy, *later, *first)
+    assert scorer.calls == ["score busy", "score first0", "score first1", "score later0", "score later1", "score later2"]
+    assert all(s.queue_ms is not None and s.queue_ms >= 0 and s.forward_ms is not None for s in scores)
+    assert scores[1].queue_ms > scores[0].queue_ms  # a later step waited for the slow forward and the first steps
+    await batcher.aclose()
+
+
+async def test_a_later_step_waits_for_first_steps_no_longer_than_its_delay():
+    """Ranked as if it came `later_step_delay_ms` after it did: a later step that has waited longer
+    than that goes before first steps that came after its rank."""
+    scorer = Slow(seconds=0.4)
+    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0, later_step_delay_ms=50)
+    busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
+    await asyncio.sleep(0.05)
+    old = asyncio.ensure_future(batcher.score_one(StepItem(prompt="old later", step="x")))
+    await asyncio.sleep(0.15)  # past the later step's delay
+    new = asyncio.ensure_future(batcher.score_one(StepItem(prompt="new first", step="x"), first=True))
+    early = asyncio.ensure_future(batcher.score_one(StepItem(prompt="within delay", step="x"), first=True))
+    await asyncio.gather(busy, old, new, early)
+    assert scorer.calls == ["score busy", "score old later", "score new first", "score within delay"]
+    await batcher.aclose()
+
+
+async def test_with_no_delay_steps_are_scored_in_arrival_order():
+    scorer = Slow()
+    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0, later_step_delay_ms=0)
+    busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
+    await asyncio.sleep(0.05)
+    waiting = []
+    for i, first in enumerate([False, True, False, True]):
+        waiting.append(asyncio.ensure_future(batcher.score_one(StepItem(prompt=f"s{i}", step="x"), first=first)))
+        await asyncio.sleep(0.005)
+    await asyncio.gather(busy, *waiting)
+    assert scorer.calls == ["score busy", "score s0", "score s1", "score s2", "score s3"]
+    await batcher.aclose()
+
+
+async def test_closing_answers_the_steps_still_waiting():
+    scorer = Slow()
+    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0)
+    busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.ensure_future(batcher.score_one(StepItem(prompt="left", step="x")))
+    await asyncio.sleep(0.01)
+    await batcher.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await waiting
+    busy.cancel()

@@ -77,11 +77,15 @@ class Judge:
     unwarmed: list[StepItem] = field(default_factory=list)
     session: SteeringSession | None = None
     at: list[int] = field(default_factory=list)  # the output position (the step's end) at each call
+    firsts: list[bool] = field(default_factory=list)  # whether each call said its step was a first one
+    inserted_before: list[int] = field(default_factory=list)  # server texts the report listed at each call
 
     def warm(self, item: StepItem) -> None:
         self.warmed.append(item)
 
-    async def __call__(self, item: StepItem) -> StepScore:
+    async def __call__(self, item: StepItem, first: bool) -> StepScore:
+        self.firsts.append(first)
+        self.inserted_before.append(len(self.session.report.inserted) if self.session is not None else 0)
         if item.prompt != "q" or item.history != self.history or not item.reasoning.startswith(self.prefill):
             self.wrong_context.append(item)
         if not any((w.prompt, w.history, w.reasoning.strip(), w.step) == (item.prompt, item.history, item.reasoning.strip(), "")
@@ -281,6 +285,17 @@ def token_by_token(outcome: Outcome, case: Case, sequence: list[int]) -> Replay:
 LONGEST_PIECE = max(len(p) for p in MODEL_PIECES)
 
 
+def assert_first_steps_are_marked_first(outcome: Outcome) -> None:
+    """A step is scored as a first step (ahead of other requests' later ones) exactly while nothing
+    of its response was released: no earlier step was released or appended, and no server text
+    (a prefix, an end marker) was sent."""
+    steps = outcome.session.report.steps
+    assert len(outcome.judge.firsts) == len(steps)
+    for k, first in enumerate(outcome.judge.firsts):
+        nothing_sent = outcome.judge.inserted_before[k] == 0 and all(s.action not in (Action.RELEASED, Action.APPENDED) for s in steps[:k])
+        assert first == nothing_sent, (k, [s.action for s in steps], outcome.judge.inserted_before)
+
+
 def assert_steps_end_where_they_should(outcome: Outcome, case: Case) -> None:
     """A step ends at the token that completes its first delimiter after some text, or at
     max_step_tokens (a few more while a character or marker is incomplete), never later."""
@@ -357,6 +372,7 @@ def test_no_unjudged_model_text_reaches_the_client(case: Case) -> None:
         assert released.startswith(judged_safe) or judged_safe.startswith(released), (released, judged_safe)
     assert not any(PREFIX in text or REFUSAL in text for text, _ in outcome.judge.seen), "the server's own text was judged"
     assert_steps_end_where_they_should(outcome, case)
+    assert_first_steps_are_marked_first(outcome)
     assert not outcome.judge.wrong_context, "a step was judged without its conversation"
     assert not outcome.judge.unwarmed, "a step's context was not handed over to prepare when the step began"
     unsafe = [s for s in outcome.session.report.steps if s.action is not Action.RELEASED]
