@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -76,11 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("heads", type=Path, nargs="+", help="probe head files")
     parser.add_argument("--early-steps", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--arm", help="the arm whose completions are replayed (default: the run's first)")
     args = parser.parse_args(argv)
-    recorded = Report.model_validate_json(args.results.read_text()).completions
+    report = Report.model_validate_json(args.results.read_text())
+    arm = args.arm or report.arms[0].arm  # a run with a bare arm holds every prompt twice
+    recorded = [c for c in report.completions if c.arm == arm]
     completions = [c for c in recorded if not c.error]
-    if len(completions) < len(recorded):
-        print(f"{len(recorded) - len(completions)} failed requests left out", file=sys.stderr)
+    print(f"arm {arm!r}: {len(completions)} completions, {len(recorded) - len(completions)} failed requests left out")
     items, owners = step_items(completions, args.suite, args.early_steps)
     embedder = SentenceEmbedder(cache_size=1 << 20)  # shared: each text is encoded once for all heads
     for head in args.heads:
