@@ -72,6 +72,7 @@ class MicroBatcher:
         self.warm_observer = warm_observer  # seconds of each warming forward
         self.later_step_delay_s = max(0.0, later_step_delay_ms) / 1000.0
         self._waiting: list[_Pending] = []  # a heap, by rank
+        self._in_flight: list[_Pending] = []  # the batch in its forward
         self._arrivals = itertools.count()
         self._wakeup: asyncio.Event | None = None  # set when a step or an item to warm comes
         self._worker: asyncio.Task[None] | None = None
@@ -108,13 +109,19 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._run(), name="scorer-micro-batcher")
 
     def _waiting_items(self) -> int:
-        return sum(len(p.items) for p in self._waiting)
+        return sum(len(p.items) for p in self._waiting if not p.future.done())
+
+    def _next_live(self) -> _Pending | None:
+        """The best-ranked waiting caller still waiting (callers that gave up are dropped)."""
+        while self._waiting and self._waiting[0].future.done():
+            heapq.heappop(self._waiting)
+        return self._waiting[0] if self._waiting else None
 
     async def _run(self) -> None:
         assert self._wakeup is not None
         wakeup = self._wakeup
         while True:
-            if not self._waiting:
+            if self._next_live() is None:
                 if self._to_warm:
                     entries, self._to_warm = self._to_warm[-self.WARM_BATCH :], self._to_warm[: -self.WARM_BATCH]
                     await self._warm(entries)
@@ -127,12 +134,16 @@ class MicroBatcher:
                 wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), timeout)
+            if self._next_live() is None:  # every caller gave up while the batch filled
+                continue
             batch = [heapq.heappop(self._waiting)]  # one caller's items are never split, however many
             size = len(batch[0].items)
-            while self._waiting and size + len(self._waiting[0].items) <= self.max_batch_size:
+            while (nxt := self._next_live()) is not None and size + len(nxt.items) <= self.max_batch_size:
                 batch.append(heapq.heappop(self._waiting))
-                size += len(batch[-1].items)
+                size += len(nxt.items)
+            self._in_flight = batch
             await self._forward(batch)
+            self._in_flight = []
 
     async def _warm(self, entries: list[tuple[StepItem, int]]) -> None:
         started = time.perf_counter()
@@ -186,12 +197,12 @@ class MicroBatcher:
 
     async def aclose(self) -> None:
         self._to_warm = []
-        for pending in self._waiting:  # nobody will score them now
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        for pending in [*self._in_flight, *self._waiting]:  # nobody will score them now
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the scorer's micro-batcher is closed"))
-        self._waiting = []
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+        self._in_flight, self._waiting = [], []

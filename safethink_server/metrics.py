@@ -89,6 +89,8 @@ class Metrics:
             self.refusals.labels(key=key)
         for kind in ("connect", "timeout", "closed", "protocol", "status_429", "status_5xx", "upstream_error"):
             self.upstream_errors.labels(kind=kind)
+        for order in ("first", "later"):
+            self.score_wait.labels(step=order)
 
     def of_key(self, key: str) -> KeyObserver:
         return KeyObserver(self, key)

@@ -152,8 +152,8 @@ class StepRecord(BaseModel):
     scorer_error: bool = False
     tokens: int | None = Field(description="the step's tokens; absent for a step not released where the report hides them")
     score_ms: float | None = Field(default=0.0, description="time the step waited for its score (micro-batch wait and forward)")
-    generation_ms: float | None = Field(default=None, description="time the model took to write the step, from its first token's "
-                                        "request to its last")
+    generation_ms: float | None = Field(default=None, description="time the model took to write the step, from its first "
+                                        "token with text to its last (a first step's engine queue and prefill come before)")
     queue_ms: float | None = Field(default=None, description="of score_ms, the time the step waited for a scorer forward")
     forward_ms: float | None = Field(default=None, description="of score_ms, the time of the forward that scored it")
 

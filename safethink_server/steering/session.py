@@ -383,7 +383,7 @@ class SteeringSession:
         """The step's score (with its wait and forward times where the scorer gave them), and whether
         the scorer failed. A first step (nothing of the response released yet) is scored first."""
         item = self._item(step_text)
-        first = self._step_index == 1 and not self.report.inserted  # no step released, no server text sent
+        first = self._step_index == 1 and not self.report.inserted  # no text released yet (whitespace aside), ours or the model's
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(self.score(item, first), timeout=self.policy.scorer_timeout_s)

@@ -191,18 +191,36 @@ async def test_first_steps_are_scored_before_later_ones_that_came_first():
 
 
 async def test_a_later_step_waits_for_first_steps_no_longer_than_its_delay():
-    """Ranked as if it came `later_step_delay_ms` after it did: a later step that has waited longer
-    than that goes before first steps that came after its rank."""
-    scorer = Slow(seconds=0.4)
-    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0, later_step_delay_ms=50)
+    """Ranked as if it came `later_step_delay_ms` after it did: a first step that comes within the
+    delay goes before it, one that comes after the delay goes after it (neither arrival order nor
+    first steps always first)."""
+    scorer = Slow(seconds=0.5)
+    batcher = MicroBatcher(scorer, max_batch_size=1, max_wait_ms=0, later_step_delay_ms=150)
     busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
     await asyncio.sleep(0.05)
-    old = asyncio.ensure_future(batcher.score_one(StepItem(prompt="old later", step="x")))
-    await asyncio.sleep(0.15)  # past the later step's delay
-    new = asyncio.ensure_future(batcher.score_one(StepItem(prompt="new first", step="x"), first=True))
-    early = asyncio.ensure_future(batcher.score_one(StepItem(prompt="within delay", step="x"), first=True))
-    await asyncio.gather(busy, old, new, early)
-    assert scorer.calls == ["score busy", "score old later", "score new first", "score within delay"]
+    later = asyncio.ensure_future(batcher.score_one(StepItem(prompt="later", step="x")))
+    await asyncio.sleep(0.01)
+    within = asyncio.ensure_future(batcher.score_one(StepItem(prompt="first within the delay", step="x"), first=True))
+    await asyncio.sleep(0.3)  # well past the later step's rank
+    past = asyncio.ensure_future(batcher.score_one(StepItem(prompt="first past the delay", step="x"), first=True))
+    await asyncio.gather(busy, later, within, past)
+    assert scorer.calls == ["score busy", "score first within the delay", "score later", "score first past the delay"]
+    await batcher.aclose()
+
+
+async def test_callers_that_gave_up_take_no_room_in_a_batch():
+    sizes: list[int] = []
+    scorer = Slow()
+    batcher = MicroBatcher(scorer, max_batch_size=4, max_wait_ms=0, observer=lambda n, s, e: sizes.append(n))
+    busy = asyncio.ensure_future(batcher.score_one(StepItem(prompt="busy", step="slow"), first=True))
+    await asyncio.sleep(0.05)
+    gone = [asyncio.ensure_future(batcher.score_one(StepItem(prompt=f"gone{i}", step="x"), first=True)) for i in range(3)]
+    live = [asyncio.ensure_future(batcher.score_one(StepItem(prompt=f"live{i}", step="x"))) for i in range(3)]
+    await asyncio.sleep(0.01)
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(busy, *live)
+    assert sizes == [1, 3] and scorer.calls[1:] == ["score live0", "score live1", "score live2"]
     await batcher.aclose()
 
 
@@ -228,6 +246,6 @@ async def test_closing_answers_the_steps_still_waiting():
     waiting = asyncio.ensure_future(batcher.score_one(StepItem(prompt="left", step="x")))
     await asyncio.sleep(0.01)
     await batcher.aclose()
-    with pytest.raises(RuntimeError, match="closed"):
-        await waiting
-    busy.cancel()
+    for caller in (busy, waiting):  # the one in its forward and the one waiting
+        with pytest.raises(RuntimeError, match="closed"):
+            await caller
