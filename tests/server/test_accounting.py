@@ -133,3 +133,27 @@ def test_a_client_gone_while_its_body_is_read_is_counted_aborted(tmp_path):
     assert asyncio.run(scenario()) == {("aborted", "anonymous"): 1.0}
     [line] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert line["status"] == "aborted"
+
+
+def test_a_judged_steps_time_is_in_its_record_and_its_wait_is_counted_as_first_or_later():
+    """Each judged step's record says where its time went, and the wait of a response's first step
+    (nothing released yet) is counted apart from later steps'."""
+    async def scenario() -> tuple[dict[str, Any], dict[str, float]]:
+        engine = AppEngine([], [1])
+        engine.script = [engine.tokenizer.ids[p] for p in ["a", ".\n\n", "b", ".\n\n"]] + [engine.tokenizer.eos_token_id]
+        app = create_app(ServerSettings(scorer_max_wait_ms=0), engine, Quiet())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                reply = (await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 16})).json()
+        registry = app.state.safethink.metrics.registry
+        waits = {sample.labels["step"]: sample.value for metric in registry.collect() if metric.name == "safethink_step_score_wait_seconds"
+                 for sample in metric.samples if sample.name.endswith("_count")}
+        return reply, waits
+
+    reply, waits = asyncio.run(scenario())
+    steps = reply["safethink"]["steps"]
+    assert len(steps) >= 2, steps
+    for step in steps:
+        assert step["generation_ms"] >= 0 and step["queue_ms"] >= 0 and step["forward_ms"] >= 0, step
+        assert step["queue_ms"] + step["forward_ms"] <= step["score_ms"] + 1.0, step  # parts of the step's wait
+    assert waits == {"first": 1.0, "later": float(len(steps) - 1)}, waits
