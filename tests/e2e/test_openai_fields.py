@@ -71,7 +71,9 @@ def assert_honoured(url: str, example: str, body: dict) -> None:
     logprobs = choices[0].get("logprobs")
     if example == "logprobs":
         entries = logprobs["content"]
-        assert all(len(e["top_logprobs"]) == 2 for e in entries), logprobs
+        # two alternatives each, or none: inside the watched window alternatives are withheld (they could
+        # show text never judged), and whether a blank token lands there depends on the upstream's events
+        assert all(len(e["top_logprobs"]) in (0, 2) for e in entries), logprobs
         # at the proxy's threshold 0 every step is replaced or withheld: 8 tokens may release no model text
         message, report = choices[0]["message"], body.get("safethink") or {}
         released = (message.get("reasoning_content") or "") + (message.get("content") or "")
