@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from reward_models.base import StepItem, StepScore
-from reward_models.batcher import MicroBatcher
+from reward_models.batcher import LATER_STEP_DELAY_MS, MicroBatcher
 from reward_models.probe import ProbeScorer
 from safethink_server.engines.base import Engine, SamplingParams
 from safethink_server.engines.model_store import embedded_model_dir
@@ -39,11 +39,14 @@ PROMPTS = [
 ]
 NO_CONVERSATION = Conversation([{"role": "user", "content": ""}])
 MODES = {"steered": PolicyConfig(), "bare": PolicyConfig(early_steps=0)}
+# "fifo" (with --fifo): steered, with the micro-batcher serving steps in arrival order (no first-step priority)
+LATER_STEP_DELAY_S = {"steered": LATER_STEP_DELAY_MS / 1000, "fifo": 0.0, "bare": 0.0}
 
 
 class Result:
-    def __init__(self, ttft: float, tokens: int, interventions: int) -> None:
+    def __init__(self, ttft: float, tokens: int, interventions: int, first_wait_ms: float | None = None) -> None:
         self.ttft, self.tokens, self.interventions = ttft, tokens, interventions
+        self.first_wait_ms = first_wait_ms  # the first judged step's wait for its score
 
 
 async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: PolicyConfig, max_tokens: int) -> Result:
@@ -61,7 +64,8 @@ async def run_one(engine: Engine, batcher: MicroBatcher, prompt: str, policy: Po
     async for delta in session.run():
         if ttft is None and delta.text:
             ttft = time.perf_counter() - start
-    return Result(ttft or 0.0, session.output_tokens, len(session.report.interventions))
+    steps = session.report.steps
+    return Result(ttft or 0.0, session.output_tokens, len(session.report.interventions), steps[0].score_ms if steps else None)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,25 +73,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, rounds: int, max_tokens: int) -> float:
-    results: dict[str, list[Result]] = {m: [] for m in MODES}
-    wall: dict[str, float] = {m: 0.0 for m in MODES}
+async def compare(engine: Engine, batcher: MicroBatcher, concurrency: int, rounds: int, max_tokens: int, fifo: bool = False) -> float:
+    modes = {**MODES, **({"fifo": MODES["steered"]} if fifo else {})}
+    results: dict[str, list[Result]] = {m: [] for m in modes}
+    wall: dict[str, float] = {m: 0.0 for m in modes}
     for r in range(rounds):
         # Every stream has a prompt of its own (numbered), so that no two steps share a scorer encoding.
         prompts = [f"{PROMPTS[(r * concurrency + i) % len(PROMPTS)]} (Question {r * concurrency + i + 1}.)" for i in range(concurrency)]
         # Each mode starts from an empty prefix cache, and the order alternates by round: neither mode
         # gets the prompts the other has just prefilled.
-        for mode, policy in list(MODES.items())[:: 1 if r % 2 == 0 else -1]:
+        for mode, policy in list(modes.items())[:: 1 if r % 2 == 0 else -1]:
+            batcher.later_step_delay_s = LATER_STEP_DELAY_S[mode]
             await reset_prefix_cache(engine)
             batcher.scorer.embedder.clear_cache()  # type: ignore[attr-defined]  # every step's encoding is computed
             t = time.perf_counter()
             results[mode] += await asyncio.gather(*(run_one(engine, batcher, p, policy, max_tokens) for p in prompts))
             wall[mode] += time.perf_counter() - t
-    rate = {m: sum(x.tokens for x in results[m]) / wall[m] for m in MODES}
+    rate = {m: sum(x.tokens for x in results[m]) / wall[m] for m in modes}
     for mode, rows in results.items():
         ttfts = [x.ttft * 1000 for x in rows]
+        waits = [x.first_wait_ms for x in rows if x.first_wait_ms is not None]
+        wait = f"{statistics.median(waits):9.0f} {percentile(waits, 0.99):9.0f}" if waits else f"{'-':>9} {'-':>9}"
         print(f"{concurrency:5d} {mode:8} {rate[mode]:8.1f} {statistics.median(ttfts):10.0f} {percentile(ttfts, 0.99):10.0f} "
-              f"{sum(x.interventions for x in rows):6d}/{len(rows)}")
+              f"{sum(x.interventions for x in rows):6d}/{len(rows)} {wait}")
     ratio = rate["steered"] / rate["bare"]
     print(f"{concurrency:5d} steered/bare tokens/s = {ratio:.3f}")
     return ratio
@@ -156,8 +164,8 @@ async def main(args: argparse.Namespace) -> None:
     print(f"engine={args.engine} model={args.model or 'embedded SmolLM2-135M'} started in {time.perf_counter() - t:.0f} s")
     batcher = MicroBatcher(ProbeScorer(device=args.scorer_device), max_batch_size=32, max_wait_ms=2.0)
     await run_one(engine, batcher, PROMPTS[0], PolicyConfig(), 16)  # warm-up
-    print(f"{'conc':>5} {'mode':8} {'tok/s':>8} {'ttft p50':>10} {'ttft p99':>10} {'interv':>8}")
-    ratios = {c: await compare(engine, batcher, c, args.rounds, args.max_tokens) for c in args.concurrency}
+    print(f"{'conc':>5} {'mode':8} {'tok/s':>8} {'ttft p50':>10} {'ttft p99':>10} {'interv':>8} {'wait p50':>9} {'wait p99':>9}")
+    ratios = {c: await compare(engine, batcher, c, args.rounds, args.max_tokens, args.fifo) for c in args.concurrency}
     await intervention_cost(engine, args.contexts, args.repeats)
     print("summary steered/bare tokens/s: " + ", ".join(f"{c} streams {r:.3f}" for c, r in ratios.items()))
     await batcher.aclose()
@@ -176,4 +184,6 @@ if __name__ == "__main__":
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3, help="intervention/re-prefill pairs per context (median)")
     parser.add_argument("--scorer-device", default="cpu")
+    parser.add_argument("--fifo", action="store_true", help="also steered with the scorer serving steps in arrival order "
+                        "(no first-step priority); 'wait' is the first judged step's wait for its score, in ms")
     asyncio.run(main(parser.parse_args()))

@@ -16,6 +16,8 @@ from reward_models.base import Scorer, StepItem, StepScore
 
 logger = logging.getLogger(__name__)
 
+LATER_STEP_DELAY_MS = 200.0  # how long first steps may hold a later step back (the ageing bound)
+
 BatchObserver = Callable[[int, float, BaseException | None], None]
 """Called after each forward with (batch size, seconds, error or None); metrics hook in here."""
 
@@ -61,7 +63,7 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         observer: BatchObserver | None = None,
         warm_observer: Callable[[float], None] | None = None,
-        later_step_delay_ms: float = 200.0,
+        later_step_delay_ms: float = LATER_STEP_DELAY_MS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
