@@ -35,14 +35,17 @@ from safethink_server.evaluation.report import Report
 from safethink_server.evaluation.runner import Completion
 from safethink_server.evaluation.suites import build_prompts, jailbreak_templates, load_suite
 from safethink_server.evaluation.wrapped import eval_wrapper, wrapped_prompts
+from safethink_server.steering.steps import StepBoundaryDetector
 
 
 def first_steps(text: str, count: int) -> list[str]:
-    """The first `count` steps of `text`, each ending at a blank line once it holds some text."""
+    """The first `count` steps of `text`, each ending at a blank line once it holds some text (the
+    server's default step detector, read on text cut at its delimiter rather than on tokens)."""
+    detector = StepBoundaryDetector()
     steps, current = [], ""
     for piece in re.split(r"(\n\n)", text):
         current += piece
-        if piece == "\n\n" and current.strip():
+        if detector.is_complete(current, 0):
             steps.append(current)
             current = ""
     if current.strip():

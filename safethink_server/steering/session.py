@@ -328,9 +328,11 @@ class SteeringSession:
         generation_ms = round((started - step.began) * 1000, 3)
         # The end marker the model wrote with no text after it yet (at the end, a stop string or
         # max_step_tokens) is judged as what it is: that the model closed its reasoning here.
-        score, error = await self._score(step.text if step.text.strip() else self.reasoning_cfg.end_marker)
+        first = self._step_index == 1 and not self.report.inserted  # no text released yet (whitespace aside), ours or the model's
+        score, error = await self._score(step.text if step.text.strip() else self.reasoning_cfg.end_marker, first)
         p_unsafe = score.p_unsafe
         score_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.observer.step_scored(p_unsafe, error=error, first=first, wait_s=score_ms / 1000)
         action = decide(self.policy, p_unsafe, len(self.report.interventions), scorer_error=error)
         if final and action in (Action.REPLACED, Action.APPENDED):
             action = Action.REFUSED if self.policy.on_budget_exhausted == "refuse" else Action.WITHHELD
@@ -379,20 +381,13 @@ class SteeringSession:
         return StepItem(prompt=self._latest_turn, history=self._history,
                         reasoning=self.prompt.assistant_text + self.output.released, step=step_text)
 
-    async def _score(self, step_text: str) -> tuple[StepScore, bool]:
+    async def _score(self, step_text: str, first: bool) -> tuple[StepScore, bool]:
         """The step's score (with its wait and forward times where the scorer gave them), and whether
-        the scorer failed. A first step (nothing of the response released yet) is scored first."""
-        item = self._item(step_text)
-        first = self._step_index == 1 and not self.report.inserted  # no text released yet (whitespace aside), ours or the model's
-        started = time.perf_counter()
+        the scorer failed. `first`: nothing of the response released yet, so it is scored first."""
         try:
-            result = await asyncio.wait_for(self.score(item, first), timeout=self.policy.scorer_timeout_s)
+            return await asyncio.wait_for(self.score(self._item(step_text), first), timeout=self.policy.scorer_timeout_s), False
         except Exception:
-            result = StepScore(p_unsafe=1.0 if self.policy.on_scorer_error == "fail_closed" else 0.0)
-            self.observer.step_scored(result.p_unsafe, error=True, first=first, wait_s=time.perf_counter() - started)
-            return result, True
-        self.observer.step_scored(result.p_unsafe, error=False, first=first, wait_s=time.perf_counter() - started)
-        return result, False
+            return StepScore(p_unsafe=1.0 if self.policy.on_scorer_error == "fail_closed" else 0.0), True
 
     # --- the server's own texts ---------------------------------------------------------------
     async def _intervene(self, step_index: int, p_unsafe: float, discarded: int) -> bool:
