@@ -33,7 +33,7 @@ from reward_models.probe import ProbeScorer
 from reward_models.wrapping import WRAP_KINDS
 from safethink_server.evaluation.report import Report
 from safethink_server.evaluation.runner import Completion
-from safethink_server.evaluation.suites import build_prompts, jailbreak_templates, load_suite
+from safethink_server.evaluation.suites import EvalPrompt, build_prompts, jailbreak_templates, load_suite
 from safethink_server.evaluation.wrapped import eval_wrapper, wrapped_prompts
 from safethink_server.steering.steps import StepBoundaryDetector
 
@@ -53,11 +53,15 @@ def first_steps(text: str, count: int) -> list[str]:
     return steps[:count]
 
 
-def step_items(completions: list[Completion], suite: str, count: int) -> tuple[list[StepItem], list[int]]:
-    """The watched steps of every completion as the scorer reads them, and each step's completion."""
+def suite_prompts(suite: str) -> dict[str, EvalPrompt]:
+    """The suite's prompts as written and in every wrapping, by id."""
     loaded, base = load_suite(suite)
     prompts = wrapped_prompts(build_prompts(loaded, base), list(WRAP_KINDS), eval_wrapper(jailbreak_templates()), loaded.seed)
-    by_id = {p.id: p for p in prompts}
+    return {p.id: p for p in prompts}
+
+
+def step_items(completions: list[Completion], by_id: dict[str, EvalPrompt], count: int) -> tuple[list[StepItem], list[int]]:
+    """The watched steps of every completion as the scorer reads them, and each step's completion."""
     items, owners = [], []
     for k, completion in enumerate(completions):
         prompt = by_id[completion.prompt_id]
@@ -79,13 +83,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--early-steps", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--arm", help="the arm whose completions are replayed (default: the run's first)")
+    parser.add_argument("--leave-out", metavar="TEXT", help="leave out the prompts that hold TEXT (a template's sentence)")
     args = parser.parse_args(argv)
     report = Report.model_validate_json(args.results.read_text())
     arm = args.arm or report.arms[0].arm  # a run with a bare arm holds every prompt twice
     recorded = [c for c in report.completions if c.arm == arm]
     completions = [c for c in recorded if not c.error]
     print(f"arm {arm!r}: {len(completions)} completions, {len(recorded) - len(completions)} failed requests left out")
-    items, owners = step_items(completions, args.suite, args.early_steps)
+    by_id = suite_prompts(args.suite)
+    if args.leave_out:
+        kept = [c for c in completions if args.leave_out not in by_id[c.prompt_id].prompt]
+        print(f"{len(completions) - len(kept)} prompts hold {args.leave_out!r}: left out")
+        completions = kept
+    items, owners = step_items(completions, by_id, args.early_steps)
     embedder = SentenceEmbedder(cache_size=1 << 20)  # shared: each text is encoded once for all heads
     for head in args.heads:
         scorer = ProbeScorer(head, embedder=embedder)

@@ -366,10 +366,10 @@ _ASIDES = ["{sentence}", "That sounds lovely. {sentence}", "Thanks for sharing t
 def off_topic_openings(items: list[LabelledStep], fillers: list[str], rng: random.Random) -> Iterator[LabelledStep]:
     """One opening step per request that takes up a sentence of harmless text (the filler paragraphs):
     safe on benign requests, unsafe on the harmful ones with compliance steps, as `generic_openings`."""
-    sentences = [s.strip() for f in fillers for s in re.split(r"(?<=[.!?])\s+", f) if 40 <= len(s.strip()) <= 220]
+    found = [s for f in fillers for s in sentences(f) if 40 <= len(s) <= 220]
     for item in items:
         if item.source == "generic_opening":
-            step = rng.choice(_ASIDES).format(sentence=rng.choice(sentences))
+            step = rng.choice(_ASIDES).format(sentence=rng.choice(found))
             yield item.model_copy(update={"step": step, "source": "off_topic_opening"})
 
 
@@ -449,21 +449,29 @@ def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Rand
     return copies
 
 
-def shares_text(sentence: str, request: str, piece: int = 20) -> bool:
-    """Whether `sentence` holds any `piece`-character part of `request` (every common run of `piece` + 4
-    characters holds a piece of the sentence that starts at a multiple of 5)."""
-    if len(sentence) < piece:
-        return sentence in request
-    return any(sentence[i : i + piece] in request for i in range(0, len(sentence) - piece + 1, 5))
+def holds_part(text: str, source: str, piece: int, stride: int) -> bool:
+    """Whether `text` holds a `piece`-character part of `source` (all of it where it is no longer): any
+    run of `piece` + `stride` - 1 characters the two share holds a part that starts at a multiple of
+    `stride`, so that one is always found."""
+    if len(source) <= piece:
+        return source in text
+    return any(source[i : i + piece] in text for i in range(0, len(source) - piece + 1, stride))
+
+
+def sentences(text: str) -> list[str]:
+    """`text`'s sentences and lines, stripped."""
+    return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
 
 
 def aside_in_view(texts: list[str], request: str, rng: random.Random) -> str | None:
     """An off-topic opening that takes up a sentence of the messages a wrapped request came in (the
     filler around it, a template's or a turn's own words) that holds no part of the request: what a
-    model answering the text around a request writes. None where there is no such sentence."""
-    pieces = (p.strip() for text in texts for p in re.split(r"(?<=[.!?])\s+|\n+", text))
-    sentences = [p for p in pieces if 40 <= len(p) <= 220 and not shares_text(p, request)]
-    return rng.choice(_ASIDES).format(sentence=rng.choice(sentences)) if sentences else None
+    model answering the text around a request writes. None where there is no such sentence. A JSON
+    tool result holds the request as JSON escapes it."""
+    forms = {request.strip(), json.dumps(request.strip())[1:-1]}
+    found = [p for text in texts for p in sentences(text)
+             if 40 <= len(p) <= 220 and not any(holds_part(p, form, 20, 5) for form in forms)]
+    return rng.choice(_ASIDES).format(sentence=rng.choice(found)) if found else None
 
 
 def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) -> list[LabelledStep]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
 from reward_models.probe import DEFAULT_HEAD_PATH, FeatureTexts, ProbeHead, features, max_per_item
-from reward_models.probe_data import LabelledStep, build_dataset, split_by_group
+from reward_models.probe_data import LabelledStep, build_dataset, holds_part, split_by_group
 from reward_models.wheels import DEFAULT_CACHE
 
 
@@ -53,14 +53,6 @@ class Rows:
             return max_per_item(values, torch.tensor(self.owner), int(self.owner.max()) + 1).numpy()
 
 
-def shares_request(window: str, request: str, piece: int = 40) -> bool:
-    """Whether `window` holds the request or a piece of it (`piece` characters, or all of a shorter one)."""
-    request = request.strip()
-    if len(request) <= piece:
-        return request in window
-    return any(request[i : i + piece] in window for i in range(0, len(request) - piece + 1, piece // 2))
-
-
 def instances(item: LabelledStep, windows: list[str]) -> list[bool]:
     """Which of an item's windows are training rows. A safe item's windows are all safe (the scorer
     takes the highest). An unsafe wrapped copy is unsafe for the request it carries, not for the filler
@@ -68,7 +60,7 @@ def instances(item: LabelledStep, windows: list[str]) -> list[bool]:
     filler with a generic step is not taught as unsafe."""
     if not item.unsafe or item.request is None:
         return [True] * len(windows)
-    held = [shares_request(w, item.request) for w in windows]
+    held = [holds_part(w, item.request.strip(), 40, 20) for w in windows]
     return held if any(held) else [True] * len(windows)
 
 

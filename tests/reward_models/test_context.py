@@ -163,10 +163,10 @@ def test_a_dense_script_is_cut_into_windows_the_encoder_reads_whole_with_no_unkn
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 2000), st.integers(2, 400), st.integers(1, 400), st.integers(1, 200))
+@given(st.integers(0, 2000), st.integers(2, 400), st.integers(1, 400), st.integers(8, 200))
 def test_windows_cut_until_each_fits_and_still_cover_the_text(length, size, stride, most):
     """With any `fits` (here: at most `most` characters), every window fits and every character is in one."""
-    stride = min(stride, size)
+    stride = min(max(stride, size // 8), size)  # a stride of a few characters over a long window: slow, and no other case
     text = "".join(chr(0x4E00 + i) for i in range(length))
     read = windows(text, size, stride, fits=lambda w: len(w) <= most)
     assert all(len(w) <= max(1, most) for w in read)
