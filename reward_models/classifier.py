@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import DEFAULT_TEMPLATE, render_item, request_in_tokens, unsafe_label_indices
+from reward_models.text import DEFAULT_TEMPLATE, JOIN_MARGIN, sequence_parts, unsafe_label_indices
 
 
 class ClassifierScorer(Scorer):
@@ -46,26 +46,37 @@ class ClassifierScorer(Scorer):
         self.max_length = max_length
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        frame = self.tokenizer(template.format(prompt="", reasoning="", step=""))["input_ids"]  # special tokens included
+        self.room = max_length - len(frame) - JOIN_MARGIN
 
     @torch.inference_mode()
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
-        # The conversation's start and end in half of max_length tokens, and the reasoning's end; left
-        # truncation then cuts only what still overflows (a long step's reasoning), keeping the step.
-        texts = [render_item(i, self.template, reasoning_chars=self.max_length,
-                             request=request_in_tokens(i, self.tokenizer, self.max_length // 2)) for i in items]
-        self.tokenizer.truncation_side = "left"
+        texts, owners = [], []
+        for k, item in enumerate(items):
+            for text in self.render(item):
+                texts.append(text)
+                owners.append(k)
+        self.tokenizer.truncation_side = "left"  # a safety net: the parts are cut to fit already
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-        logits = self.model(**enc).logits.float()
+        rows = [self._row_score(row) for row in self.model(**enc).logits.float()]
+        best: dict[int, StepScore] = {}
+        for owner, score in zip(owners, rows, strict=True):
+            if owner not in best or score.p_unsafe > best[owner].p_unsafe:
+                best[owner] = score
+        return [best[k] for k in range(len(items))]
+
+    def render(self, item: StepItem) -> list[str]:
+        """One text per view of the conversation (`sequence_parts`), each within max_length tokens."""
+        parts = sequence_parts(item, self.tokenizer, self.room)
+        reasoning = f"{parts.reasoning}\n\n" if parts.reasoning else ""
+        return [self.template.format(prompt=request, reasoning=reasoning, step=parts.step) for request in parts.requests]
+
+    def _row_score(self, logits: torch.Tensor) -> StepScore:
         if self.num_labels == 1:
             sign = -1.0 if self.single_logit == "safe" else 1.0
-            return [StepScore(p_unsafe=float(p)) for p in torch.sigmoid(sign * logits[:, 0])]
-        probs = logits.softmax(-1)
-        unsafe = probs[:, self.unsafe]
-        p_unsafe = unsafe.sum(-1).clamp(0.0, 1.0)
-        scores = []
-        for row, p in zip(unsafe, p_unsafe, strict=True):
-            category = self.id2label.get(self.unsafe[int(row.argmax())]) if len(self.unsafe) > 1 else None
-            scores.append(StepScore(p_unsafe=float(p), category=category))
-        return scores
+            return StepScore(p_unsafe=float(torch.sigmoid(sign * logits[0])))
+        unsafe = logits.softmax(-1)[self.unsafe]
+        category = self.id2label.get(self.unsafe[int(unsafe.argmax())]) if len(self.unsafe) > 1 else None
+        return StepScore(p_unsafe=float(unsafe.sum().clamp(0.0, 1.0)), category=category)

@@ -18,17 +18,26 @@ WINDOW_CHARS = 384  # about 100 encoder tokens of English; a window of a denser 
 WINDOW_STRIDE = 192  # any span of up to WINDOW_CHARS - WINDOW_STRIDE characters lies whole in one window
 
 
-def _code_points(category: str) -> list[int]:
-    return [cp for cp in range(0x10000) if unicodedata.category(chr(cp)) == category]
+def _code_points(*categories: str) -> dict[str, list[int]]:
+    """The code points of each category, in every plane."""
+    found: dict[str, list[int]] = {c: [] for c in categories}
+    for cp in range(0x110000):
+        category = unicodedata.category(chr(cp))
+        if category in found:
+            found[category].append(cp)
+    return found
+
+
+_FORMAT_AND_MARKS = _code_points("Cf", "Mn")
 
 
 # Text a model reads but an encoder would not: tag characters spell ASCII invisibly (mapped back to
 # it), format characters (zero-width spaces and joiners, direction marks) are dropped, compatibility
 # forms (fullwidth and mathematical letters, ligatures) become their plain letters (NFKC), and a run
 # of combining marks keeps its first.
-_INVISIBLE = {cp: None for cp in _code_points("Cf")} | {cp: None for cp in range(0xE0000, 0xE0080)} | {
+_INVISIBLE = {cp: None for cp in _FORMAT_AND_MARKS["Cf"]} | {cp: None for cp in range(0xE0000, 0xE0080)} | {
     cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}
-_MARK_RUNS = re.compile("([{0}])[{0}]+".format("".join(f"\\u{cp:04x}" for cp in _code_points("Mn"))))
+_MARK_RUNS = re.compile("([{0}])[{0}]+".format("".join(re.escape(chr(cp)) for cp in _FORMAT_AND_MARKS["Mn"])))
 
 
 def normalised(text: str) -> str:

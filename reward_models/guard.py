@@ -14,9 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
-from reward_models.context import tail
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import request_in_tokens
+from reward_models.text import JOIN_MARGIN, sequence_parts
 
 
 def first_token_id(tokenizer, text: str) -> int:  # type: ignore[no-untyped-def]
@@ -37,7 +36,6 @@ class GuardScorer(Scorer):
         unsafe_token: str = "unsafe",
         safe_token: str = "safe",
         max_length: int = 4096,
-        reasoning_chars: int = 6000,
     ) -> None:
         super().__init__()
         self.device = pick_device(device)
@@ -54,14 +52,16 @@ class GuardScorer(Scorer):
         if self.unsafe_id == self.safe_id:
             raise ValueError(f"{unsafe_token!r} and {safe_token!r} start with the same token; give distinct token strings")
         self.max_length = max_length
-        self.reasoning_chars = reasoning_chars
+        self.room = max_length - len(self.tokenizer(self._prompt("", ""), add_special_tokens=False)["input_ids"]) - JOIN_MARGIN
 
-    def render(self, item: StepItem) -> str:
-        reasoning = tail(item.reasoning.strip(), self.reasoning_chars)
-        response = f"{reasoning}\n\n{item.step.strip()}" if reasoning else item.step.strip()
-        # The conversation's start and end in half of max_length tokens; left truncation then cuts only
-        # what still overflows (the start of a long reasoning), keeping the step.
-        request = request_in_tokens(item, self.tokenizer, self.max_length // 2)
+    def render(self, item: StepItem) -> list[str]:
+        """The guard's prompt for each view of the conversation (`sequence_parts`), each within
+        max_length tokens, so that truncation never cuts the guard's own instructions."""
+        parts = sequence_parts(item, self.tokenizer, self.room)
+        response = f"{parts.reasoning}\n\n{parts.step}" if parts.reasoning else parts.step
+        return [self._prompt(request, response) for request in parts.requests]
+
+    def _prompt(self, request: str, response: str) -> str:
         conversation = [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
@@ -69,11 +69,18 @@ class GuardScorer(Scorer):
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
-        texts = [self.render(i) for i in items]
+        texts, owners = [], []
+        for k, item in enumerate(items):
+            for text in self.render(item):
+                texts.append(text)
+                owners.append(k)
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                              add_special_tokens=False, return_tensors="pt").to(self.device)
         # Left padding puts every row's last token at -1; positions must skip the padding.
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
         pair = torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).softmax(-1)
-        return [StepScore(p_unsafe=float(p)) for p in pair[:, 0]]
+        best: dict[int, float] = {}
+        for owner, p in zip(owners, pair[:, 0].tolist(), strict=True):
+            best[owner] = max(best.get(owner, 0.0), p)
+        return [StepScore(p_unsafe=best[k]) for k in range(len(items))]

@@ -1,13 +1,14 @@
-"""How an item is rendered into text for models that read one sequence (classifiers, remote)."""
+"""How an item is rendered into text for models that read one bounded sequence (classifier, guard, remote)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from reward_models.base import StepItem
-from reward_models.context import conversation_text, ends, omitted, tail
+from reward_models.context import conversation_text, ends, omitted, tail, windows
 
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
+JOIN_MARGIN = 8  # tokens a template's joins may add over its parts counted apart
 
 
 def request_text(item: StepItem, max_chars: int) -> str:
@@ -16,9 +17,8 @@ def request_text(item: StepItem, max_chars: int) -> str:
     return ends(conversation_text(item.prompt, item.history), max_chars)
 
 
-def request_in_tokens(item: StepItem, tokenizer: Any, max_tokens: int) -> str:
-    """`request_text` with the budget in a scorer's own tokens (a model's limit is)."""
-    return ends_in_tokens(conversation_text(item.prompt, item.history), tokenizer, max_tokens)
+def token_count(text: str, tokenizer: Any) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
@@ -37,12 +37,62 @@ def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
     return text[:head_end] + omitted(tail_start - head_end) + text[tail_start:]
 
 
-def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000,
-                request: str | None = None) -> str:
-    """`request`: the conversation as already cut to a token budget (else cut to `prompt_chars`)."""
+def tail_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
+    """The end of `text` within `max_tokens` of `tokenizer`'s tokens."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):
+        return tail(text, 3 * max_tokens)
+    if len(offsets) <= max_tokens:
+        return text
+    return text[offsets[-max_tokens][0] :] if max_tokens > 0 else ""
+
+
+def token_windows(text: str, tokenizer: Any, size: int) -> list[str]:
+    """Windows of `size` of `tokenizer`'s tokens over `text`, overlapping by half: every character is in
+    one, and every span of up to `size // 2` tokens lies whole in one."""
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # a slow tokenizer: about three characters a token
+        return windows(text, 3 * size, 3 * size // 2)
+    if len(offsets) <= size:
+        return [text]
+    stride = max(1, size // 2)
+    starts = list(range(0, len(offsets) - size, stride)) + [len(offsets) - size]
+    # A window runs from its first token's start to the start of the token after its last, so that the
+    # text between tokens (spaces) is in it too.
+    return [text[(offsets[k][0] if k else 0) : (offsets[k + size][0] if k + size < len(offsets) else len(text))] for k in starts]
+
+
+class SequenceParts(NamedTuple):
+    """What a scorer that reads one bounded sequence reads of an item, each part within its share."""
+
+    requests: list[str]  # the conversation whole, or its ends and then each window of it: one sequence each
+    reasoning: str  # the end of the reasoning so far
+    step: str  # the step, or its start and end
+
+
+def sequence_parts(item: StepItem, tokenizer: Any, room: int) -> SequenceParts:
+    """`item` cut to `room` tokens of `tokenizer`, so that the model's own truncation never has to cut:
+    the conversation gets half (one sequence where it fits; where it does not, its ends, then each
+    window of it, so that every span of a quarter of `room` tokens is read whole in one sequence), the
+    step three eighths (its start and end where it is longer), the reasoning's end the rest."""
+    conversation = conversation_text(item.prompt, item.history)
+    half = room // 2
+    if token_count(conversation, tokenizer) <= half:
+        requests = [conversation]
+    else:
+        requests = [ends_in_tokens(conversation, tokenizer, half), *token_windows(conversation, tokenizer, half)]
+    step = ends_in_tokens(item.step.strip(), tokenizer, room * 3 // 8)
+    used = max(token_count(r, tokenizer) for r in requests) + token_count(step, tokenizer)
+    return SequenceParts(requests, tail_in_tokens(item.reasoning.strip(), tokenizer, max(0, room - used)), step)
+
+
+def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000) -> str:
+    """`item` in `template`, its parts cut in characters (a remote scorer's budget is in characters)."""
     reasoning = tail(item.reasoning.strip(), reasoning_chars)
-    request = request if request is not None else request_text(item, prompt_chars)
-    return template.format(prompt=request, reasoning=f"{reasoning}\n\n" if reasoning else "", step=item.step.strip())
+    return template.format(prompt=request_text(item, prompt_chars), reasoning=f"{reasoning}\n\n" if reasoning else "",
+                           step=item.step.strip())
 
 
 def unsafe_label_indices(id2label: dict[int, str], unsafe_labels: list[str] | None) -> list[int]:
