@@ -10,7 +10,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import DEFAULT_TEMPLATE, JOIN_MARGIN, sequence_parts, unsafe_label_indices
+from reward_models.text import DEFAULT_TEMPLATE, JOIN_MARGIN, MIN_ROOM, sequence_parts, unsafe_label_indices
+
+FORWARD_ROWS = 32  # texts in one forward
 
 
 class ClassifierScorer(Scorer):
@@ -48,6 +50,8 @@ class ClassifierScorer(Scorer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         frame = self.tokenizer(template.format(prompt="", reasoning="", step=""))["input_ids"]  # special tokens included
         self.room = max_length - len(frame) - JOIN_MARGIN
+        if self.room < MIN_ROOM:
+            raise ValueError(f"max_length {max_length} leaves {self.room} tokens beside the template; at least {MIN_ROOM} are needed")
 
     @torch.inference_mode()
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
@@ -59,8 +63,11 @@ class ClassifierScorer(Scorer):
                 texts.append(text)
                 owners.append(k)
         self.tokenizer.truncation_side = "left"  # a safety net: the parts are cut to fit already
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
-        rows = [self._row_score(row) for row in self.model(**enc).logits.float()]
+        rows: list[StepScore] = []
+        for start in range(0, len(texts), FORWARD_ROWS):  # a long conversation is many texts: bounded memory
+            enc = self.tokenizer(texts[start : start + FORWARD_ROWS], padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            rows += [self._row_score(row) for row in self.model(**enc).logits.float()]
         best: dict[int, StepScore] = {}
         for owner, score in zip(owners, rows, strict=True):
             if owner not in best or score.p_unsafe > best[owner].p_unsafe:

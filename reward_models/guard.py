@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import JOIN_MARGIN, sequence_parts
+from reward_models.text import JOIN_MARGIN, MIN_ROOM, sequence_parts
+
+FORWARD_ROWS = 8  # texts in one forward (each up to max_length tokens)
 
 
 def first_token_id(tokenizer, text: str) -> int:  # type: ignore[no-untyped-def]
@@ -53,6 +55,8 @@ class GuardScorer(Scorer):
             raise ValueError(f"{unsafe_token!r} and {safe_token!r} start with the same token; give distinct token strings")
         self.max_length = max_length
         self.room = max_length - len(self.tokenizer(self._prompt("", ""), add_special_tokens=False)["input_ids"]) - JOIN_MARGIN
+        if self.room < MIN_ROOM:
+            raise ValueError(f"max_length {max_length} leaves {self.room} tokens beside the guard's prompt; at least {MIN_ROOM} are needed")
 
     def render(self, item: StepItem) -> list[str]:
         """The guard's prompt for each view of the conversation (`sequence_parts`), each within
@@ -74,13 +78,15 @@ class GuardScorer(Scorer):
             for text in self.render(item):
                 texts.append(text)
                 owners.append(k)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             add_special_tokens=False, return_tensors="pt").to(self.device)
-        # Left padding puts every row's last token at -1; positions must skip the padding.
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
-        pair = torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).softmax(-1)
+        p_unsafe: list[float] = []
+        for start in range(0, len(texts), FORWARD_ROWS):  # a long conversation is many texts: bounded memory
+            enc = self.tokenizer(texts[start : start + FORWARD_ROWS], padding=True, truncation=True, max_length=self.max_length,
+                                 add_special_tokens=False, return_tensors="pt").to(self.device)
+            # Left padding puts every row's last token at -1; positions must skip the padding.
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
+            p_unsafe += torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).softmax(-1)[:, 0].tolist()
         best: dict[int, float] = {}
-        for owner, p in zip(owners, pair[:, 0].tolist(), strict=True):
+        for owner, p in zip(owners, p_unsafe, strict=True):
             best[owner] = max(best.get(owner, 0.0), p)
         return [StepScore(p_unsafe=best[k]) for k in range(len(items))]

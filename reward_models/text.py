@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from reward_models.base import StepItem
@@ -21,47 +22,63 @@ def token_count(text: str, tokenizer: Any) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
-    """`ends` with the budget in `tokenizer`'s tokens (a fast tokenizer's offsets place the cut)."""
+def token_spans(text: str, tokenizer: Any) -> list[tuple[int, int]] | None:
+    """Each of `text`'s tokens as its (start, end) characters; None from a slow tokenizer (no offsets)."""
     try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, KeyError):  # a slow tokenizer: about three characters a token
-        return ends(text, 3 * max_tokens)
-    if len(offsets) <= max_tokens:
+        return [tuple(span) for span in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    except (NotImplementedError, ValueError, KeyError):
+        return None
+
+
+def _shrunk(cut: Callable[[int], str], tokenizer: Any, max_tokens: int) -> str:
+    """A slow tokenizer's cut: `cut(budget)` with the budget in characters, shrunk until it fits."""
+    budget = 3 * max_tokens
+    while True:
+        text = cut(budget)
+        count = token_count(text, tokenizer)
+        if count <= max_tokens or budget <= 1:
+            return text if count <= max_tokens else ""
+        budget = min(budget - 1, budget * max_tokens // count)
+
+
+def ends_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
+    """`ends` with the budget in `tokenizer`'s tokens."""
+    spans = token_spans(text, tokenizer)
+    if spans is None:
+        return text if token_count(text, tokenizer) <= max_tokens else _shrunk(lambda chars: ends(text, chars), tokenizer, max_tokens)
+    if len(spans) <= max_tokens:
         return text
     if max_tokens < 32:  # too small a budget for both ends and the note: the end alone
-        return text[offsets[-max_tokens][0] :] if max_tokens > 0 else ""
+        return tail_in_tokens(text, tokenizer, max_tokens)
     keep = max_tokens - 16  # room for the note that names the cut
-    head_end = offsets[keep // 2 - 1][1]
-    tail_start = offsets[len(offsets) - (keep - keep // 2)][0]
+    head_end = spans[keep // 2 - 1][1]
+    tail_start = spans[len(spans) - (keep - keep // 2)][0]
     return text[:head_end] + omitted(tail_start - head_end) + text[tail_start:]
 
 
 def tail_in_tokens(text: str, tokenizer: Any, max_tokens: int) -> str:
     """The end of `text` within `max_tokens` of `tokenizer`'s tokens."""
-    try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, KeyError):
-        return tail(text, 3 * max_tokens)
-    if len(offsets) <= max_tokens:
-        return text
-    return text[offsets[-max_tokens][0] :] if max_tokens > 0 else ""
+    if max_tokens <= 0:
+        return ""
+    spans = token_spans(text, tokenizer)
+    if spans is None:
+        return text if token_count(text, tokenizer) <= max_tokens else _shrunk(lambda chars: tail(text, chars), tokenizer, max_tokens)
+    return text if len(spans) <= max_tokens else text[spans[-max_tokens][0] :]
 
 
 def token_windows(text: str, tokenizer: Any, size: int) -> list[str]:
-    """Windows of `size` of `tokenizer`'s tokens over `text`, overlapping by half: every character is in
-    one, and every span of up to `size // 2` tokens lies whole in one."""
-    try:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, KeyError):  # a slow tokenizer: about three characters a token
-        return windows(text, 3 * size, 3 * size // 2)
-    if len(offsets) <= size:
+    """Windows of `size` (at least 2) of `tokenizer`'s tokens over `text`, overlapping by half: every
+    character is in one, and every span of up to `size // 2` tokens lies whole in one (a slow
+    tokenizer's: windows of characters, halved where they do not fit)."""
+    spans = token_spans(text, tokenizer)
+    if spans is None:
+        return windows(text, 3 * size, 3 * size // 2, fits=lambda window: token_count(window, tokenizer) <= size)
+    if len(spans) <= size:
         return [text]
-    stride = max(1, size // 2)
-    starts = list(range(0, len(offsets) - size, stride)) + [len(offsets) - size]
+    starts = list(range(0, len(spans) - size, size // 2)) + [len(spans) - size]
     # A window runs from its first token's start to the start of the token after its last, so that the
     # text between tokens (spaces) is in it too.
-    return [text[(offsets[k][0] if k else 0) : (offsets[k + size][0] if k + size < len(offsets) else len(text))] for k in starts]
+    return [text[(spans[k][0] if k else 0) : (spans[k + size][0] if k + size < len(spans) else len(text))] for k in starts]
 
 
 class SequenceParts(NamedTuple):
@@ -70,6 +87,9 @@ class SequenceParts(NamedTuple):
     requests: list[str]  # the conversation whole, or its ends and then each window of it: one sequence each
     reasoning: str  # the end of the reasoning so far
     step: str  # the step, or its start and end
+
+
+MIN_ROOM = 128  # tokens: below it a step's share (3/8) is too small to keep both its ends
 
 
 def sequence_parts(item: StepItem, tokenizer: Any, room: int) -> SequenceParts:
