@@ -12,7 +12,7 @@ gets the same requests, interleaved route by route. Reported per route:
   run in their own threads);
 - text events per request, against the upstream's own;
 - time to first text p50 / p99, and what the gateway adds to the direct route; with steering on, the
-  scoring wait p50 of the first step and of every judged step (from the response's steering record):
+  scoring wait p50 and p99 of the first step and the p50 of every judged step (from the response's steering record):
   the rest of the added time is the first step's generation, held back until it is whole;
 - with steering on, the scorer's forward time from the gateway's metrics, reported apart.
 """
@@ -248,7 +248,7 @@ async def main(args: argparse.Namespace) -> None:
             bases[route] = f"http://127.0.0.1:{port}/v1"
         print(f"{args.requests} requests of {args.tokens} tokens, a token every {args.token_ms} ms; CPU of the process serving each route")
         print(f"{'streams':>7} {'route':18} {'CPU µs/token':>13} {'event loop':>11} {'events/req':>11} {'ttft p50':>9} "
-              f"{'ttft p99':>9} {'added p50':>10} {'1st step scoring':>17} {'step scoring':>13} {'tok/s':>8} {'scorer s':>9}")
+              f"{'ttft p99':>9} {'added p50':>10} {'1st step p50/p99':>17} {'step scoring':>13} {'tok/s':>8} {'scorer s':>9}")
         for concurrency in args.concurrency:
             direct_p50 = None
             for route, base in bases.items():
@@ -259,7 +259,8 @@ async def main(args: argparse.Namespace) -> None:
                 relayed = args.requests * args.tokens
                 p50 = statistics.median(ttfts)
                 direct_p50 = p50 if direct_p50 is None else direct_p50
-                first = f"{statistics.median(r[0] for r in scoring):17.1f}" if scoring else f"{'':17}"
+                firsts = [r[0] for r in scoring]
+                first = f"{statistics.median(firsts):8.1f} /{pct(firsts, 0.99):7.1f}" if scoring else f"{'':17}"
                 every = f"{statistics.median(ms for r in scoring for ms in r):13.1f}" if scoring else f"{'':13}"
                 print(f"{concurrency:7} {route:18} {cpu / relayed * 1e6:13.1f} {loop_cpu / relayed * 1e6:11.1f} "
                       f"{statistics.mean(events):11.1f} {p50:9.1f} {pct(ttfts, 0.99):9.1f} {p50 - direct_p50:+10.1f} "
