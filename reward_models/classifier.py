@@ -10,7 +10,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import DEFAULT_TEMPLATE, JOIN_MARGIN, MIN_ROOM, sequence_parts, unsafe_label_indices
+from reward_models.text import (
+    DEFAULT_TEMPLATE,
+    JOIN_MARGIN,
+    MIN_ROOM,
+    highest_per_item,
+    rendered,
+    sequence_parts,
+    unsafe_label_indices,
+)
 
 FORWARD_ROWS = 32  # texts in one forward
 
@@ -57,22 +65,14 @@ class ClassifierScorer(Scorer):
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
-        texts, owners = [], []
-        for k, item in enumerate(items):
-            for text in self.render(item):
-                texts.append(text)
-                owners.append(k)
+        texts, owners = rendered(items, self.render)
         self.tokenizer.truncation_side = "left"  # a safety net: the parts are cut to fit already
         rows: list[StepScore] = []
         for start in range(0, len(texts), FORWARD_ROWS):  # a long conversation is many texts: bounded memory
             enc = self.tokenizer(texts[start : start + FORWARD_ROWS], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
             rows += [self._row_score(row) for row in self.model(**enc).logits.float()]
-        best: dict[int, StepScore] = {}
-        for owner, score in zip(owners, rows, strict=True):
-            if owner not in best or score.p_unsafe > best[owner].p_unsafe:
-                best[owner] = score
-        return [best[k] for k in range(len(items))]
+        return highest_per_item(rows, owners, len(items))
 
     def render(self, item: StepItem) -> list[str]:
         """One text per view of the conversation (`sequence_parts`), each within max_length tokens."""

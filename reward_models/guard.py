@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reward_models.base import Scorer, StepItem, StepScore
 from reward_models.device import pick_device, pick_dtype
-from reward_models.text import JOIN_MARGIN, MIN_ROOM, sequence_parts
+from reward_models.text import JOIN_MARGIN, MIN_ROOM, highest_per_item, rendered, sequence_parts
 
 FORWARD_ROWS = 8  # texts in one forward (each up to max_length tokens)
 
@@ -73,11 +73,7 @@ class GuardScorer(Scorer):
     def score_batch(self, items: Sequence[StepItem]) -> list[StepScore]:
         if not items:
             return []
-        texts, owners = [], []
-        for k, item in enumerate(items):
-            for text in self.render(item):
-                texts.append(text)
-                owners.append(k)
+        texts, owners = rendered(items, self.render)
         p_unsafe: list[float] = []
         for start in range(0, len(texts), FORWARD_ROWS):  # a long conversation is many texts: bounded memory
             enc = self.tokenizer(texts[start : start + FORWARD_ROWS], padding=True, truncation=True, max_length=self.max_length,
@@ -86,7 +82,4 @@ class GuardScorer(Scorer):
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = self.model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
             p_unsafe += torch.stack([logits[:, self.unsafe_id], logits[:, self.safe_id]], dim=-1).softmax(-1)[:, 0].tolist()
-        best: dict[int, float] = {}
-        for owner, p in zip(owners, p_unsafe, strict=True):
-            best[owner] = max(best.get(owner, 0.0), p)
-        return [StepScore(p_unsafe=best[k]) for k in range(len(items))]
+        return highest_per_item([StepScore(p_unsafe=p) for p in p_unsafe], owners, len(items))

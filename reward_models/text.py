@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from reward_models.base import StepItem
+from reward_models.base import StepItem, StepScore
 from reward_models.context import conversation_text, ends, omitted, tail, windows
 
 DEFAULT_TEMPLATE = "User: {prompt}\n\nAssistant reasoning: {reasoning}{step}"
@@ -99,13 +99,33 @@ def sequence_parts(item: StepItem, tokenizer: Any, room: int) -> SequenceParts:
     step three eighths (its start and end where it is longer), the reasoning's end the rest."""
     conversation = conversation_text(item.prompt, item.history)
     half = room // 2
-    if token_count(conversation, tokenizer) <= half:
+    if (request_tokens := token_count(conversation, tokenizer)) <= half:
         requests = [conversation]
     else:
         requests = [ends_in_tokens(conversation, tokenizer, half), *token_windows(conversation, tokenizer, half)]
+        request_tokens = max(token_count(r, tokenizer) for r in requests)  # a cut can come out a token or two over
     step = ends_in_tokens(item.step.strip(), tokenizer, room * 3 // 8)
-    used = max(token_count(r, tokenizer) for r in requests) + token_count(step, tokenizer)
+    used = request_tokens + token_count(step, tokenizer)
     return SequenceParts(requests, tail_in_tokens(item.reasoning.strip(), tokenizer, max(0, room - used)), step)
+
+
+def rendered(items: Sequence[StepItem], render: Callable[[StepItem], list[str]]) -> tuple[list[str], list[int]]:
+    """Every item's texts (`render`: one per view of its conversation), and the item each came from."""
+    texts, owners = [], []
+    for k, item in enumerate(items):
+        for text in render(item):
+            texts.append(text)
+            owners.append(k)
+    return texts, owners
+
+
+def highest_per_item(scores: list[StepScore], owners: list[int], n: int) -> list[StepScore]:
+    """Each of `n` items' highest-scoring text's score (an item's p_unsafe is its worst view's)."""
+    best: dict[int, StepScore] = {}
+    for owner, score in zip(owners, scores, strict=True):
+        if owner not in best or score.p_unsafe > best[owner].p_unsafe:
+            best[owner] = score
+    return [best[k] for k in range(n)]
 
 
 def render_item(item: StepItem, template: str = DEFAULT_TEMPLATE, reasoning_chars: int = 2000, prompt_chars: int = 4000) -> str:
