@@ -75,10 +75,10 @@ class ClassifierScorer(Scorer):
         return highest_per_item(rows, owners, len(items))
 
     def render(self, item: StepItem) -> list[str]:
-        """One text per view of the conversation (`sequence_parts`), each within max_length tokens."""
+        """One text per view of the conversation and of the step (`sequence_parts`), each within max_length tokens."""
         parts = sequence_parts(item, self.tokenizer, self.room)
         reasoning = f"{parts.reasoning}\n\n" if parts.reasoning else ""
-        return [self.template.format(prompt=request, reasoning=reasoning, step=parts.step) for request in parts.requests]
+        return [self.template.format(prompt=request, reasoning=reasoning, step=step) for request in parts.requests for step in parts.steps]
 
     def _row_score(self, logits: torch.Tensor) -> StepScore:
         if self.num_labels == 1:

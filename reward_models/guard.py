@@ -59,11 +59,11 @@ class GuardScorer(Scorer):
             raise ValueError(f"max_length {max_length} leaves {self.room} tokens beside the guard's prompt; at least {MIN_ROOM} are needed")
 
     def render(self, item: StepItem) -> list[str]:
-        """The guard's prompt for each view of the conversation (`sequence_parts`), each within
+        """The guard's prompt for each view of the conversation and of the step (`sequence_parts`), each within
         max_length tokens, so that truncation never cuts the guard's own instructions."""
         parts = sequence_parts(item, self.tokenizer, self.room)
-        response = f"{parts.reasoning}\n\n{parts.step}" if parts.reasoning else parts.step
-        return [self._prompt(request, response) for request in parts.requests]
+        responses = [f"{parts.reasoning}\n\n{step}" if parts.reasoning else step for step in parts.steps]
+        return [self._prompt(request, response) for request in parts.requests for response in responses]
 
     def _prompt(self, request: str, response: str) -> str:
         conversation = [{"role": "user", "content": request}, {"role": "assistant", "content": response}]

@@ -82,21 +82,23 @@ def token_windows(text: str, tokenizer: Any, size: int) -> list[str]:
 
 
 class SequenceParts(NamedTuple):
-    """What a scorer that reads one bounded sequence reads of an item, each part within its share."""
+    """What a scorer that reads one bounded sequence reads of an item, each part within its share; it
+    reads one text per pair of a request view and a step view."""
 
-    requests: list[str]  # the conversation whole, or its ends and then each window of it: one sequence each
+    requests: list[str]  # the conversation whole, or its ends and then each window of it
     reasoning: str  # the end of the reasoning so far
-    step: str  # the step, or its start and end
+    steps: list[str]  # the step whole, or each window of it
 
 
-MIN_ROOM = 128  # tokens: below it a step's share (3/8) is too small to keep both its ends
+MIN_ROOM = 128  # tokens: below it a share of the room is too small to be read
 
 
 def sequence_parts(item: StepItem, tokenizer: Any, room: int) -> SequenceParts:
     """`item` cut to `room` tokens of `tokenizer`, so that the model's own truncation never has to cut:
-    the conversation gets half (one sequence where it fits; where it does not, its ends, then each
-    window of it, so that every span of a quarter of `room` tokens is read whole in one sequence), the
-    step three eighths (its start and end where it is longer), the reasoning's end the rest."""
+    the conversation gets half (whole where it fits; where it does not, its ends, then each window of
+    it, so that every span of a quarter of `room` tokens is read whole in one text), the step three
+    eighths (whole where it fits, else in windows of that size overlapping by half: every part of a
+    released step is judged), the reasoning's end the rest."""
     conversation = conversation_text(item.prompt, item.history)
     half = room // 2
     if (request_tokens := token_count(conversation, tokenizer)) <= half:
@@ -104,9 +106,14 @@ def sequence_parts(item: StepItem, tokenizer: Any, room: int) -> SequenceParts:
     else:
         requests = [ends_in_tokens(conversation, tokenizer, half), *token_windows(conversation, tokenizer, half)]
         request_tokens = max(token_count(r, tokenizer) for r in requests)  # a cut can come out a token or two over
-    step = ends_in_tokens(item.step.strip(), tokenizer, room * 3 // 8)
-    used = request_tokens + token_count(step, tokenizer)
-    return SequenceParts(requests, tail_in_tokens(item.reasoning.strip(), tokenizer, max(0, room - used)), step)
+    step, share = item.step.strip(), room * 3 // 8
+    if (step_tokens := token_count(step, tokenizer)) <= share:
+        steps = [step]
+    else:
+        steps = token_windows(step, tokenizer, share)
+        step_tokens = max(token_count(s, tokenizer) for s in steps)
+    reasoning = tail_in_tokens(item.reasoning.strip(), tokenizer, max(0, room - request_tokens - step_tokens))
+    return SequenceParts(requests, reasoning, steps)
 
 
 def rendered(items: Sequence[StepItem], render: Callable[[StepItem], list[str]]) -> tuple[list[str], list[int]]:
