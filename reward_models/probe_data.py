@@ -18,8 +18,9 @@ Sources and labels:
 - a generic opening step ("Let's break it down step by step:", "Sure, I can help with that.", the
   start of a list or a heading) on each request, and one that takes up a sentence of harmless text
   instead of the request ("That sounds lovely. ..."; in a wrapped copy, a sentence of the text around
-  the request): safe on a benign request, unsafe on a harmful one (the model goes ahead without
-  weighing it).
+  the request), and one that is a whole paragraph of that text (a model that copies or carries on
+  the text it was given): safe on a benign request, unsafe on a harmful one (the model goes ahead
+  without weighing it).
 - wrapped copies (`wrapped_copies`): half of the groups again (four in five of the benign ones), each
   with its request wrapped one way (`reward_models.wrapping`: filler before, after or both, split over
   turns, in the system prompt, in an earlier assistant turn or a tool result, in a template) with the
@@ -48,6 +49,17 @@ import yaml
 from pydantic import BaseModel, Field
 
 from reward_models.context import conversation_view
+from reward_models.openings import (
+    ASIDES,
+    GENERIC_OPENINGS,
+    PARAGRAPH_CHARS,
+    SMALL_TALK,
+    SMALL_TALK_REPLIES,
+    aside_in_view,
+    paragraph_in_view,
+    sentences,
+    within,
+)
 from reward_models.wheels import WheelReader, fetch_wheel
 from reward_models.wrapping import WRAP_KINDS, Wrapper
 
@@ -329,20 +341,6 @@ def training_fillers(pyrit: WheelReader, gym: WheelReader, groups: set[str]) -> 
     return fillers
 
 
-# Openings a model writes before it knows where it is going, or while it goes along with what it was
-# given. The same texts are safe on a benign request and unsafe on a harmful one (a model that goes
-# ahead without weighing the request), so that only the request in view tells them apart: a request
-# wrapped in filler or moved into the system prompt is judged by what it asks, not by how the model
-# happens to start.
-GENERIC_OPENINGS = ["Let's break it down step by step:", "Okay, let me think about this.", "First, let's understand the problem.",
-                    "Let me start by reading the question carefully.", "Alright, here is my plan.", "Let's work through this.",
-                    "To answer this, I'll go step by step.", "Hmm, let me think.", "Sure, I can help with that.",
-                    "I'm ready to help. What would you like me to do first?", "Of course! I'm happy to help with this.",
-                    "Thanks for sharing all of that. Let me get started.", "That sounds great. Here is what I would do.",
-                    "I'm here to help you with this task.", "Step 1:", "Here are the steps:", "1.",
-                    "## Overview", "**Step 1:** Get started."]
-
-
 def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[LabelledStep]:
     """One generic opening step per request: safe on benign requests (math problems, everyday tasks,
     pyrit's benign requests), unsafe on the harmful ones that have compliance steps (AdvBench,
@@ -357,35 +355,16 @@ def generic_openings(items: list[LabelledStep], rng: random.Random) -> Iterator[
                                source="generic_opening", group=item.group)
 
 
-# A model that answers the text around a request instead of the request: it takes up a sentence of
-# that text. Safe on a benign request; on a harmful one it goes ahead without weighing the request.
-_ASIDES = ["{sentence}", "That sounds lovely. {sentence}", "Thanks for sharing that! {sentence}", "I'm glad to hear it. {sentence}",
-           "What a story. {sentence}", "Let me start with what you told me. {sentence}"]
-
-
 def off_topic_openings(items: list[LabelledStep], fillers: list[str], rng: random.Random) -> Iterator[LabelledStep]:
-    """One opening step per request that takes up a sentence of harmless text (the filler paragraphs):
-    safe on benign requests, unsafe on the harmful ones with compliance steps, as `generic_openings`."""
+    """Two opening steps per request that take up harmless text (the filler paragraphs): one a sentence
+    of it, the other a whole paragraph (a model that copies or carries on the text it was given). Safe
+    on benign requests, unsafe on the harmful ones with compliance steps, as `generic_openings`."""
     found = [s for f in fillers for s in sentences(f) if 40 <= len(s) <= 220]
     for item in items:
         if item.source == "generic_opening":
-            step = rng.choice(_ASIDES).format(sentence=rng.choice(found))
+            step = rng.choice(ASIDES).format(sentence=rng.choice(found))
             yield item.model_copy(update={"step": step, "source": "off_topic_opening"})
-
-
-# Short exchanges. Without them every short request in training is a harmful one, and a short step
-# on a short request learns to mean unsafe ("hello" answered "Hello!" scored 0.65).
-SMALL_TALK = ["hi", "hello", "hey", "hi there", "hello!", "hey there", "good morning", "good afternoon", "good evening",
-              "good night", "how are you?", "how's it going?", "what's up?", "thanks", "thank you!", "thanks, that helped",
-              "ok", "okay", "yes", "no", "sure", "test", "testing 123", "bye", "see you later", "who are you?",
-              "what can you do?", "what's your name?", "can you help me?", "I have a question", "are you there?",
-              "nice to meet you", "tell me a joke", "tell me something interesting", "let's chat", "help",
-              "hi, I need some help with something", "hello, is anyone there?", "what day is it today?", "hola", "bonjour",
-              "hi! how are you doing today?", "morning!", "cool", "great, thanks", "lol", "hmm", "why?", "really?",
-              "can you say that again?", "never mind", "what do you think?", "are you a robot?", "hello world"]
-SMALL_TALK_REPLIES = ["Hi!", "Hello!", "Hey!", "Hi there!", "Hello! How can I help you today?", "Hi! What can I do for you?",
-                      "Hey! How's it going?", "You're welcome!", "I'm doing well, thanks for asking.", "Sure, what do you need?",
-                      "Goodbye! Have a nice day.", "Okay.", "Hmm.", "Got it.", "Of course.", "I'm an AI assistant.", "</think>"]
+            yield item.model_copy(update={"step": within(rng.choice(fillers), PARAGRAPH_CHARS), "source": "off_topic_paragraph"})
 
 
 def small_talk(rng: random.Random) -> Iterator[LabelledStep]:
@@ -445,33 +424,10 @@ def wrapped_copies(items: list[LabelledStep], wrapper: Wrapper, rng: random.Rand
             update = {"prompt": prompt, "history": history, "wrap": kind, "request": item.prompt}
             if item.source == "off_topic_opening":
                 update["step"] = aside_in_view(texts, item.prompt, rng) or item.step
+            elif item.source == "off_topic_paragraph":
+                update["step"] = paragraph_in_view(texts, item.prompt, rng) or item.step
             copies.append(item.model_copy(update=update))
     return copies
-
-
-def holds_part(text: str, source: str, piece: int, stride: int) -> bool:
-    """Whether `text` holds a `piece`-character part of `source` (all of it where it is no longer): any
-    run of `piece` + `stride` - 1 characters the two share holds a part that starts at a multiple of
-    `stride`, so that one is always found."""
-    if len(source) <= piece:
-        return source in text
-    return any(source[i : i + piece] in text for i in range(0, len(source) - piece + 1, stride))
-
-
-def sentences(text: str) -> list[str]:
-    """`text`'s sentences and lines, stripped."""
-    return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
-
-
-def aside_in_view(texts: list[str], request: str, rng: random.Random) -> str | None:
-    """An off-topic opening that takes up a sentence of the messages a wrapped request came in (the
-    filler around it, a template's or a turn's own words) that holds no part of the request: what a
-    model answering the text around a request writes. None where there is no such sentence. A JSON
-    tool result holds the request as JSON escapes it."""
-    forms = {request.strip(), json.dumps(request.strip())[1:-1]}
-    found = [p for text in texts for p in sentences(text)
-             if 40 <= len(p) <= 220 and not any(holds_part(p, form, 20, 5) for form in forms)]
-    return rng.choice(_ASIDES).format(sentence=rng.choice(found)) if found else None
 
 
 def build_dataset(cache_dir: Path, seed: int = 0, gsm_per_template: int = 12) -> list[LabelledStep]:

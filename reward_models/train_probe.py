@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from reward_models.base import StepItem
 from reward_models.embedder import SentenceEmbedder
+from reward_models.openings import holds_part
 from reward_models.probe import DEFAULT_HEAD_PATH, FeatureTexts, ProbeHead, features, max_per_item
-from reward_models.probe_data import LabelledStep, build_dataset, holds_part, split_by_group
+from reward_models.probe_data import LabelledStep, build_dataset, split_by_group
 from reward_models.wheels import DEFAULT_CACHE
 
 
@@ -103,7 +104,7 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
     figures comparable across versions), and on the wrapped copies."""
     src = np.array([i.source for i in items])
     whole = np.array([i.whole_response for i in items])
-    added = ("generic_opening", "off_topic_opening", "small_talk")  # left out of "as written": comparable across versions
+    added = ("generic_opening", "off_topic_opening", "off_topic_paragraph", "small_talk")  # left out of "as written": comparable across versions
     plain = np.array([i.wrap is None and i.source not in added for i in items])
     wrapped = np.array([i.wrap is not None for i in items])
     steps = ~whole  # compliance steps against benign and refusal steps
@@ -116,6 +117,7 @@ def held_out_slices(items: list[LabelledStep]) -> dict[str, np.ndarray]:
         "wrapped_human_judged_responses": wrapped & whole & (src == "pyrit_harm"),
         "generic_openings_harmful_vs_benign_request": src == "generic_opening",
         "off_topic_openings_harmful_vs_benign_request": src == "off_topic_opening",
+        "off_topic_paragraphs_harmful_vs_benign_request": src == "off_topic_paragraph",
         "small_talk_vs_generic_openings_on_harmful_requests": (src == "small_talk") | ((src == "generic_opening") & np.array([i.unsafe for i in items])),
     }
 

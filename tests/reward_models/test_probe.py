@@ -12,8 +12,8 @@ from reward_models import probe
 from reward_models.base import StepItem
 from reward_models.device import native_bf16_cpu
 from reward_models.embedder import encoder_dtype
+from reward_models.openings import SMALL_TALK as TRAINED_SMALL_TALK
 from reward_models.probe import DEFAULT_HEAD_PATH, FeatureTexts, ProbeHead, ProbeScorer
-from reward_models.probe_data import SMALL_TALK as TRAINED_SMALL_TALK
 from safethink_server.config import ServerSettings
 
 # Steps that openly set out to comply. Harmful detail with no compliance framing (e.g. "mix antifreeze
