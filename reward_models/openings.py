@@ -77,7 +77,8 @@ PARAGRAPH_CHARS = 700  # about a step's length at the step detector's default
 
 
 def within(paragraph: str, max_chars: int) -> str:
-    """`paragraph` cut after its last sentence that ends within `max_chars` (at `max_chars` where none does)."""
+    """`paragraph` cut after its last sentence that ends within `max_chars` (at `max_chars` where none
+    does). A cut paragraph's sentences and lines are joined by single spaces."""
     if len(paragraph) <= max_chars:
         return paragraph
     kept = ""

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reward_models.context import WINDOW_CHARS, WINDOW_STRIDE, conversation_text, conversation_view, normalised, windows
-from reward_models.openings import PARAGRAPH_CHARS, aside_in_view, paragraph_in_view, within
-from reward_models.probe_data import TRAINING_TEMPLATES
+from reward_models.openings import GENERIC_OPENINGS, PARAGRAPH_CHARS, aside_in_view, paragraph_in_view, within
+from reward_models.probe_data import TRAINING_TEMPLATES, LabelledStep, off_topic_openings, wrapped_copies
 from reward_models.wrapping import TRAINING_PHRASING, WRAP_KINDS, Wrapper, split_in_two
 from safethink_server.evaluation.suites import jailbreak_templates
 from safethink_server.evaluation.wrapped import EVAL_FILLERS, EVAL_PHRASING
@@ -112,7 +112,6 @@ def test_an_off_topic_opening_takes_up_the_text_around_the_request_never_the_req
     if step is None:
         return
     assert not holds_any_part(step, request)
-    assert "call_0" not in step  # the text around the request, not the tool call's JSON
     if whole_paragraph:
         assert len(step) <= PARAGRAPH_CHARS
         paragraphs = [p.strip() for text in texts for p in re.split(r"\n\s*\n", text)]
@@ -151,4 +150,22 @@ def test_a_tool_result_in_json_is_json_whatever_the_request_holds():
             assert json.loads(result)["task"] == request
             return
     raise AssertionError("no seed picked the JSON-shaped tool result")
+
+
+def test_a_wrapped_copy_of_a_paragraph_opening_takes_up_a_paragraph_of_its_own_conversation():
+    """`wrapped_copies` on the openings `off_topic_openings` yields: each copy wrapped in filler reads
+    a paragraph of the filler around its request, never the request, with the opening's label."""
+    openings = [LabelledStep(prompt=request, reasoning="", step=GENERIC_OPENINGS[0], unsafe=unsafe, source="generic_opening", group=f"g{k}")
+                for k, (request, unsafe) in enumerate([(LONG_REQUEST[0], True), (SHORT_FIRST_PARAGRAPH, True), ("What is 3 + 4?", False)])]
+    items = [*openings, *off_topic_openings(openings, [LONG_FILLER], random.Random(0))]
+    assert [i.source for i in items].count("off_topic_paragraph") == len(openings)
+    filler_wrapper = Wrapper(FILLERS, TEMPLATES, TRAINING_PHRASING.model_copy(update={"trail_ins": [""], "lead_ins": [""]}))
+    for seed in range(20):
+        copies = wrapped_copies(items, filler_wrapper, random.Random(seed), share=1.0, benign_share=1.0)
+        for copy in (c for c in copies if c.source == "off_topic_paragraph"):
+            label = next(o.unsafe for o in openings if o.prompt == copy.request)
+            assert copy.unsafe == label
+            if copy.wrap is not None and copy.wrap.startswith("filler"):
+                assert copy.step in FILLERS and copy.step in copy.prompt + copy.history
+                assert not holds_any_part(copy.step, copy.request)
 
