@@ -60,7 +60,7 @@ def test_a_padded_benign_request_is_not_acted_on(server_url):
 async def test_eval_reports_each_wrapping_of_the_smoke_suite(server_url, tmp_path):
     wraps = ["filler-before", "split-turns", "in-system", "template"]
     config = EvalConfig(server=f"{server_url}/v1", suite="smoke", out=tmp_path, bare="none", wraps=wraps,  # type: ignore[arg-type]
-                        generation=GenerationSettings(max_tokens=24, concurrency=2, seed=0))
+                        generation=GenerationSettings(max_tokens=8, concurrency=4, seed=0))
     await evaluate(config, progress=False)
     report = Report.model_validate_json((tmp_path / "results.json").read_text())
     steered = report.arms[0]
