@@ -5,6 +5,8 @@ sequence scorers keep the request's start and end."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import unicodedata
 
@@ -97,13 +99,17 @@ def test_windows_cover_every_character_and_hold_every_short_span_whole(length, s
     text = "".join(chr(0x4E00 + i) for i in range(length))  # distinct characters: a window's place is unique
     read = windows(text, size, stride)
     assert all(len(w) <= size for w in read) and (len(read) == 1) == (length <= size)
+    placed = sorted((text.index(window), len(window)) for window in read)
     covered = [False] * length
-    for window in read:
-        at = text.index(window)
-        covered[at : at + len(window)] = [True] * len(window)
+    for at, n in placed:
+        covered[at : at + n] = [True] * n
     assert all(covered)
+    # each span of size - stride characters ends within the furthest-reaching window that starts at or before it
+    starts = [at for at, _ in placed]
+    reach = list(itertools.accumulate((at + n for at, n in placed), max))
     for start in range(max(1, length - (size - stride) + 1)):
-        assert any(text[start : start + size - stride] in w for w in read)
+        k = bisect.bisect_right(starts, start) - 1
+        assert k >= 0 and reach[k] >= min(start + size - stride, length)
 
 
 @settings(max_examples=300, deadline=None)
