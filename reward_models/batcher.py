@@ -79,11 +79,14 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None  # set when a step or an item to warm comes
         self._worker: asyncio.Task[None] | None = None
         self._to_warm: list[tuple[StepItem, int]] = []  # newest last, with the warming calls it has had
+        self._closed = False
 
     async def score(self, items: Sequence[StepItem], first: bool = False) -> list[StepScore]:
         """Scores of `items`; `first`: a first step, whose response has sent nothing yet."""
         if not items:
             return []
+        if self._closed:
+            raise RuntimeError("the scorer's micro-batcher is closed")
         self._ensure_worker()
         assert self._wakeup is not None
         future: asyncio.Future[list[StepScore]] = asyncio.get_running_loop().create_future()
@@ -98,7 +101,7 @@ class MicroBatcher:
 
     def prefetch(self, item: StepItem) -> None:
         """Warm the scorer for `item` when it has time (nothing if the scorer does not warm)."""
-        if not self.scorer.warms:
+        if not self.scorer.warms or self._closed:
             return
         self._ensure_worker()
         assert self._wakeup is not None
@@ -173,6 +176,13 @@ class MicroBatcher:
                 raise RuntimeError(f"scorer returned {len(scores)} scores for {len(flat)} items")
         except Exception as exc:  # every caller of this batch gets the failure
             error = exc
+        except asyncio.CancelledError:  # closing: `aclose` fails the batch
+            raise
+        except BaseException as exc:  # the worker goes down with it: its callers hear now, not at their timeout
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError(f"the scorer was interrupted ({type(exc).__name__})"))
+            raise
         forward_s = time.perf_counter() - started
         self._observe(self.observer, len(flat), forward_s, error)
         offset = 0
@@ -198,6 +208,8 @@ class MicroBatcher:
             logger.exception("a scorer metrics hook failed")
 
     async def aclose(self) -> None:
+        """Stop the worker and fail whatever waits; later calls to `score` fail at once."""
+        self._closed = True
         self._to_warm = []
         worker, self._worker = self._worker, None
         if worker is not None:

@@ -249,3 +249,35 @@ async def test_closing_answers_the_steps_still_waiting():
     for caller in (busy, waiting):  # the one in its forward and the one waiting
         with pytest.raises(RuntimeError, match="closed"):
             await caller
+
+
+class Interrupt(BaseException):
+    """Not an Exception: what a forward ends in when something beyond the scorer stops it."""
+
+
+class Interrupted(Scorer):
+    name = "interrupted"
+
+    def score_batch(self, items):
+        if any("interrupt" in i.step for i in items):
+            raise Interrupt
+        return [StepScore(p_unsafe=0.25) for _ in items]
+
+
+async def test_a_forward_interrupted_fails_its_callers_at_once_and_the_next_step_is_scored():
+    batcher = MicroBatcher(Interrupted(), max_batch_size=1, max_wait_ms=0)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        await asyncio.wait_for(batcher.score_one(StepItem(prompt="p", step="interrupt")), timeout=5)
+    assert (await asyncio.wait_for(batcher.score_one(StepItem(prompt="p", step="fine")), timeout=5)).p_unsafe == 0.25
+    await batcher.aclose()
+
+
+async def test_a_closed_batcher_refuses_steps_and_starts_no_worker():
+    batcher = MicroBatcher(Exploding(), max_batch_size=1, max_wait_ms=0)
+    assert (await batcher.score_one(StepItem(prompt="p", step="fine"))).p_unsafe == 0.25
+    await batcher.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await batcher.score_one(StepItem(prompt="p", step="fine"))
+    batcher.prefetch(StepItem(prompt="p", step=""))
+    assert batcher._worker is None
+
