@@ -110,6 +110,8 @@ class MicroBatcher:
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
+            if self._worker is not None:
+                _retrieve(self._worker)
             self._wakeup = asyncio.Event()
             self._worker = asyncio.create_task(self._run(), name="scorer-micro-batcher")
 
@@ -123,6 +125,16 @@ class MicroBatcher:
         return self._waiting[0] if self._waiting else None
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except asyncio.CancelledError:  # closing: `aclose` fails what waits
+            raise
+        except BaseException as exc:  # the worker goes down with it: whoever waits hears now, not at their timeout
+            logger.error("the scorer's micro-batcher stopped", exc_info=exc)
+            self._fail_pending(RuntimeError(f"the scorer was interrupted ({type(exc).__name__})"))
+            raise
+
+    async def _serve(self) -> None:
         assert self._wakeup is not None
         wakeup = self._wakeup
         while True:
@@ -138,7 +150,8 @@ class MicroBatcher:
             while self._waiting_items() < self.max_batch_size and (timeout := deadline - time.monotonic()) > 0:
                 wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout)
+                    async with asyncio.timeout(timeout):  # not wait_for, which can swallow a cancellation (3.11)
+                        await wakeup.wait()
             if self._next_live() is None:  # every caller gave up while the batch filled
                 continue
             batch = [heapq.heappop(self._waiting)]  # one caller's items are never split, however many
@@ -176,12 +189,10 @@ class MicroBatcher:
                 raise RuntimeError(f"scorer returned {len(scores)} scores for {len(flat)} items")
         except Exception as exc:  # every caller of this batch gets the failure
             error = exc
-        except asyncio.CancelledError:  # closing: `aclose` fails the batch
+        except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # the worker goes down with it: its callers hear now, not at their timeout
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(RuntimeError(f"the scorer was interrupted ({type(exc).__name__})"))
+        except BaseException as exc:  # counted, then the worker goes down with it (`_run`)
+            self._observe(self.observer, len(flat), time.perf_counter() - started, exc)
             raise
         forward_s = time.perf_counter() - started
         self._observe(self.observer, len(flat), forward_s, error)
@@ -214,9 +225,20 @@ class MicroBatcher:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        for pending in [*self._in_flight, *self._waiting]:  # nobody will score them now
+            await asyncio.wait({worker})
+            _retrieve(worker)
+        self._fail_pending(RuntimeError("the scorer's micro-batcher is closed"))
+
+    def _fail_pending(self, error: Exception) -> None:
+        """Fail every caller waiting or in a forward: nobody will score them now."""
+        for pending in [*self._in_flight, *self._waiting]:
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("the scorer's micro-batcher is closed"))
+                pending.future.set_exception(error)
         self._in_flight, self._waiting = [], []
+
+
+def _retrieve(worker: asyncio.Task[None]) -> None:
+    """Take a finished worker's exception (`_run` logged it and failed its callers when it stopped)."""
+    if not worker.cancelled():
+        worker.exception()
+

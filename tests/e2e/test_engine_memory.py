@@ -16,7 +16,7 @@ from safethink_server.engines.hf import HFEngine
 from safethink_server.prompt import RenderedPrompt
 from tests.support.hf_engine import CONVERSATION, greedy
 
-pytestmark = pytest.mark.e2e  # a real process of its own: `make test` runs it, `make test-fast` does not
+pytestmark = pytest.mark.e2e  # a model in a process of its own: `make test` runs it, `make test-fast` does not
 
 
 def test_forwards_that_run_out_of_memory_kill_the_engine_and_others_do_not(embedded_model_dir):

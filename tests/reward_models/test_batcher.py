@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 
@@ -257,19 +258,40 @@ class Interrupt(BaseException):
 
 class Interrupted(Scorer):
     name = "interrupted"
+    warms = True
 
     def score_batch(self, items):
+        time.sleep(0.2)  # steps that come meanwhile queue behind this forward
         if any("interrupt" in i.step for i in items):
             raise Interrupt
         return [StepScore(p_unsafe=0.25) for _ in items]
 
+    def warm_batch(self, items):
+        time.sleep(0.2)
+        raise Interrupt
 
-async def test_a_forward_interrupted_fails_its_callers_at_once_and_the_next_step_is_scored():
+
+async def test_an_interrupted_forward_fails_every_caller_at_once_and_the_next_step_is_scored():
+    """The worker stops: the callers in its forward and those queued behind it fail at once (not at
+    their scorer timeout), a later step gets a new worker, and closing afterwards returns."""
     batcher = MicroBatcher(Interrupted(), max_batch_size=1, max_wait_ms=0)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        await asyncio.wait_for(batcher.score_one(StepItem(prompt="p", step="interrupt")), timeout=5)
+    in_forward = asyncio.create_task(batcher.score_one(StepItem(prompt="p", step="interrupt")))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(batcher.score_one(StepItem(prompt="p", step="fine")))
+    for caller in (in_forward, queued):
+        with pytest.raises(RuntimeError, match="interrupted"):
+            await asyncio.wait_for(caller, timeout=5)
     assert (await asyncio.wait_for(batcher.score_one(StepItem(prompt="p", step="fine")), timeout=5)).p_unsafe == 0.25
-    await batcher.aclose()
+    await asyncio.wait_for(batcher.aclose(), timeout=5)
+
+
+async def test_an_interrupted_warming_fails_the_steps_waiting_and_closing_returns():
+    batcher = MicroBatcher(Interrupted(), max_batch_size=4, max_wait_ms=0)
+    batcher.prefetch(StepItem(prompt="p", step=""))
+    await asyncio.sleep(0.05)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        await asyncio.wait_for(batcher.score_one(StepItem(prompt="p", step="fine")), timeout=5)
+    await asyncio.wait_for(batcher.aclose(), timeout=5)  # the worker had stopped on its own
 
 
 async def test_a_closed_batcher_refuses_steps_and_starts_no_worker():
