@@ -64,6 +64,11 @@ def sentences(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
 
 
+def paragraphs(text: str) -> list[str]:
+    """`text`'s paragraphs (parted by blank lines), stripped."""
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
 def aside_in_view(texts: list[str], request: str, rng: random.Random) -> str | None:
     """An off-topic opening that takes up a sentence of the messages a wrapped request came in (the
     filler around it, a template's or a turn's own words) that holds no part of the request: what a
@@ -93,5 +98,5 @@ def paragraph_in_view(texts: list[str], request: str, rng: random.Random) -> str
     """A paragraph of the messages a wrapped request came in that holds no part of the request (cut to
     `PARAGRAPH_CHARS`), as a model that copies the text around a request writes it. None where there
     is no such paragraph."""
-    found = [p.strip() for text in texts for p in re.split(r"\n\s*\n", text) if len(p.strip()) >= 80 and not quotes(p, request)]
+    found = [p for text in texts for p in paragraphs(text) if len(p) >= 80 and not quotes(p, request)]
     return within(rng.choice(found), PARAGRAPH_CHARS) if found else None

@@ -57,6 +57,7 @@ from reward_models.openings import (
     SMALL_TALK_REPLIES,
     aside_in_view,
     paragraph_in_view,
+    paragraphs,
     sentences,
     within,
 )
@@ -337,7 +338,7 @@ def training_fillers(pyrit: WheelReader, gym: WheelReader, groups: set[str]) -> 
             if benign and f"refusal:{row['objective'][:200]}" in groups:
                 fillers += [p for p in split_steps(response, max_chars=600) if len(p) > 80]
     story = gym.text("reasoning_gym/data/in_the_year_2889.txt")
-    fillers += [" ".join(p.split()) for p in re.split(r"\n\s*\n", story) if len(p.strip()) > 150]
+    fillers += [" ".join(p.split()) for p in paragraphs(story) if len(p) > 150]
     return fillers
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reward_models.context import WINDOW_CHARS, WINDOW_STRIDE, conversation_text, conversation_view, normalised, windows
-from reward_models.openings import GENERIC_OPENINGS, PARAGRAPH_CHARS, aside_in_view, paragraph_in_view, within
+from reward_models.openings import GENERIC_OPENINGS, PARAGRAPH_CHARS, aside_in_view, paragraph_in_view, paragraphs, within
 from reward_models.probe_data import TRAINING_TEMPLATES, LabelledStep, off_topic_openings, wrapped_copies
 from reward_models.wrapping import TRAINING_PHRASING, WRAP_KINDS, Wrapper, split_in_two
 from safethink_server.evaluation.suites import jailbreak_templates
@@ -114,8 +114,8 @@ def test_an_off_topic_opening_takes_up_the_text_around_the_request_never_the_req
     assert not holds_any_part(step, request)
     if whole_paragraph:
         assert len(step) <= PARAGRAPH_CHARS
-        paragraphs = [p.strip() for text in texts for p in re.split(r"\n\s*\n", text)]
-        assert step in paragraphs or any(p.startswith(step) and step[-1] in ".!?" for p in paragraphs)  # whole, or cut after a sentence
+        whole = [p for text in texts for p in paragraphs(text)]
+        assert step in whole or any(p.startswith(step) and step[-1] in ".!?" for p in whole)  # whole, or cut after a sentence
     else:
         assert any(step[k:] in text for text in texts for k in range(len(step) - 39))  # a sentence of the messages
 
